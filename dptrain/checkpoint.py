@@ -1,0 +1,80 @@
+"""Checkpoint folders: `config.yaml` (the model config) and `model.safetensors` (the weights).
+
+Writes are atomic: everything goes into a temporary sibling folder that is renamed into place
+only when complete, so a crash never leaves a folder that looks like a finished checkpoint.
+Training adds its own files (optimizer, sampler, privacy ledger) through `extra_files`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dptrain.errors import UserError
+from dptrain.model import Decoder, DecoderConfig
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model(model: Decoder, folder: Path) -> None:
+    """Write config and weights into an existing folder (use inside `atomic_dir`)."""
+    model.cfg.to_yaml(folder / CONFIG_FILE)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.unique_state_dict().items()}
+    save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt", "producer": "dptrain"})
+
+
+def save_model(model: Decoder, path: str | Path) -> Path:
+    with atomic_dir(path) as tmp:
+        write_model(model, tmp)
+    return Path(path)
+
+
+def load_config(path: str | Path) -> DecoderConfig:
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{path} is not a dptrain checkpoint (no {CONFIG_FILE})")
+    return DecoderConfig.from_yaml(path / CONFIG_FILE)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Decoder:
+    """Rebuild the model of a checkpoint folder; a missing, corrupt or mismatched file is a UserError."""
+    path = Path(path)
+    cfg = load_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{path} has no {WEIGHTS_FILE}")
+    try:
+        state = load_file(weights, device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{weights} is corrupt or unreadable ({err})") from None
+    model = Decoder(cfg).to(map_location)
+    model.load_unique_state_dict(state)
+    return model

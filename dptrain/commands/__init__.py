@@ -1,0 +1,1 @@
+"""One module per `dptrain` subcommand; see `dptrain.cli`."""
