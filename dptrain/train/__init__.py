@@ -1,0 +1,1 @@
+"""Private training: config, sampler-to-checkpoint loop, privacy report."""

@@ -1,0 +1,137 @@
+"""The training config: one YAML file validated into typed dataclasses.
+
+Every section has defaults except what a run cannot guess (the model, the data and the privacy
+budget). `dptrain train CONFIG key=value ...` applies dotted overrides before validation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dptrain import configio
+from dptrain.model import DecoderConfig
+
+
+@dataclass
+class DataConfig:
+    path: str  # a folder written by `dptrain data prepare`
+    # "demo" builds the bundled synthetic corpus into `path` when it is missing.
+    source: Literal["prepared", "demo"] = "prepared"
+    demo_seq_len: int = 128
+    demo_vocab_size: int = 2048
+
+
+@dataclass
+class PrivacyConfig:
+    expected_batch_size: int  # B: each sequence joins a step with probability q = B / N
+    steps: int
+    delta: float
+    target_epsilon: float | None = None  # calibrate the noise to this budget ...
+    noise_multiplier: float | None = None  # ... or give σ directly (then ε is derived)
+    max_grad_norm: float = 1.0
+    accountant: Literal["pld", "rdp", "prv"] = "pld"
+    max_batch_size: int | None = None  # truncated Poisson: larger draws are cut, and accounted
+    secure_noise: bool = False
+
+    def __post_init__(self):
+        if self.expected_batch_size <= 0:
+            raise ValueError("expected_batch_size must be positive")
+        if self.steps <= 0:
+            raise ValueError("steps must be positive")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("give target_epsilon (σ is calibrated) or noise_multiplier")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError("target_epsilon must be positive")
+        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
+            raise ValueError("noise_multiplier must be positive: σ = 0 gives no privacy")
+        if self.max_grad_norm <= 0:
+            raise ValueError("max_grad_norm must be positive")
+        if self.max_batch_size is not None and self.max_batch_size < self.expected_batch_size:
+            raise ValueError("max_batch_size must be at least expected_batch_size")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices only, never to norm gains
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0
+    decay: Literal["cosine", "exponential", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # the final learning rate as a fraction of the peak
+
+
+@dataclass
+class RuntimeConfig:
+    micro_batch_size: int = 16
+    device: str = "auto"  # auto = cuda when available
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast, float32 master weights
+    compile: bool = False
+    seed: int = 0
+    threads: int | None = None  # CPU threads; None keeps torch's default
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # steps between evaluations of the held-out split; 0 = only at the end
+    max_sequences: int = 256
+    micro_batch_size: int = 32
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "dptrain"
+    run_name: str | None = None
+    progress: bool = True
+    every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps; 0 = only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class ExportConfig:
+    hf_dir: str | None = None  # write a Hugging Face folder at the end of training
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    sample_prompt: str | None = None  # print a greedy continuation after export
+    sample_tokens: int = 40
+
+
+@dataclass
+class TrainConfig:
+    model: str | DecoderConfig  # a model YAML path or the fields inline
+    data: DataConfig
+    privacy: PrivacyConfig
+    out_dir: str = "runs/train"
+    init_from: str | None = None  # a dptrain checkpoint or Hugging Face folder to start from
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def model_config(self, base_dir: Path | None = None) -> DecoderConfig:
+        if isinstance(self.model, DecoderConfig):
+            return self.model
+        path = Path(self.model)
+        if not path.is_absolute() and not path.exists() and base_dir is not None:
+            path = base_dir / path
+        return DecoderConfig.from_yaml(path)
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    return configio.load(TrainConfig, path, overrides)

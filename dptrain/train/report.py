@@ -1,0 +1,74 @@
+"""The privacy report: what was guaranteed, under which accountant, and what it does not cover."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+NOT_COVERED = [
+    "the tokenizer, when it was trained on the private data (train it on public text)",
+    "hyper-parameter search: every run tried on the private data spends budget of its own",
+    "metrics computed on private batches (keys prefixed 'private/' in the logs) and any metric "
+    "logged without noise",
+    "the held-out evaluation split, which is not trained on but is read for the evaluation loss",
+    "text duplicated across many sequences: the unit is one sequence, so a secret repeated in k "
+    "sequences is protected only at group privacy k·ε",
+]
+
+
+def privacy_report(trainer) -> dict:
+    p = trainer.cfg.privacy
+    sizes = np.asarray(trainer.batch_sizes, dtype=np.int64)
+    epsilons = trainer.ledger.epsilons(p.delta) if trainer.step else {}
+    return {
+        "guarantee": f"({epsilons.get(p.accountant, 0.0):.4g}, {p.delta:g})-DP"
+                     f" with respect to one training sequence",
+        "epsilon": epsilons,
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "planned_epsilon": trainer.planned_epsilon,
+        "target_epsilon": p.target_epsilon,
+        "noise_multiplier": trainer.noise_multiplier,
+        "sampling_rate": trainer.sampling_rate,
+        "sampling": "Poisson" + (f", truncated at {p.max_batch_size}" if p.max_batch_size else ""),
+        "steps": trainer.step,
+        "planned_steps": p.steps,
+        "dataset_size": trainer.num_examples,
+        "expected_batch_size": p.expected_batch_size,
+        "realised_batch_size": {
+            "mean": float(sizes.mean()) if len(sizes) else None,
+            "min": int(sizes.min()) if len(sizes) else None,
+            "max": int(sizes.max()) if len(sizes) else None,
+        },
+        "truncated_steps": trainer.sampler.truncated_steps,
+        "clip_norm": p.max_grad_norm,
+        "secure_noise": p.secure_noise,
+        "privacy_unit": f"one packed sequence of {trainer.train_data.seq_len} tokens",
+        "not_covered": NOT_COVERED,
+    }
+
+
+def summary(report: dict) -> str:
+    eps = ", ".join(f"{name} {value:.4g}" for name, value in report["epsilon"].items()) or "none spent"
+    sizes = report["realised_batch_size"]
+    lines = [
+        f"Privacy guarantee: {report['guarantee']}",
+        f"  epsilon at delta={report['delta']:g}: {eps}",
+        f"  noise multiplier {report['noise_multiplier']:.4g}, clip norm {report['clip_norm']:g}, "
+        f"sampling rate {report['sampling_rate']:.4g} ({report['sampling']})",
+        f"  steps {report['steps']} of {report['planned_steps']}, dataset {report['dataset_size']} "
+        f"sequences, expected batch {report['expected_batch_size']}"
+        + (f", realised {sizes['mean']:.1f} on average ({sizes['min']}-{sizes['max']})" if sizes["mean"] else ""),
+        f"  truncated steps: {report['truncated_steps']}",
+        f"  privacy unit: {report['privacy_unit']}",
+        "  not covered:",
+        *[f"    - {item}" for item in report["not_covered"]],
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: Path) -> None:
+    folder = Path(folder)
+    (folder / "privacy_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "privacy_report.txt").write_text(summary(report) + "\n")

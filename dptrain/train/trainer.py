@@ -1,0 +1,368 @@
+"""The private training loop: data -> Poisson sampler -> DP engine -> optimizer -> ledger -> checkpoint.
+
+One logical step: draw a Poisson batch over the whole private set, cut it into fixed-size
+micro-batches padded with weight-0 examples, accumulate clipped per-sequence gradients, add the
+Gaussian noise once, divide by the expected batch size, and let Adam take the step. The ledger
+records every step's (σ, q), and the run refuses to start when its plan exceeds the budget.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dptrain import configio
+from dptrain.checkpoint import atomic_dir, write_model
+from dptrain.data import PackedDataset
+from dptrain.dp import DPEngine
+from dptrain.errors import UserError
+from dptrain.model import Decoder, training_flops_per_token
+from dptrain.privacy.accounting import PrivacyLedger, calibrate_noise
+from dptrain.privacy.noise import NoiseSource
+from dptrain.privacy.sampling import PoissonSampler
+from dptrain.train.config import TrainConfig
+from dptrain.train.metrics import MetricsLog
+from dptrain.train.report import privacy_report, write_report
+from dptrain.train.schedule import lr_multiplier
+
+IGNORE = -100
+STATE_FILE = "train_state.pt"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+# Sections that decide what was trained and with which guarantee: a resume must not change them.
+FIXED_ON_RESUME = ("model", "data", "privacy", "optimizer", "schedule", "init_from")
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """Independent streams per purpose from one user seed (never the same stream twice)."""
+    words = [seed] + [ord(c) for c in purpose]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"runtime.device is '{name}' but no CUDA device is available")
+    return torch.device(name)
+
+
+def micro_batches(indices: np.ndarray, size: int):
+    """Cut a realised batch into chunks of exactly `size`, the last padded with weight-0 slots (-1)."""
+    for start in range(0, len(indices), size):
+        chunk = indices[start:start + size]
+        pad = size - len(chunk)
+        yield np.concatenate([chunk, np.full(pad, -1, dtype=np.int64)]), pad
+
+
+def inputs_and_targets(data: PackedDataset, slots: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token pairs of the sequences at `slots`; slot -1 is a padding example, all ignored."""
+    real = slots >= 0
+    tokens = torch.zeros(len(slots), data.seq_len, dtype=torch.long)
+    if real.any():
+        tokens[torch.from_numpy(real)] = data.batch(slots[real])
+    targets = tokens[:, 1:].clone()
+    targets[torch.from_numpy(~real)] = IGNORE
+    return tokens[:, :-1].to(device), targets.to(device)
+
+
+@dataclass
+class StepResult:
+    batch_size: int
+    truncated: bool
+    norms: torch.Tensor
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, config_dir: Path | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.device = resolve_device(cfg.runtime.device)
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        self.train_data, self.eval_data = self._open_data()
+        self.model_cfg = cfg.model_config(config_dir)
+        self._check_data_fits_model()
+
+        p = cfg.privacy
+        self.num_examples = len(self.train_data)
+        if p.expected_batch_size > self.num_examples:
+            raise UserError(f"privacy.expected_batch_size {p.expected_batch_size} exceeds the "
+                            f"{self.num_examples} training sequences")
+        if p.delta >= 1 / self.num_examples:
+            raise UserError(f"privacy.delta {p.delta:g} is not below 1/N = {1 / self.num_examples:.3g}: "
+                            "such a guarantee allows publishing a whole sequence")
+        self.sampling_rate = p.expected_batch_size / self.num_examples
+        self.noise_multiplier = self._plan_noise()
+
+        torch.manual_seed(derive_seed(cfg.runtime.seed, "init"))
+        self.model = self._build_model().to(self.device)
+        self.engine = DPEngine(self.model, p.max_grad_norm)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, p.steps, cfg.schedule))
+        self.sampler = PoissonSampler(self.num_examples, p.expected_batch_size,
+                                      seed=derive_seed(cfg.runtime.seed, "sampler"),
+                                      max_batch_size=p.max_batch_size)
+        self.noise = NoiseSource(derive_seed(cfg.runtime.seed, "noise"), secure=p.secure_noise)
+        self.ledger = PrivacyLedger()
+        self.step = 0
+        self.batch_sizes: list[int] = []
+        self.eval_history: list[tuple[int, float]] = []
+        self.nonfinite_examples = 0
+        self._resume_if_possible()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _open_data(self) -> tuple[PackedDataset, PackedDataset | None]:
+        data_cfg = self.cfg.data
+        path = Path(data_cfg.path)
+        if data_cfg.source == "demo":
+            from dptrain.data.demo import prepare_demo
+
+            path = prepare_demo(path, seq_len=data_cfg.demo_seq_len, vocab_size=data_cfg.demo_vocab_size)
+        if not path.is_dir():
+            raise UserError(f"data.path {path} does not exist: run `dptrain data prepare` first")
+        train = PackedDataset(path, split="train")
+        if len(train) == 0:
+            raise UserError(f"data.path {path} holds no training sequences")
+        try:
+            held_out = PackedDataset(path, split="eval")
+        except UserError:
+            held_out = None
+        return train, (held_out if held_out is not None and len(held_out) else None)
+
+    def _check_data_fits_model(self) -> None:
+        if self.train_data.vocab_size != self.model_cfg.vocab_size:
+            raise UserError(f"the data's tokenizer has {self.train_data.vocab_size} tokens but "
+                            f"model.vocab_size is {self.model_cfg.vocab_size}")
+        if self.train_data.seq_len - 1 > self.model_cfg.max_seq_len:
+            raise UserError(f"sequences of {self.train_data.seq_len} tokens exceed "
+                            f"model.max_seq_len {self.model_cfg.max_seq_len} + 1")
+
+    def _plan_noise(self) -> float:
+        """σ from the budget (calibrated) or the config (checked against the budget if one is given)."""
+        p = self.cfg.privacy
+        truncation = dict(dataset_size=self.num_examples, max_batch_size=p.max_batch_size)
+        sigma = p.noise_multiplier
+        if sigma is None:
+            sigma = calibrate_noise(p.target_epsilon, p.delta, self.sampling_rate, p.steps,
+                                    accountant=p.accountant, **truncation)
+        planned = PrivacyLedger()
+        planned.record(sigma, self.sampling_rate, count=p.steps, **truncation)
+        eps = planned.epsilon(p.delta, p.accountant)
+        if p.target_epsilon is not None and eps > p.target_epsilon:
+            raise UserError(f"the plan (σ={sigma:.4g}, q={self.sampling_rate:.4g}, {p.steps} steps) spends "
+                            f"ε={eps:.4g} > privacy.target_epsilon {p.target_epsilon:g} at δ={p.delta:g}")
+        self.planned_epsilon = eps
+        return sigma
+
+    def _build_model(self) -> Decoder:
+        if self.cfg.init_from is None:
+            return Decoder(self.model_cfg)
+        source = Path(self.cfg.init_from)
+        if (source / "config.json").is_file():
+            from dptrain.export import from_hf
+
+            model = from_hf(source)
+        else:
+            from dptrain.checkpoint import load_model
+
+            model = load_model(source)
+        if model.cfg != self.model_cfg:
+            raise UserError(f"init_from {source} holds a model whose config differs from `model`")
+        return model
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.cfg.optimizer
+        matrices = [p for p in self.model.parameters() if p.ndim >= 2]
+        vectors = [p for p in self.model.parameters() if p.ndim < 2]
+        groups = [{"params": matrices, "weight_decay": opt.weight_decay},
+                  {"params": vectors, "weight_decay": 0.0}]
+        cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+    # ---- one private step ---------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.cfg.runtime.dtype == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self) -> StepResult:
+        p = self.cfg.privacy
+        truncated_before = self.sampler.truncated_steps
+        indices = self.sampler.sample()
+        for param in self.model.parameters():
+            param.grad = torch.zeros_like(param)
+        norms = []
+        for slots, _pad in micro_batches(indices, self.cfg.runtime.micro_batch_size):
+            inputs, targets = inputs_and_targets(self.train_data, slots, self.device)
+            weights = torch.from_numpy((slots >= 0).astype(np.float32)).to(self.device)
+            with self._autocast():
+                batch_norms = self.engine.clipped_grad_sum(inputs, targets, weights=weights)
+            norms.append(batch_norms[weights > 0].detach().cpu())
+        # An empty draw is a normal step: the update is pure noise, and it is never skipped.
+        self.engine.privatize(self.noise_multiplier, p.expected_batch_size, self.noise)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ledger.record(self.noise_multiplier, self.sampling_rate, dataset_size=self.num_examples,
+                           max_batch_size=p.max_batch_size)
+        self.step += 1
+        self.batch_sizes.append(len(indices))
+        return StepResult(len(indices), self.sampler.truncated_steps > truncated_before,
+                          torch.cat(norms) if norms else torch.zeros(0))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token cross-entropy on the held-out split (never sampled for training)."""
+        if self.eval_data is None:
+            return None
+        self.model.eval()
+        n = min(len(self.eval_data), self.cfg.eval.max_sequences)
+        total, count = 0.0, 0
+        for start in range(0, n, self.cfg.eval.micro_batch_size):
+            slots = np.arange(start, min(n, start + self.cfg.eval.micro_batch_size), dtype=np.int64)
+            inputs, targets = inputs_and_targets(self.eval_data, slots, self.device)
+            with self._autocast():
+                logits = self.model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
+                                   ignore_index=IGNORE)
+            total += loss.item()
+            count += int((targets != IGNORE).sum())
+        self.model.train()
+        return total / max(count, 1)
+
+    # ---- the run ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, p = self.cfg, self.cfg.privacy
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        configio.write_yaml(cfg, self.out_dir / TRAIN_CONFIG_FILE)
+        log = MetricsLog(self.out_dir, cfg.logging, configio.to_dict(cfg), resume_step=self.step)
+        flops_per_token = training_flops_per_token(self.model_cfg, self.train_data.seq_len - 1)
+        bar = tqdm(total=p.steps, initial=self.step, desc="private training", unit="step",
+                   disable=not cfg.logging.progress, dynamic_ncols=True)
+        epsilon = self.ledger.epsilon(p.delta, p.accountant) if self.step else 0.0
+        try:
+            if self.step == 0:
+                self._log_eval(log, bar)
+            while self.step < p.steps:
+                start = time.perf_counter()
+                result = self.train_step()
+                seconds = time.perf_counter() - start
+                tokens = result.batch_size * (self.train_data.seq_len - 1)
+                metrics = {
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "batch_size": result.batch_size,
+                    "tokens_per_second": tokens / seconds,
+                    "step_seconds": seconds,
+                    "private/clipped_fraction": float((result.norms > p.max_grad_norm).float().mean())
+                    if len(result.norms) else 0.0,
+                    "private/grad_norm_median": float(result.norms.median()) if len(result.norms) else 0.0,
+                }
+                if self.device.type == "cuda":
+                    metrics["mfu"] = mfu(tokens / seconds * flops_per_token, self.device)
+                last = self.step == p.steps
+                if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                    epsilon = self.ledger.epsilon(p.delta, p.accountant)
+                    self._log_eval(log, bar)
+                metrics["epsilon"] = epsilon
+                if self.step % cfg.logging.every == 0 or last:
+                    log.log(self.step, metrics)
+                bar.set_postfix(eps=f"{epsilon:.3g}", tok_s=f"{metrics['tokens_per_second']:.3g}",
+                                eval=f"{self.eval_history[-1][1]:.3f}" if self.eval_history else "-")
+                bar.update(1)
+                if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        report = self.report()
+        write_report(report, self.out_dir)
+        return report
+
+    def _log_eval(self, log: MetricsLog, bar) -> None:
+        loss = self.evaluate()
+        if loss is None:
+            return
+        self.eval_history.append((self.step, loss))
+        log.log(self.step, {"eval/loss": loss})
+        bar.write(f"step {self.step}: held-out loss {loss:.4f}")
+
+    def report(self) -> dict:
+        return privacy_report(self)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpoint_root / f"step-{self.step:08d}"
+        with atomic_dir(path) as tmp:
+            write_model(self.model, tmp)
+            configio.write_yaml(self.cfg, tmp / TRAIN_CONFIG_FILE)
+            torch.save({
+                "step": self.step,
+                "noise_multiplier": self.noise_multiplier,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "noise": self.noise.state_dict(),
+                "ledger": self.ledger.state_dict(),
+                "batch_sizes": list(self.batch_sizes),
+                "eval_history": list(self.eval_history),
+            }, tmp / STATE_FILE)
+            write_report(self.report(), tmp)
+            if self.train_data.tokenizer_path is not None:
+                shutil.copy(self.train_data.tokenizer_path, tmp / "tokenizer.model")
+        for old in sorted(self.checkpoint_root.glob("step-*"))[:-self.cfg.checkpoint.keep_last]:
+            shutil.rmtree(old)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(c for c in self.checkpoint_root.glob("step-*") if (c / STATE_FILE).is_file())
+        return done[-1] if done else None
+
+    def _resume_if_possible(self) -> None:
+        path = self.latest_checkpoint()
+        if path is None:
+            return
+        saved = configio.read_yaml(path / TRAIN_CONFIG_FILE)
+        current = configio.to_dict(self.cfg)
+        for section in FIXED_ON_RESUME:
+            if saved.get(section) != current.get(section):
+                raise UserError(f"{path} was written with a different '{section}' section: use a new "
+                                f"out_dir, or restore the config it was trained with")
+        if saved["runtime"]["seed"] != current["runtime"]["seed"]:
+            raise UserError(f"{path} was written with runtime.seed {saved['runtime']['seed']}")
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
+            raise UserError(f"{path / STATE_FILE} is corrupt ({type(err).__name__})") from None
+        from dptrain.checkpoint import load_model
+
+        self.model.load_unique_state_dict(load_model(path).unique_state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise.load_state_dict(state["noise"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.noise_multiplier = state["noise_multiplier"]
+        self.step = state["step"]
+        self.batch_sizes = list(state["batch_sizes"])
+        self.eval_history = [tuple(x) for x in state["eval_history"]]
+        print(f"resuming from {path} at step {self.step}")
+
+
+# Dense bf16 peak of common accelerators, for the MFU figure.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def mfu(flops_per_second: float, device: torch.device) -> float:
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
+    return flops_per_second / peak
