@@ -24,6 +24,22 @@ TEMPLATE = Path(__file__).with_name("pytorchjob.yaml.tmpl")
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 WORKER_BLOCK = "\n    Worker:\n"
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+# A JSON surrogate-pair escape not itself escaped (preceded by an even number of backslashes).
+SURROGATE_PAIR_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})")
+
+
+def yaml_flow(value: object) -> str:
+    """JSON text that YAML reads back as the same value.
+
+    JSON is almost a subset of YAML; the gaps are the raw DEL character (not printable in YAML)
+    and surrogate-pair escapes, which YAML decodes as two separate characters: those become \\U.
+    """
+
+    def astral(m: re.Match[str]) -> str:
+        code = 0x10000 + ((int(m[2], 16) - 0xD800) << 10) + (int(m[3], 16) - 0xDC00)
+        return f"{m[1]}\\U{code:08x}"
+
+    return SURROGATE_PAIR_RE.sub(astral, json.dumps(value).replace("\x7f", "\\u007f"))
 
 
 def train_command(nodes: int, nproc: int, rdzv_id: str, config: str, overrides: list[str]) -> list[str]:
@@ -55,8 +71,9 @@ def render(args: argparse.Namespace, template: str) -> str:
         template, found, _ = template.partition(WORKER_BLOCK)
         if not found:
             raise SystemExit(f"render.py: error: template {args.template} has no {WORKER_BLOCK.strip()!r} block")
+        template += "\n"
     try:
-        return string.Template(template).substitute({k: json.dumps(v) for k, v in values.items()})
+        return string.Template(template).substitute({k: yaml_flow(v) for k, v in values.items()})
     except (KeyError, ValueError) as err:
         raise SystemExit(f"render.py: error: template {args.template}: bad placeholder {err}") from None
 
