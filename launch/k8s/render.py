@@ -31,15 +31,16 @@ SURROGATE_PAIR_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2})\\u(d[
 def yaml_flow(value: object) -> str:
     """JSON text that YAML reads back as the same value.
 
-    JSON is almost a subset of YAML; the gaps are the raw DEL character (not printable in YAML)
-    and surrogate-pair escapes, which YAML decodes as two separate characters: those become \\U.
+    json.dumps escapes everything outside printable ASCII, which YAML's double-quoted scalars read
+    the same way, except surrogate pairs (characters beyond U+FFFF): YAML decodes each half as its
+    own character, so those become a single \\U escape.
     """
 
     def astral(m: re.Match[str]) -> str:
         code = 0x10000 + ((int(m[2], 16) - 0xD800) << 10) + (int(m[3], 16) - 0xDC00)
         return f"{m[1]}\\U{code:08x}"
 
-    return SURROGATE_PAIR_RE.sub(astral, json.dumps(value).replace("\x7f", "\\u007f"))
+    return SURROGATE_PAIR_RE.sub(astral, json.dumps(value))
 
 
 def train_command(nodes: int, nproc: int, rdzv_id: str, config: str, overrides: list[str]) -> list[str]:
