@@ -381,3 +381,72 @@ def test_shellcheck_passes_on_every_script():
     proc = subprocess.run([shellcheck, "-x", "--shell=bash", *map(str, scripts)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---- real torchrun, with a stand-in dptrain package --------------------------------------------
+
+FAKE_MAIN = """\
+import json, os, sys
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+record = {k: os.environ[k] for k in keys} | {"argv": sys.argv[1:]}
+with open(os.path.join(os.environ["RECORD_DIR"], os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+@pytest.fixture
+def stand_in_repo(tmp_path: Path) -> Path:
+    """A copy of launch/ beside a dptrain package whose `train` only records what torchrun gave it."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "launch", repo / "launch")
+    (repo / "dptrain").mkdir()
+    (repo / "dptrain" / "__init__.py").write_text("")
+    (repo / "dptrain" / "__main__.py").write_text(FAKE_MAIN)
+    (tmp_path / "records").mkdir()
+    return repo
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records(tmp_path: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "records").glob("*.json"))]
+
+
+def test_real_torchrun_single_node(fakes, config, stand_in_repo, tmp_path):
+    proc = run([stand_in_repo / "launch" / "torchrun.sh", "--nproc-per-node", "2", config, *OVERRIDES], fakes,
+               cwd=stand_in_repo, RECORD_DIR=str(tmp_path / "records"))
+    assert proc.returncode == 0, proc.stderr
+    got = records(tmp_path)
+    assert sorted(r["RANK"] for r in got) == ["0", "1"] and {r["WORLD_SIZE"] for r in got} == {"2"}
+    assert all(r["argv"] == ["train", str(config), *OVERRIDES] for r in got)
+
+
+def test_real_torchrun_two_slurm_nodes_rendezvous(fakes, config, stand_in_repo, tmp_path):
+    write_exe(fakes, "scontrol", "printf 'localhost\\nlocalhost\\n'\n")
+    (fakes / "getent").unlink()  # the real one resolves localhost
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [str(stand_in_repo / "launch" / "slurm" / "entrypoint.sh"), str(config), *OVERRIDES],
+            env={**{k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)},
+                 "PATH": f"{fakes}:{os.environ['PATH']}", "RECORD_DIR": str(tmp_path / "records"),
+                 "MASTER_PORT": port, "NPROC_PER_NODE": "2", **slurm_env(77, node)},
+            cwd=stand_in_repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)
+    ]
+    try:
+        errors = [node.communicate(timeout=120)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], errors
+    got = records(tmp_path)
+    assert sorted(r["RANK"] for r in got) == ["0", "1", "2", "3"]
+    assert {r["WORLD_SIZE"] for r in got} == {"4"} and {r["LOCAL_RANK"] for r in got} == {"0", "1"}
+    assert all(r["argv"] == ["train", str(config), *OVERRIDES] for r in got)
