@@ -43,7 +43,7 @@ gpus_per_node() {
         count="$NPROC_PER_NODE"
     elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
         count="$SLURM_GPUS_ON_NODE"
-    elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set but empty hides every GPU
         local -a devices
         IFS=, read -r -a devices <<<"$CUDA_VISIBLE_DEVICES"
         count="${#devices[@]}"
@@ -59,7 +59,10 @@ gpus_per_node() {
 # Runs the command with exec, or under dry-run prints the environment it sets and the command,
 # one shell-quoted line each, so the output can be pasted into a shell.
 launch() {
-    export PYTHONPATH="${DPTRAIN_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
+    case ":${PYTHONPATH:-}:" in
+        *":${DPTRAIN_ROOT}:"*) ;;  # already there, e.g. inherited from train.sbatch through srun
+        *) export PYTHONPATH="${DPTRAIN_ROOT}${PYTHONPATH:+:${PYTHONPATH}}" ;;
+    esac
     if is_dry_run; then
         local line
         printf 'export PYTHONPATH=%q\n' "$PYTHONPATH"

@@ -69,8 +69,8 @@ def dry_run_command(proc: subprocess.CompletedProcess) -> list[str]:
     """The command a dry run prints (its last line), split as a shell would."""
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == f"export PYTHONPATH={shlex.quote(str(ROOT))}" or lines[0].startswith(
-        f"export PYTHONPATH={ROOT}:")
+    assert lines[0].startswith("export PYTHONPATH=")
+    assert str(ROOT) in shlex.split(lines[0].removeprefix("export "))[0].removeprefix("PYTHONPATH=").split(":")
     assert len(lines) == 2, proc.stdout
     return shlex.split(lines[-1])
 
@@ -116,6 +116,9 @@ def test_single_node_execs_torchrun_with_the_printed_argv(fakes, config, tmp_pat
     argv, pythonpath = json.loads(dump.read_text())
     assert argv == printed[1:]
     assert pythonpath.split(":")[0] == str(ROOT)
+    # Run again with the root already on PYTHONPATH (as srun passes it on): not added twice.
+    assert run([TORCHRUN_SH, config], fakes, PYTHONPATH=f"/x:{ROOT}").returncode == 0
+    assert json.loads(dump.read_text())[1] == f"/x:{ROOT}"
 
 
 @pytest.mark.parametrize(("nvidia_smi", "message"), [
@@ -141,6 +144,11 @@ def test_single_node_rejects_bad_arguments(fakes, config, args, message):
     proc = run([TORCHRUN_SH, "--dry-run", *args], fakes)
     assert proc.returncode != 0 and proc.stdout == ""
     assert message in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_empty_cuda_visible_devices_means_no_gpu(fakes, config):
+    proc = run([TORCHRUN_SH, "--dry-run", config], fakes, CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode != 0 and "got '0'" in proc.stderr
 
 
 def test_dry_run_env_must_be_a_boolean(fakes, config):
