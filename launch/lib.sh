@@ -50,7 +50,7 @@ gpus_per_node() {
     elif command -v nvidia-smi >/dev/null 2>&1 && listing="$(nvidia-smi --list-gpus)"; then
         count="$(grep -c '^GPU ' <<<"$listing" || true)"
     else
-        die "cannot count GPUs (no nvidia-smi); set NPROC_PER_NODE or pass --nproc-per-node"
+        die "cannot count GPUs (nvidia-smi missing or failing); set NPROC_PER_NODE or pass --nproc-per-node"
     fi
     require_positive_int "processes per node" "$count"
     printf '%s\n' "$count"
