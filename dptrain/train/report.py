@@ -42,6 +42,8 @@ def privacy_report(trainer) -> dict:
             "max": int(sizes.max()) if len(sizes) else None,
         },
         "truncated_steps": trainer.sampler.truncated_steps,
+        # Zeroed, never skipped: a count from private data, released un-noised like the logs.
+        "nonfinite_examples": trainer.nonfinite_examples,
         "clip_norm": p.max_grad_norm,
         "secure_noise": p.secure_noise,
         "privacy_unit": f"one packed sequence of {trainer.train_data.seq_len} tokens",

@@ -196,8 +196,7 @@ class Trainer:
         p = self.cfg.privacy
         truncated_before = self.sampler.truncated_steps
         indices = self.sampler.sample()
-        for param in self.model.parameters():
-            param.grad = torch.zeros_like(param)
+        self.engine.zero_grad()
         norms = []
         for slots, _pad in micro_batches(indices, self.cfg.runtime.micro_batch_size):
             inputs, targets = inputs_and_targets(self.train_data, slots, self.device)
@@ -213,6 +212,7 @@ class Trainer:
                            max_batch_size=p.max_batch_size)
         self.step += 1
         self.batch_sizes.append(len(indices))
+        self.nonfinite_examples += self.engine.reset_stats().nonfinite
         return StepResult(len(indices), self.sampler.truncated_steps > truncated_before,
                           torch.cat(norms) if norms else torch.zeros(0))
 
@@ -315,6 +315,7 @@ class Trainer:
                 "ledger": self.ledger.state_dict(),
                 "batch_sizes": list(self.batch_sizes),
                 "eval_history": list(self.eval_history),
+                "nonfinite_examples": self.nonfinite_examples,
             }, tmp / STATE_FILE)
             write_report(self.report(), tmp)
             if self.train_data.tokenizer_path is not None:
@@ -355,6 +356,7 @@ class Trainer:
         self.step = state["step"]
         self.batch_sizes = list(state["batch_sizes"])
         self.eval_history = [tuple(x) for x in state["eval_history"]]
+        self.nonfinite_examples = state["nonfinite_examples"]
         print(f"resuming from {path} at step {self.step}")
 
 
