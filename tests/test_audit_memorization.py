@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from dptrain.audit.memorization import (continuation_log_likelihood, edit_distance, exposure,
                                         exposure_from_log_likelihoods, greedy_generate, memorization_test,
-                                        random_secrets)
+                                        random_secrets, sample_windows)
 from dptrain.errors import UserError
 from dptrain.model import Decoder, DecoderConfig
 
@@ -136,3 +136,17 @@ def test_bad_memorization_input_raises_user_error(memorized):
         memorization_test(model, torch.zeros(1, 70, dtype=torch.long), 40, 30, progress=False)
     with pytest.raises(UserError, match="approx_threshold"):
         memorization_test(model, seqs, PREFIX, SUFFIX, approx_threshold=1.5, progress=False)
+
+
+def test_sample_windows_are_contiguous_slices_of_distinct_rows():
+    sequences = torch.arange(20 * 30).reshape(20, 30)
+    windows = sample_windows(sequences, 8, 12, seed=0)
+    assert windows.shape == (8, 12)
+    assert torch.all(windows[:, 1:] - windows[:, :-1] == 1)  # contiguous within a row
+    rows = (windows[:, 0] // 30).tolist()
+    assert len(set(rows)) == 8 and torch.all(windows[:, -1] // 30 == windows[:, 0] // 30)
+    assert torch.equal(windows, sample_windows(sequences, 8, 12, seed=0))
+    with pytest.raises(UserError):
+        sample_windows(sequences, 21, 12)
+    with pytest.raises(UserError):
+        sample_windows(sequences, 2, 31)

@@ -71,6 +71,20 @@ def edit_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) ->
     return row[:, -1]
 
 
+def sample_windows(sequences: torch.Tensor, num: int, length: int, seed: int | None = None) -> torch.Tensor:
+    """`num` windows of `length` tokens from distinct random rows of `sequences` [N, T], each at a
+    random offset: the test's inputs when training sequences are longer than prefix + suffix."""
+    n, t = sequences.shape
+    if not 0 < num <= n:
+        raise UserError(f"cannot sample {num} distinct sequences from {n}")
+    if not 0 < length <= t:
+        raise UserError(f"windows of {length} tokens do not fit in sequences of {t}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    rows = torch.randperm(n, generator=generator)[:num]
+    starts = torch.randint(0, t - length + 1, (num,), generator=generator)
+    return sequences[rows[:, None], starts[:, None] + torch.arange(length)]
+
+
 @dataclass
 class MemorizationResult:
     """The extraction test's outcome; `to_dict()` embeds it in a privacy report."""
