@@ -139,7 +139,7 @@ def test_bound_never_exceeds_what_m_canaries_can_certify():
     assert 5.5 < ceiling < 6.5
     perfect = epsilon_lower_bound(scores, included, n_in, m - n_in, delta=0)
     assert perfect.num_correct == m
-    assert perfect.epsilon == pytest.approx(ceiling, abs=1e-6)
+    assert perfect.epsilon == pytest.approx(ceiling, abs=1e-6) and perfect.ceiling == ceiling
     assert epsilon_lower_bound(scores, included, n_in, m - n_in, delta=1e-5).epsilon < ceiling
     for k in [(10, 0), (n_in, 0), (100, 100), (0, m - n_in)]:
         assert epsilon_lower_bound(scores, included, *k).epsilon <= ceiling + 1e-9
@@ -163,7 +163,7 @@ def test_fixed_grid_applies_bonferroni():
     (dict(scores=[1, 2], included=[True]), "inclusion flags"),
     (dict(scores=[1, float("nan")], included=[True, False]), "finite"),
     (dict(scores=[1, 2], included=[True, False], k_pos=3), "k_pos"),
-    (dict(scores=[1, 2], included=[True, False], significance=1.5), "significance"),
+    (dict(scores=[1, 2], included=[True, False], significance=0.5), "significance"),
     (dict(scores=[1, 2], included=[True, False], delta=-1), "delta"),
     (dict(scores=[1, 2], included=[2, 0]), "booleans"),
 ])

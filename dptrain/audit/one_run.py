@@ -14,7 +14,7 @@ wrong with probability at most `significance`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -37,6 +37,10 @@ class OneRunAudit:
     delta: float
     significance: float     # the level asked for
     num_hypotheses: int     # how many (k_pos, k_neg) were tried; each was tested at significance / this
+    ceiling: float = field(init=False)  # the most these m canaries could certify (all guessed right)
+
+    def __post_init__(self):
+        self.ceiling = max_certifiable_epsilon(self.num_canaries, self.significance)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,8 +96,8 @@ def _check(scores, included, significance: float, delta: float) -> tuple[np.ndar
         raise UserError("an audit needs at least one canary")
     if not np.isfinite(scores).all():
         raise UserError("canary scores must be finite (found NaN or inf)")
-    if not 0 < significance < 1:
-        raise UserError(f"significance must be in (0, 1), got {significance}")
+    if not 0 < significance < 0.5:
+        raise UserError(f"significance must be in (0, 0.5), got {significance}")
     if not 0 <= delta < 1:
         raise UserError(f"delta must be in [0, 1), got {delta}")
     return scores, included
@@ -176,8 +180,8 @@ def best_epsilon_lower_bound(scores: Sequence[float], included: Sequence[bool], 
         rules = [(int(kp), int(kn), *_counts(ranked, int(kp), int(kn))) for kp, kn in pairs]
     level = significance / len(rules)
     best = OneRunAudit(0.0, m, 0, 0, 0, 0, delta, significance, len(rules))
-    # Visit the most precise rules first: a rule whose raw precision is no better than the
-    # current bound's q = e^eps / (1 + e^eps) cannot beat it.
+    # Visit the most precise rules first: a rule whose raw precision is no better than the current
+    # bound's q = e^eps / (1 + e^eps) has p >= P[W >= v] >= 1/2 > level there, so cannot beat it.
     for k_pos, k_neg, guesses, correct in sorted(rules, key=lambda r: -r[3] / max(r[2], 1)):
         if guesses == 0 or correct / guesses <= expit(best.epsilon):
             continue
