@@ -103,3 +103,14 @@ def test_bad_tokens_raise_user_error():
     with pytest.raises(UserError, match="did not change"):
         gradient_alignment_scores(model, torch.zeros(2, 5, dtype=torch.long),
                                   {n: torch.zeros_like(p) for n, p in model.named_parameters()})
+
+
+@pytest.mark.gpu
+def test_scores_on_cuda_match_cpu():
+    model = tiny_model()
+    tokens = random_canaries(6, 12, CFG.vocab_size, seed=7)
+    delta = {n: 0.01 * torch.ones_like(p) for n, p in model.named_parameters()}
+    cpu = loss_scores(model, tokens), gradient_alignment_scores(model, tokens, delta)
+    model.cuda()
+    gpu = loss_scores(model, tokens), gradient_alignment_scores(model, tokens, delta)
+    assert np.allclose(cpu[0], gpu[0], atol=1e-4) and np.allclose(cpu[1], gpu[1], atol=1e-4)

@@ -150,3 +150,16 @@ def test_sample_windows_are_contiguous_slices_of_distinct_rows():
         sample_windows(sequences, 21, 12)
     with pytest.raises(UserError):
         sample_windows(sequences, 2, 31)
+
+
+@pytest.mark.gpu
+def test_memorization_and_exposure_on_cuda_match_cpu(memorized):
+    model, seqs = memorized
+    cpu = memorization_test(model, seqs, PREFIX, SUFFIX, progress=False)
+    cpu_exp = exposure(model, seqs[0, :PREFIX], seqs[0, PREFIX:PREFIX + 6], random_secrets(6, 64, seed=3), 500)
+    gpu_model = Decoder(CFG).cuda()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu = memorization_test(gpu_model, seqs, PREFIX, SUFFIX, progress=False)
+    gpu_exp = exposure(gpu_model, seqs[0, :PREFIX], seqs[0, PREFIX:PREFIX + 6], random_secrets(6, 64, seed=3), 500)
+    assert cpu.normalized_distances == gpu.normalized_distances
+    assert cpu_exp.rank == gpu_exp.rank
