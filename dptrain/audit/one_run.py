@@ -132,9 +132,9 @@ def epsilon_lower_bound(scores: Sequence[float], included: Sequence[bool], k_pos
 def roc_hull_cutoffs(scores: np.ndarray, included: np.ndarray) -> list[tuple[int, int]]:
     """(guesses, correct) at the vertices of the upper convex hull of the score-threshold ROC.
 
-    Guessing "in" for every score >= t, over all thresholds t, traces (false, true) positives; a
-    cut strictly inside a hull edge has lower precision than a vertex with as many or more guesses,
-    so only vertices are worth testing. Collinear points are dropped. (0, 0) is included.
+    Guessing "in" for every score >= t, over all thresholds t, traces (false, true) positives.
+    Thresholds under the hull are dominated in the ROC sense, so only the vertices are tested (as
+    jax_privacy does); collinear points are dropped, the "guess nothing" point (0, 0) is kept.
     """
     order = np.argsort(-scores, kind="stable")
     s, inc = scores[order], included[order]
