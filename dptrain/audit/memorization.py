@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dptrain.errors import UserError
+from dptrain.generate import greedy_generate
 from dptrain.model import Decoder
 
 
@@ -33,22 +34,6 @@ def _check_ids(model: Decoder, ids: torch.Tensor, what: str) -> torch.Tensor:
     if ids.numel() and (ids.min() < 0 or ids.max() >= model.cfg.vocab_size):
         raise UserError(f"{what} token ids must lie in [0, {model.cfg.vocab_size})")
     return ids.long()
-
-
-@torch.no_grad()
-def greedy_generate(model: Decoder, prefix: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Greedy continuation of each row of `prefix` [B, P] -> new tokens [B, num_tokens].
-
-    No KV cache: every step re-reads the whole sequence, fine for audit-sized models and batches.
-    """
-    if prefix.shape[1] + num_tokens > model.cfg.max_seq_len:
-        raise UserError(f"prefix {prefix.shape[1]} + {num_tokens} new tokens exceed "
-                        f"max_seq_len {model.cfg.max_seq_len}")
-    seq = _check_ids(model, prefix, "prefix").to(_device(model))
-    for _ in range(num_tokens):
-        next_token = model(seq)[:, -1].argmax(dim=-1, keepdim=True)
-        seq = torch.cat([seq, next_token], dim=1)
-    return seq[:, prefix.shape[1]:].cpu()
 
 
 def edit_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:
