@@ -124,8 +124,13 @@ def write_tokenizer(sp_model: str | Path, folder: Path, vocab_size: int) -> None
         "add_eos_token": False,
         "model_max_length": None,
     }, folder / "tokenizer_config.json")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    # Drop what describes this machine (the temporary folder) rather than the tokenizer.
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("vocab_file", "is_local", "local_files_only"):
+        config.pop(key, None)
+    _write_json(config, config_file)
     ours = AutoTokenizer.from_pretrained(folder)(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     if ours != sp.encode(TOKENIZER_PROBE):
         raise UserError(f"tokenizer {sp_model} does not encode like a Gemma tokenizer; train it as "
