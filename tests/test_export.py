@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from dptrain.checkpoint import load_model, save_model
 from dptrain.cli import main
 from dptrain.errors import UserError
-from dptrain.export import (ExportVerificationError, from_hf, hf_config_dict, import_checkpoint, to_hf,
+from dptrain.export import (ExportVerificationError, config_from_hf, from_hf, hf_config_dict, to_hf,
                             verify_export)
 from dptrain.model import Decoder, DecoderConfig
 
@@ -62,7 +62,7 @@ ATTENTION = {"multi-query": 1, "grouped-query": 2, "multi-head": 4}
 def test_round_trip_dptrain_hf_dptrain(tmp_path, attention, softcap, tied):
     model = Decoder(tiny_config(ATTENTION[attention], softcap, tied)).eval()
     randomize(model, seed=len(attention) + 2 * softcap + tied)
-    out = to_hf(model, tmp_path / "hf")
+    out = to_hf(model, tmp_path / "hf", verify=False)  # checked here, to a tighter tolerance
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "vaultgemma"
@@ -230,3 +230,21 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
 
     with pytest.raises(UserError, match="dtype"):
         to_hf(Decoder(tiny_config()), tmp_path / "o", dtype="float16")
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "vaultgemma-1b"])
+def test_shipped_configs_map_both_ways(name):
+    cfg = DecoderConfig.from_yaml(f"configs/model/{name}.yaml")
+    hf = transformers.VaultGemmaConfig(**hf_config_dict(cfg))  # strict: rejects wrong types
+    assert config_from_hf(hf) == cfg
+    # As published for VaultGemma 1B: full attention everywhere, an unused sliding_window of 512.
+    published = transformers.VaultGemmaConfig(**{**hf_config_dict(cfg), "sliding_window": 512})
+    assert config_from_hf(published) == cfg
+
+
+def test_fractional_query_scalar_cannot_be_exported(tmp_path):
+    cfg = tiny_config()
+    cfg.query_pre_attn_scalar = 8.5
+    with pytest.raises(UserError, match="query_pre_attn_scalar"):
+        to_hf(Decoder(cfg), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
