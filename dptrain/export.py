@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def verify_export(model: Decoder, folder: Path, dtype: torch.dtype = torch.float
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     hf_model.eval()
     # The reference is our model with its weights rounded as they were stored, computed in float32.
-    reference = copy.deepcopy(model).float().eval()
+    reference = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     if dtype != torch.float32:
         with torch.no_grad():
             for p in reference.parameters():
@@ -217,6 +218,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
 
 def _read_hf_config(path: Path):
     """Parse `config.json` with transformers' own VaultGemmaConfig (legacy keys and defaults)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import VaultGemmaConfig
 
     file = path / "config.json"
@@ -231,7 +233,7 @@ def _read_hf_config(path: Path):
         raise UserError(f"{file}: model_type is {got!r}, only {HF_MODEL_TYPE!r} can be imported")
     try:
         return VaultGemmaConfig.from_pretrained(path)
-    except (ValueError, TypeError) as err:  # strict-dataclass validation errors subclass these
+    except (StrictDataclassError, ValueError, TypeError) as err:
         raise UserError(f"{file} is not a valid VaultGemma config ({' '.join(str(err).split())})") from None
 
 
@@ -267,8 +269,13 @@ def config_from_hf(hf) -> DecoderConfig:
             attn_logit_softcapping=hf.attn_logit_softcapping,
             final_logit_softcapping=hf.final_logit_softcapping,
             tie_embeddings=hf.tie_word_embeddings, initializer_range=hf.initializer_range)
-    except ValueError as err:
-        raise UserError(f"{where}: {err}") from None
+    except ValueError as err:  # say it with the names the user sees in config.json
+        message = re.sub(r"\b\w+\b", lambda m: HF_NAMES.get(m.group(), m.group()), str(err))
+        raise UserError(f"{where}: {message}") from None
+
+
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads", "max_seq_len": "max_position_embeddings"}
 
 
 def _weight_files(path: Path) -> list[Path]:

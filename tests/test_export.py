@@ -185,6 +185,9 @@ def test_import_refuses_what_the_decoder_cannot_compute(tmp_path):
         "attention_bias": {"attention_bias": True},
         "hidden_activation": {"hidden_activation": "relu"},
         "model_type": {"model_type": "gemma2"},
+        "num_hidden_layers": {"num_hidden_layers": "two"},
+        "attention heads": {"num_attention_heads": 5},
+        "num_key_value_heads 3": {"num_key_value_heads": 3},
     }
     for field, change in cases.items():
         (folder / "config.json").write_text(json.dumps({**original, **change}))
