@@ -251,3 +251,15 @@ def test_fractional_query_scalar_cannot_be_exported(tmp_path):
     with pytest.raises(UserError, match="query_pre_attn_scalar"):
         to_hf(Decoder(cfg), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_export_of_a_cuda_model(tmp_path, model_dtype):
+    model = Decoder(tiny_config(num_kv_heads=2, softcap=True, tied=False))
+    randomize(model, seed=13)
+    model = model.to("cuda", model_dtype)
+    out = to_hf(model, tmp_path / "hf", dtype="bfloat16")  # verified on the CPU
+    back = from_hf(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor.cpu().to(torch.bfloat16).float()), name
