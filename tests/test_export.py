@@ -176,6 +176,15 @@ def test_tokenizer_with_other_special_ids_is_refused(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_tokenizer_that_gemma_cannot_reproduce_is_refused(tmp_path):
+    sp_path = train_tokenizer(tmp_path, model_type="unigram", add_dummy_prefix=True, vocab_size=295)
+    with pytest.raises(UserError, match="add_dummy_prefix=false"):
+        to_hf(Decoder(tiny_config()), tmp_path / "hf", tokenizer_path=sp_path, verify=False)
+    with pytest.raises(UserError, match="does not exist"):
+        to_hf(Decoder(tiny_config()), tmp_path / "hf", tokenizer_path=tmp_path / "none.model")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_import_refuses_what_the_decoder_cannot_compute(tmp_path):
     folder = tmp_path / "hf"
     to_hf(Decoder(tiny_config()), folder, verify=False)
