@@ -23,9 +23,11 @@ ATOL = 1e-5
 
 
 def tiny_config(num_kv_heads: int = 1, softcap: bool = False, tied: bool = True) -> DecoderConfig:
+    # No field equals a default or another field (heads x head_dim != hidden, scalar != head_dim),
+    # so a field dropped or swapped on the way shows up in the logits.
     return DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                         num_kv_heads=num_kv_heads, head_dim=8, max_seq_len=24, rope_theta=500.0,
-                         rms_norm_eps=1e-6, query_pre_attn_scalar=8.0,
+                         num_kv_heads=num_kv_heads, head_dim=12, max_seq_len=24, rope_theta=500.0,
+                         rms_norm_eps=1e-5, query_pre_attn_scalar=20.0,
                          attn_logit_softcapping=5.0 if softcap else None,
                          final_logit_softcapping=3.0 if softcap else None, tie_embeddings=tied)
 
