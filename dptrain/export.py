@@ -28,6 +28,9 @@ HF_MODEL_TYPE = "vaultgemma"
 HF_ACTIVATION = "gelu_pytorch_tanh"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"  # SentencePiece model, in a checkpoint and in an export
+# Our config fields whose Hugging Face names differ, for error messages about a config.json.
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads", "max_seq_len": "max_position_embeddings"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Text the tokenizer check encodes with both libraries: spaces, digits, accents, newlines.
 TOKENIZER_PROBE = "Hello  world!\nDifferential privacy, 2025: ε = 1.0 — café  ok\t done "
@@ -265,10 +268,6 @@ def config_from_hf(hf) -> DecoderConfig:
     except ValueError as err:  # say it with the names the user sees in config.json
         message = re.sub(r"\b\w+\b", lambda m: HF_NAMES.get(m.group(), m.group()), str(err))
         raise UserError(f"{where}: {message}") from None
-
-
-HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-            "num_kv_heads": "num_key_value_heads", "max_seq_len": "max_position_embeddings"}
 
 
 def _weight_files(path: Path) -> list[Path]:
