@@ -90,7 +90,7 @@ def _write_json(obj: dict, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def write_tokenizer(sp_model: str | Path, folder: Path, vocab_size: int) -> None:
+def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig) -> None:
     """Put a SentencePiece model into `folder` as a Gemma tokenizer `AutoTokenizer` can load.
 
     The `.model` is kept and `tokenizer.json` is converted from it once here, so loading needs
@@ -112,9 +112,9 @@ def write_tokenizer(sp_model: str | Path, folder: Path, vocab_size: int) -> None
         if got != want:
             raise UserError(f"tokenizer {sp_model}: {role} id is {got}, the model expects {want} "
                             "(pad 0, eos 1, bos 2, unk 3)")
-    if sp.get_piece_size() > vocab_size:
+    if sp.get_piece_size() > cfg.vocab_size:
         raise UserError(f"tokenizer {sp_model} has {sp.get_piece_size()} pieces, "
-                        f"more than the model's vocab_size {vocab_size}")
+                        f"more than the model's vocab_size {cfg.vocab_size}")
     shutil.copyfile(sp_model, folder / TOKENIZER_FILE)
     _write_json({
         "tokenizer_class": "GemmaTokenizer",
@@ -125,7 +125,7 @@ def write_tokenizer(sp_model: str | Path, folder: Path, vocab_size: int) -> None
         "mask_token": None,
         "add_bos_token": True,
         "add_eos_token": False,
-        "model_max_length": None,
+        "model_max_length": cfg.max_seq_len,
     }, folder / "tokenizer_config.json")
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
     # Drop what describes this machine (the temporary folder) rather than the tokenizer.
@@ -153,7 +153,7 @@ def to_hf(model: Decoder, out_dir: str | Path, tokenizer_path: str | Path | None
                     tmp / "generation_config.json")
         save_file(hf_state_dict(model, dtype), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer_path is not None:
-            write_tokenizer(tokenizer_path, tmp, model.cfg.vocab_size)
+            write_tokenizer(tokenizer_path, tmp, model.cfg)
         if verify:
             verify_export(model, tmp, dtype)
     return out_dir

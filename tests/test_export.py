@@ -155,6 +155,7 @@ def test_export_with_tokenizer_from_checkpoint(tmp_path, capsys):
     sp = spm.SentencePieceProcessor(model_file=str(sp_path))
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id,
             tokenizer.unk_token_id) == (0, 1, 2, 3)
+    assert tokenizer.model_max_length == 24
     for text in ["secret gradient noise", "  two  spaces\nand a newline", "unseen: ☃ 42 café", ""]:
         assert tokenizer(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
         assert tokenizer(text)["input_ids"] == [2] + sp.encode(text)
