@@ -1,0 +1,176 @@
+"""The private training loop: budget checks before compute, noise once per logical step, exact resume."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dptrain import configio
+from dptrain.cli import main
+from dptrain.errors import UserError
+from dptrain.train.config import TrainConfig, load_train_config
+from dptrain.train.trainer import Trainer
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from dptrain.data.demo import prepare_demo
+
+    return prepare_demo(tmp_path_factory.mktemp("demo"), seq_len=32, vocab_size=VOCAB, num_records=400)
+
+
+def make_config(data_dir, out_dir, **sections) -> TrainConfig:
+    raw = {
+        "model": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                      num_kv_heads=1, head_dim=16, max_seq_len=64, query_pre_attn_scalar=16.0),
+        "data": {"path": str(data_dir)},
+        "privacy": {"noise_multiplier": 1.0, "delta": 1e-5, "expected_batch_size": 16, "steps": 6},
+        "out_dir": str(out_dir),
+        "runtime": {"micro_batch_size": 8, "device": "cpu"},
+        "eval": {"every": 0, "max_sequences": 16},
+        "logging": {"wandb": "disabled", "progress": False},
+        "checkpoint": {"every": 3, "keep_last": 2},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return configio.from_dict(TrainConfig, raw)
+
+
+def weights(trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_continues_bit_for_bit(data_dir, tmp_path):
+    straight = Trainer(make_config(data_dir, tmp_path / "a"))
+    straight.fit()
+
+    cfg = make_config(data_dir, tmp_path / "b")
+    interrupted = Trainer(cfg)
+    for _ in range(3):
+        interrupted.train_step()
+    interrupted.save_checkpoint()
+    del interrupted  # a crash: only the checkpoint survives
+
+    resumed = Trainer(cfg)
+    assert resumed.step == 3
+    resumed.fit()
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert straight.ledger.state_dict() == resumed.ledger.state_dict()
+    assert straight.batch_sizes == resumed.batch_sizes
+
+
+def test_noise_is_drawn_once_per_parameter_per_logical_step(data_dir, tmp_path):
+    trainer = Trainer(make_config(data_dir, tmp_path, privacy={"expected_batch_size": 40},
+                                  runtime={"micro_batch_size": 4}))
+    calls = []
+    source = trainer.noise
+
+    def counting(shape, device, dtype=torch.float32):
+        calls.append(tuple(shape))
+        return source(shape, device, dtype)
+
+    trainer.noise = counting
+    result = trainer.train_step()
+    assert result.batch_size > 4  # several micro-batches went into this one step
+    params = list(dict.fromkeys(trainer.model.parameters()))  # the tied weight once
+    assert sorted(calls) == sorted(tuple(p.shape) for p in params)
+
+
+def test_empty_batch_is_a_step_of_pure_noise(data_dir, tmp_path):
+    trainer = Trainer(make_config(data_dir, tmp_path))
+    trainer.sampler.sample = lambda: np.zeros(0, dtype=np.int64)
+    before = weights(trainer)
+    result = trainer.train_step()
+    assert result.batch_size == 0 and trainer.step == 1 and trainer.ledger.steps == 1
+    assert any(not torch.equal(before[k], v) for k, v in weights(trainer).items())
+
+
+def test_calibrated_run_stays_within_budget_and_reports_it(data_dir, tmp_path):
+    cfg = make_config(data_dir, tmp_path, privacy={"noise_multiplier": None, "target_epsilon": 4.0,
+                                                   "steps": 3})
+    trainer = Trainer(cfg)
+    report = trainer.fit()
+    assert report["steps"] == 3
+    assert 0 < report["epsilon"]["pld"] <= 4.0
+    assert report["epsilon"]["rdp"] >= report["epsilon"]["pld"]  # PLD is the tighter bound
+    saved = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert saved["noise_multiplier"] == pytest.approx(trainer.noise_multiplier)
+    assert (tmp_path / "privacy_report.txt").read_text().startswith("Privacy guarantee")
+
+
+def test_truncated_poisson_is_counted(data_dir, tmp_path):
+    cfg = make_config(data_dir, tmp_path, privacy={"expected_batch_size": 64, "max_batch_size": 64})
+    trainer = Trainer(cfg)
+    for _ in range(6):
+        trainer.train_step()
+    assert max(trainer.batch_sizes) <= 64
+    assert trainer.sampler.truncated_steps > 0  # half the draws of Binomial(N, 64/N) exceed 64
+    assert trainer.report()["truncated_steps"] == trainer.sampler.truncated_steps
+
+
+@pytest.mark.parametrize("privacy, message", [
+    ({"noise_multiplier": 0.3, "target_epsilon": 1.0}, "target_epsilon"),
+    ({"noise_multiplier": None, "target_epsilon": 1e-4}, "no noise multiplier"),
+    ({"expected_batch_size": 10**6}, "exceeds"),
+    ({"delta": 0.5}, "1/N"),
+])
+def test_impossible_plans_fail_before_any_compute(data_dir, tmp_path, privacy, message):
+    with pytest.raises(UserError, match=message):
+        Trainer(make_config(data_dir, tmp_path, privacy=privacy))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_data_and_vocab_mismatch(data_dir, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        Trainer(make_config(tmp_path / "nowhere", tmp_path))
+    cfg = make_config(data_dir, tmp_path)
+    cfg.model.vocab_size = VOCAB * 2
+    with pytest.raises(UserError, match="vocab_size"):
+        Trainer(cfg)
+
+
+def test_checkpoint_of_another_config_is_refused(data_dir, tmp_path):
+    Trainer(make_config(data_dir, tmp_path)).save_checkpoint()
+    with pytest.raises(UserError, match="privacy"):
+        Trainer(make_config(data_dir, tmp_path, privacy={"noise_multiplier": 2.0}))
+
+
+def test_corrupt_checkpoint_is_a_user_error(data_dir, tmp_path):
+    path = Trainer(make_config(data_dir, tmp_path)).save_checkpoint()
+    (path / "train_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt"):
+        Trainer(make_config(data_dir, tmp_path))
+
+
+def test_train_cli_exports_and_reports(data_dir, tmp_path, capsys):
+    cfg = make_config(data_dir, tmp_path / "run", privacy={"steps": 2},
+                      export={"hf_dir": str(tmp_path / "hf"), "sample_prompt": "Patient", "sample_tokens": 5})
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(configio.to_dict(cfg)))
+    assert main(["train", str(path), "eval.every=1"]) == 0
+    out = capsys.readouterr().out
+    assert "Privacy guarantee" in out and "sample: Patient" in out
+    assert (tmp_path / "hf" / "config.json").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/loss" in r for r in rows) and any("private/clipped_fraction" in r for r in rows)
+
+
+def test_config_typo_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"model": "m.yaml", "data": {"path": "x"},
+                                    "privacy": {"noise_multiplier": 1.0, "delta": 1e-6,
+                                                "expected_batch_size": 8, "steps": 1, "stepz": 2}}))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "privacy.stepz" in err[0]
+
+
+def test_demo_config_is_valid():
+    cfg = load_train_config("configs/demo.yaml")
+    assert cfg.privacy.target_epsilon is not None and cfg.data.source == "demo"
