@@ -285,7 +285,7 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, tokenizer, monkeypatch):
     prepare_module = importlib.import_module("dptrain.data.prepare")  # the package re-exports a function of that name
     src = write_jsonl(tmp_path / "docs.jsonl", make_docs(100))
     calls = {"n": 0}
-    real = prepare_module._wrap
+    real = prepare_module._flatten
 
     def failing(*args):
         calls["n"] += 1
@@ -293,18 +293,18 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, tokenizer, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(prepare_module, "_wrap", failing)
+    monkeypatch.setattr(prepare_module, "_flatten", failing)
     out = tmp_path / "out" / "prep"
     with pytest.raises(KeyboardInterrupt):
         prepare([src], tokenizer, 16, out, batch_docs=10, progress=False)
     assert calls["n"] == 3
     assert not out.exists() and leftovers(out.parent) == []
     # an earlier complete folder survives a failed rewrite untouched
-    monkeypatch.setattr(prepare_module, "_wrap", real)
+    monkeypatch.setattr(prepare_module, "_flatten", real)
     prepare([src], tokenizer, 16, out, progress=False)
     before = (out / "train.tokens.bin").read_bytes()
     calls["n"] = 0
-    monkeypatch.setattr(prepare_module, "_wrap", failing)
+    monkeypatch.setattr(prepare_module, "_flatten", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare([src], tokenizer, 16, out, batch_docs=10, progress=False)
     assert (out / "train.tokens.bin").read_bytes() == before and leftovers(out.parent) == []

@@ -93,19 +93,11 @@ def _eval_mask(num_docs: int, fraction: float, seed: int, group_codes: np.ndarra
     return held[units]
 
 
-def _wrap(ids: list[list[int]], bos: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat BOS+doc+EOS array for a batch of id lists, and each wrapped document's length."""
-    lengths = np.fromiter((len(x) + 2 for x in ids), dtype=np.int64, count=len(ids))
-    out = np.empty(int(lengths.sum()), dtype=np.uint32)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    body = np.ones(len(out), dtype=bool)
-    body[starts] = False
-    body[ends - 1] = False
-    out[starts] = bos
-    out[ends - 1] = eos
-    out[body] = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()) - 2 * len(ids))
-    return out, lengths
+def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """One flat uint32 array of a batch's (already BOS/EOS-wrapped) id lists, and their lengths."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
+    return flat, lengths
 
 
 def prepare(
@@ -119,7 +111,7 @@ def prepare(
     eval_fraction: float = 0.0,
     num_proc: int | None = None,
     seed: int = 0,
-    batch_docs: int = 1024,
+    batch_docs: int = 2048,
     progress: bool = True,
     keep_in_train=(),
 ) -> Path:
@@ -159,7 +151,8 @@ def prepare(
 
         def encode(start: int):
             texts = ds[start:start + batch_docs][text_column]
-            return start, texts, sp.encode(texts, out_type=int, num_threads=num_threads)
+            ids = sp.encode(texts, out_type=int, add_bos=True, add_eos=True, num_threads=num_threads)
+            return start, texts, ids
 
         starts = range(0, num_docs, batch_docs)
         with ThreadPoolExecutor(max_workers=1) as pool, \
@@ -179,7 +172,7 @@ def prepare(
                     if not select.any():
                         continue
                     chosen = np.flatnonzero(select)
-                    tokens, lengths = _wrap([ids[i] for i in chosen], bos, eos)
+                    tokens, lengths = _flatten([ids[i] for i in chosen])
                     groups = group_codes[doc_ids[chosen]] if group_codes is not None else None
                     writers[split].append(tokens, doc_ids[chosen], lengths, groups)
                 bar.update(len(texts))

@@ -1,0 +1,77 @@
+"""Throughput of `dptrain data prepare` next to raw SentencePiece encoding of the same text.
+
+Generates about `--mb` MB of synthetic records (the demo generator), trains a tokenizer on the
+demo's public text, then times, in this one process and on the same cores:
+  raw       SentencePiece `encode(texts, num_threads=N)` of the documents already in memory, in
+            chunks of `--batch-docs` (the whole list at once would hold ~40 bytes per token);
+  pipeline  `prepare()` from the jsonl file: read via HF datasets, tokenize, pack, write, manifest.
+Prints tokens/s of both and their ratio (the pipeline should stay within 1.5x of raw). The
+one-time import of `datasets` (seconds) is done before timing: it does not grow with the data.
+
+    python -m scripts.bench_data --mb 100      (from the repository root)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+
+from dptrain.data import PackedDataset, prepare, train_tokenizer
+from dptrain.data.demo import write_demo_corpus
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=100.0, help="size of the generated text")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count())
+    parser.add_argument("--batch-docs", type=int, default=2048)
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        records = int(args.mb * 1e6 / 480)  # about 480 bytes of JSON per record
+        t0 = time.perf_counter()
+        paths = write_demo_corpus(work / "corpus", seed=0, num_records=records,
+                                  num_public_paragraphs=20_000)
+        size = paths["private"].stat().st_size
+        print(f"generated {size / 1e6:.1f} MB, {records} records in {time.perf_counter() - t0:.1f} s")
+        model = train_tokenizer([paths["public"]], args.vocab_size, work / "tok.model",
+                                num_threads=args.num_proc)
+
+        texts = [json.loads(line)["text"] for line in paths["private"].open(encoding="utf-8")]
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        t0 = time.perf_counter()
+        raw_tokens = 0
+        for i in range(0, len(texts), args.batch_docs):
+            ids = sp.encode(texts[i:i + args.batch_docs], out_type=int, num_threads=args.num_proc)
+            raw_tokens += sum(map(len, ids))
+        raw_s = time.perf_counter() - t0
+        del ids, texts
+        import datasets  # noqa: F401  (one-time import, kept out of the timing)
+
+        t0 = time.perf_counter()
+        out = prepare([paths["private"]], model, args.seq_len, work / "prepared",
+                      num_proc=args.num_proc, batch_docs=args.batch_docs, progress=False)
+        pipe_s = time.perf_counter() - t0
+        ds = PackedDataset(out)
+        pipe_tokens = ds.manifest["splits"]["train"]["num_tokens"]
+
+    print(f"machine   {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"num_proc {args.num_proc}")
+    print(f"raw       {raw_tokens / raw_s / 1e6:.2f} M tokens/s ({raw_tokens} tokens in {raw_s:.2f} s)")
+    print(f"pipeline  {pipe_tokens / pipe_s / 1e6:.2f} M tokens/s ({pipe_tokens} tokens in {pipe_s:.2f} s, "
+          f"BOS/EOS included)")
+    print(f"ratio     pipeline time / raw time = {pipe_s / raw_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
