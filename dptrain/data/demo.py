@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dptrain.checkpoint import atomic_dir
 
-DEMO_VERSION = 1  # part of every cache key: bump when the generator's output changes
+DEMO_VERSION = 2  # part of every cache key: bump when the generator's output changes
 
 CANARY_REPEATS = (0, 1, 4, 16)  # 0: never planted, a control for extraction tests
 CANARIES_PER_REPEAT = 4
@@ -70,6 +70,22 @@ PUBLIC_PHRASES = (
     "The climate is {adj}, with {num} millimetres of rain in an average year.",
 )
 SEASONS = ("spring", "summer", "autumn", "winter")
+ANIMALS = ("herons", "otters", "foxes", "goats", "falcons", "beetles", "salmon", "wolves", "owls",
+           "lizards", "swallows", "badgers", "dolphins", "moths", "bison", "cranes")
+GOODS = ("copper", "wool", "salt", "amber", "timber", "pottery", "linen", "spices", "glassware",
+         "leather", "silver", "barley", "olive oil", "paper", "indigo", "honey")
+INSTRUMENTS = ("telescope", "loom", "windmill", "printing press", "compass", "sundial", "kiln",
+               "water wheel", "lighthouse", "canal lock", "aqueduct", "clock tower")
+MORE_PHRASES = (
+    "The {adj} {topic} was once famous for its {goods} and its {goods2}.",
+    "Naturalists counted {num} {animals} along the {topic} during the {season} of {year}.",
+    "A {instrument} built by the {nouns} of {place} still stands beside the {topic}.",
+    "Trade in {goods} made {place} prosperous, while its {nouns} exported {goods2} to distant ports.",
+    "Legend says that {animals} guided the first {nouns} to the {adj} {topic}.",
+    "The {instrument} of {place}, completed in {year}, was the largest of its kind for a century.",
+    "During {month} the {animals} return, and the {nouns} of {place} hold a festival of {goods}.",
+    "Scholars from {place} compared the {topic} with the {adj2} plains of {place2}.",
+)
 
 
 def _place(rng: random.Random) -> str:
@@ -81,9 +97,11 @@ def _place(rng: random.Random) -> str:
 def _public_paragraph(rng: random.Random) -> str:
     sentences = []
     for _ in range(rng.randint(3, 7)):
-        sentences.append(rng.choice(PUBLIC_PHRASES).format(
+        sentences.append(rng.choice(PUBLIC_PHRASES + MORE_PHRASES).format(
             adj=rng.choice(PUBLIC_ADJ), adj2=rng.choice(PUBLIC_ADJ), topic=rng.choice(PUBLIC_TOPICS),
             nouns=rng.choice(PUBLIC_NOUNS), verb=rng.choice(PUBLIC_VERBS), place=_place(rng),
+            place2=_place(rng), animals=rng.choice(ANIMALS), goods=rng.choice(GOODS),
+            goods2=rng.choice(GOODS), instrument=rng.choice(INSTRUMENTS),
             year=rng.randint(900, 1990), month=rng.choice(MONTHS), season=rng.choice(SEASONS),
             num=rng.randint(2, 9000), century=f"{rng.randint(10, 19)}th"))
     return " ".join(sentences)
