@@ -115,7 +115,10 @@ def prepare(
     progress: bool = True,
     keep_in_train=(),
 ) -> Path:
-    """Tokenize and pack `inputs` into a self-contained prepared folder `out`; returns `out`."""
+    """Tokenize and pack `inputs` into a self-contained prepared folder `out`; returns `out`.
+
+    `keep_in_train`: document ids (row numbers) never drawn for eval, nor their groups.
+    """
     if seq_len < 2:
         raise UserError(f"seq-len must be at least 2 (got {seq_len})")
     if not 0.0 <= eval_fraction < 1.0:
@@ -209,6 +212,7 @@ def prepare(
             "tail": "dropped",
             "eval_fraction": eval_fraction,
             "eval_unit": "group" if group_column else "document",
+            "kept_in_train_documents": len(set(keep_in_train)),
             "seed": seed,
             "splits": {
                 split: {**st, "tokens_file": tokens_file(split), "documents_file": documents_file(split),

@@ -32,7 +32,8 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path | str]:
             out.extend(files)
         elif path.is_file():
             out.append(path)
-        elif "/" in str(item) and not str(item).startswith((".", "/")) and str(item).count("/") == 1:
+        elif (str(item).count("/") == 1 and not str(item).startswith((".", "/"))
+              and not any(s.lower() in BUILDERS for s in path.suffixes)):
             out.append(str(item))  # looks like a hub name, e.g. "org/corpus"
         else:
             raise UserError(f"input {item} does not exist")
