@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +92,10 @@ def _eval_mask(num_docs: int, fraction: float, seed: int, group_codes: np.ndarra
     return held[units]
 
 
-def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """One flat uint32 array of a batch's (already BOS/EOS-wrapped) id lists, and their lengths."""
+def _flatten(ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """One flat uint32 array of a batch's (already BOS/EOS-wrapped) id arrays, and their lengths."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
+    flat = np.concatenate(ids).view(np.uint32) if ids else np.empty(0, np.uint32)  # ids are >= 0
     return flat, lengths
 
 
@@ -154,7 +153,8 @@ def prepare(
 
         def encode(start: int):
             texts = ds[start:start + batch_docs][text_column]
-            ids = sp.encode(texts, out_type=int, add_bos=True, add_eos=True, num_threads=num_threads)
+            ids = sp.encode(texts, return_type="numpy", add_bos=True, add_eos=True,
+                            num_threads=num_threads)
             return start, texts, ids
 
         starts = range(0, num_docs, batch_docs)

@@ -111,7 +111,6 @@ def train_tokenizer(
                 num_threads=num_threads or os.cpu_count() or 1,
                 input_sentence_size=max_sentences,
                 shuffle_input_sentence=True,
-                train_extremely_large_corpus=False,
                 minloglevel=2,
             )
         except RuntimeError as err:
