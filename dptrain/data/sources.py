@@ -47,7 +47,19 @@ def load_documents(inputs: list[Path | str], columns: list[str], cache_dir: Path
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
-    datasets.disable_progress_bars()
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # our own bar counts documents; theirs would interleave
+    try:
+        return _load(inputs, columns, cache_dir)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _load(inputs: list[Path | str], columns: list[str], cache_dir: Path):
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
     parts = []
     for item in inputs:
         try:
