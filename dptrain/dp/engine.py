@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from dptrain.dp import layers
 from dptrain.dp.loss import IGNORE_INDEX, per_example_loss
@@ -116,18 +117,26 @@ class DPEngine:
                 if c.inp.shape[0] != batch:
                     raise RuntimeError(f"a hooked module saw a leading dimension of {c.inp.shape[0]}, "
                                        f"not the batch size {batch}: modules must be batch-first")
-            grads = torch.autograd.grad(losses.sum(), [c.out for c in calls], allow_unused=True)
-            for c, g in zip(calls, grads):
-                c.grad = torch.zeros_like(c.out) if g is None else g
+            # Gradient edges, not the outputs themselves, so outputs nothing else saved are freed.
+            edges = [get_gradient_edge(c.out) for c in calls]
+            shapes = [(c.out.shape, c.out.dtype) for c in calls]
+            for c in calls:
                 c.out = None
-            del logits, grads
+            del logits
+            grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+            del edges
+            for c, g, (shape, dtype) in zip(calls, grads, shapes):
+                c.grad = torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+            del grads
 
             with torch.autocast(device.type, enabled=False):
-                cache = layers.GramCache()
                 built = [self._build(g, acc_dtype) for g in self._groups]
+                cache = layers.GramCache()
                 sq = torch.zeros(batch, dtype=acc_dtype, device=device)
-                for group, data in zip(self._groups, built):
+                for i, (group, data) in enumerate(zip(self._groups, built)):
                     sq = sq + self._sq_norms(group, data, acc_dtype, cache)
+                    cache.keep_only([f.right for later in built[i + 1:]
+                                     if isinstance(later, list) for f in later])
                 del cache
             norms = sq.sqrt()
             w = (torch.ones(batch, dtype=acc_dtype, device=device) if weights is None

@@ -47,13 +47,21 @@ class GramCache:
     """Gram matrices shared between layers fed the same activations (q/k/v, gate/up)."""
     entries: dict = field(default_factory=dict)
 
-    def dense(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def dense(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, keep: bool = True) -> torch.Tensor:
         key = (_key(x), _key(y), dtype)
-        if key not in self.entries:
+        if key in self.entries:
+            return self.entries[key][2]
+        gram = torch.bmm(x.to(dtype), y.to(dtype).transpose(1, 2))
+        if keep:
             # The tensors are kept alongside the result so their storage cannot be reused for a
             # different tensor with the same key.
-            self.entries[key] = (x, y, torch.bmm(x.to(dtype), y.to(dtype).transpose(1, 2)))
-        return self.entries[key][2]
+            self.entries[key] = (x, y, gram)
+        return gram
+
+    def keep_only(self, tensors: list[torch.Tensor]) -> None:
+        """Drop the Gram matrices no later layer will ask for."""
+        live = {_key(t) for t in tensors}
+        self.entries = {k: v for k, v in self.entries.items() if k[0] in live or k[1] in live}
 
 
 def _key(x: torch.Tensor):
@@ -148,7 +156,7 @@ def _left_gram(u: Factor, v: Factor, dtype, cache: GramCache) -> torch.Tensor:
     if u.onehot:  # <e_{x_t}, L_vs> = L_vs[x_t]: gather v's dense rows at u's token ids
         index = u.left.unsqueeze(1).expand(-1, v.left.shape[1], -1)
         return v.left.gather(2, index).to(dtype).transpose(1, 2)
-    return cache.dense(u.left, v.left, dtype)
+    return cache.dense(u.left, v.left, dtype, keep=False)  # output-gradients are never shared
 
 
 def ghost_sq_norms(factors: list[Factor], dtype, cache: GramCache) -> torch.Tensor:
