@@ -146,12 +146,12 @@ class DPEngine:
                                torch.zeros((), dtype=acc_dtype, device=device))
             bad = None if bool(finite.all()) else ~finite
             for group, data in zip(self._groups, built):
-                if group.param.grad is None:
-                    group.param.grad = torch.zeros_like(group.param)
+                if data is None or (isinstance(data, list) and not data):
+                    continue  # not used in this forward: no gradient to add
                 if group.form == "outer":
-                    layers.add_outer_clipped_sum(group.param.grad, data, coef, bad)
+                    layers.add_outer_clipped_sum(group.param, data, coef, bad)
                 else:
-                    layers.add_vector_clipped_sum(group.param.grad, data, coef, bad)
+                    layers.add_vector_clipped_sum(group.param, data, coef, bad)
 
             real = w > 0
             self._counts += torch.stack([real.sum(), (real & finite & (norms > self.max_grad_norm)).sum(),

@@ -164,7 +164,9 @@ def ghost_sq_norms(factors: list[Factor], dtype, cache: GramCache) -> torch.Tens
     for i, u in enumerate(factors):
         for j in range(i, len(factors)):
             v = factors[j]
-            term = (_left_gram(u, v, dtype, cache) * cache.dense(u.right, v.right, dtype)).sum((1, 2))
+            left, right = _left_gram(u, v, dtype, cache), cache.dense(u.right, v.right, dtype)
+            # sum_{t,s} left * right per example, as one batched dot product
+            term = torch.bmm(left.reshape(left.shape[0], 1, -1), right.reshape(right.shape[0], -1, 1)).view(-1)
             term = term if i == j else 2 * term
             total = term if total is None else total + term
     return total
@@ -183,20 +185,37 @@ def use_ghost(factors: list[Factor], shape: torch.Size) -> bool:
     return 2 * tokens * tokens <= shape[0] * shape[1]
 
 
-def add_outer_clipped_sum(grad: torch.Tensor, factors: list[Factor], coef: torch.Tensor,
+def add_outer_clipped_sum(param: torch.nn.Parameter, factors: list[Factor], coef: torch.Tensor,
                           bad: torch.Tensor | None) -> None:
-    """grad += sum_i coef_i G_i, one matmul (or index_add) per use."""
+    """param.grad += sum_i coef_i G_i, one matmul (or index_add) per use."""
     for f in factors:
+        dtype = param.dtype
         if f.onehot:
-            scaled = zero_rows(f.right, bad).to(grad.dtype) * coef.to(grad.dtype).view(-1, 1, 1)
-            grad.index_add_(0, f.left.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
+            scaled = zero_rows(f.right, bad).to(dtype) * coef.to(dtype).view(-1, 1, 1)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.index_add_(0, f.left.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
+            continue
+        left, right = zero_rows(f.left, bad).to(dtype), zero_rows(f.right, bad).to(dtype)
+        # Scale whichever side is narrower: same result, fewer multiplications.
+        if left.shape[-1] <= right.shape[-1]:
+            left = left * coef.to(dtype).view(-1, 1, 1)
         else:
-            left = zero_rows(f.left, bad).to(grad.dtype) * coef.to(grad.dtype).view(-1, 1, 1)
-            right = zero_rows(f.right, bad).to(grad.dtype)
-            grad.add_((left.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])).to(grad.dtype))
+            right = right * coef.to(dtype).view(-1, 1, 1)
+        left, right = left.reshape(-1, left.shape[-1]), right.reshape(-1, right.shape[-1])
+        if param.grad is None:
+            param.grad = (left.T @ right).to(dtype)
+        elif torch.is_autocast_enabled(param.device.type):
+            param.grad.add_((left.T @ right).to(dtype))
+        else:
+            param.grad.addmm_(left.T, right)
 
 
-def add_vector_clipped_sum(grad: torch.Tensor, vectors: torch.Tensor, coef: torch.Tensor,
+def add_vector_clipped_sum(param: torch.nn.Parameter, vectors: torch.Tensor, coef: torch.Tensor,
                            bad: torch.Tensor | None) -> None:
     vectors = zero_rows(vectors, bad)
-    grad.add_(torch.einsum("b,b...->...", coef.to(vectors.dtype), vectors).to(grad.dtype))
+    total = torch.einsum("b,b...->...", coef.to(vectors.dtype), vectors).to(param.dtype)
+    if param.grad is None:
+        param.grad = total
+    else:
+        param.grad.add_(total)
