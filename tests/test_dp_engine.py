@@ -292,3 +292,19 @@ def test_bf16_autocast_norms_are_float32_and_close():
     assert norms.dtype == torch.float32
     assert rel(norms, ref) < 0.05
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_cuda_matches_naive_and_runs_bf16():
+    model = make_model().cuda()
+    inputs, targets, weights = (t.cuda() for t in make_batch())
+    ref_norms, ref = naive_clipped_grad_sum(model, inputs, targets, 1.0, weights)
+    engine = DPEngine(model, 1.0)
+    norms = engine.clipped_grad_sum(inputs, targets, weights)
+    assert rel(norms, ref_norms) < 1e-4  # TF32 may be on
+    for p, r in zip(unique_trainable(model), ref):
+        assert rel(p.grad, r) < 1e-3
+    engine.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        norms = engine.clipped_grad_sum(inputs, targets, weights)
+    assert norms.dtype == torch.float32 and rel(norms, ref_norms) < 0.05
