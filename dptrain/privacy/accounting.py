@@ -181,14 +181,28 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
         return epsilon(sigma, sampling_rate, steps, delta, accountant,
                        dataset_size=dataset_size, max_batch_size=max_batch_size)
 
-    hi = max_sigma
-    if eps(hi) > target_epsilon:
-        raise UserError(f"no noise multiplier up to {max_sigma} reaches epsilon {target_epsilon} at "
-                        f"delta {delta} with sampling rate {sampling_rate} over {steps} steps; "
-                        "use fewer steps, a smaller sampling rate or a larger budget")
-    if eps(min_sigma) <= target_epsilon:
-        return min_sigma
-    lo = min_sigma
+    # Bracket from sigma = 1 outwards, doubling or halving: accountants are slow at tiny sigma
+    # (huge privacy losses), so extremes are only evaluated when the target demands them.
+    lo, hi = None, None
+    sigma = min(max(1.0, min_sigma), max_sigma)
+    while hi is None:
+        if eps(sigma) <= target_epsilon:
+            hi = sigma
+        elif sigma >= max_sigma:
+            raise UserError(f"no noise multiplier up to {max_sigma} reaches epsilon "
+                            f"{target_epsilon} at delta {delta} with sampling rate "
+                            f"{sampling_rate} over {steps} steps; use fewer steps, a smaller "
+                            "sampling rate or a larger budget")
+        else:
+            lo, sigma = sigma, min(2 * sigma, max_sigma)
+    while lo is None:
+        if hi <= min_sigma:
+            return hi
+        sigma = max(hi / 2, min_sigma)
+        if eps(sigma) <= target_epsilon:
+            hi = sigma
+        else:
+            lo = sigma
     while hi / lo - 1 > rtol:
         mid = math.sqrt(lo * hi)  # geometric midpoint: sigma spans orders of magnitude
         if eps(mid) <= target_epsilon:
