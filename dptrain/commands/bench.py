@@ -1,0 +1,28 @@
+"""`dptrain bench`: one micro-batch step of non-private training, dptrain's DP engine, Opacus and the
+naive per-example loop, on the same model and data in one process."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("bench", help="time and memory of a DP step against baselines",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", required=True, help="model config YAML")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="timed repetitions per method (median)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16 = autocast over float32 weights")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--methods", default="nonprivate,dptrain,opacus-hooks,opacus-ghost,naive",
+                        help="comma-separated subset to run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dptrain.dp.benchmark import run_benchmark
+
+    return run_benchmark(args)

@@ -1,0 +1,98 @@
+"""Read a prepared folder: fixed-length token sequences from a memory map, O(1) per sequence."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dptrain.data.prepare import FORMAT, GROUPS_FILE, MANIFEST, TOKEN_DTYPE
+from dptrain.errors import UserError
+
+
+class PackedDataset:
+    """One split ("train" or "eval") of a prepared folder.
+
+    `ds[i]` is a uint32 array of `seq_len` tokens read through `np.memmap` (nothing is loaded up
+    front); `ds.batch(indices)` is a `torch.LongTensor[B, seq_len]`. Indices are int64, so any
+    number of sequences that fits on disk is addressable.
+    """
+
+    def __init__(self, path: str | Path, split: str = "train"):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"{self.path} is not a prepared data folder (no {MANIFEST}); "
+                            f"run `dptrain data prepare` first")
+        try:
+            self.manifest: dict = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{manifest_path} is corrupt ({err})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"{manifest_path} is not a {FORMAT} manifest")
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise UserError(f"{self.path} has no {split!r} split (has: {', '.join(splits)})")
+        self.split = split
+        self.info: dict = splits[split]
+        self.seq_len: int = int(self.manifest["seq_len"])
+        self.vocab_size: int = int(self.manifest["vocab_size"])
+        self.held_out: bool = bool(self.info["held_out"])
+        self.tokenizer_path = self.path / self.manifest["tokenizer"]["file"]
+        n = int(self.info["num_sequences"])
+        tokens = self.path / self.info["tokens_file"]
+        expected = n * self.seq_len * np.dtype(TOKEN_DTYPE).itemsize
+        if not tokens.is_file() or tokens.stat().st_size != expected:
+            raise UserError(f"{tokens} is missing or truncated (expected {expected} bytes)")
+        self.tokens = np.memmap(tokens, dtype=TOKEN_DTYPE, mode="r", shape=(n, self.seq_len))
+        self._documents: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for {n} sequences")
+        return np.asarray(self.tokens[i])
+
+    def batch(self, indices) -> torch.Tensor:
+        """Sequences at `indices` as a LongTensor[B, seq_len] (sorted indices read fastest)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"batch index out of range for {len(self)} sequences")
+        return torch.from_numpy(self.tokens[idx].astype(np.int64))
+
+    # Which documents (and groups) each sequence holds, for document- or user-level accounting.
+    @property
+    def document_table(self) -> np.ndarray:
+        """int64 rows (document_id, start_token[, group]) in packing order, memory-mapped."""
+        if self._documents is None:
+            self._documents = np.load(self.path / self.info["documents_file"], mmap_mode="r")
+        return self._documents
+
+    def _rows(self, i: int) -> np.ndarray:
+        starts = self.document_table[:, 1]
+        lo = max(int(np.searchsorted(starts, i * self.seq_len, side="right")) - 1, 0)
+        hi = int(np.searchsorted(starts, (i + 1) * self.seq_len, side="left"))
+        return self.document_table[lo:hi]
+
+    def documents(self, i: int) -> np.ndarray:
+        """Ids (row numbers in the concatenated inputs) of the documents sequence `i` contains."""
+        return np.asarray(self._rows(int(i))[:, 0])
+
+    def groups(self, i: int) -> np.ndarray:
+        """Group codes present in sequence `i` (index into `group_names`)."""
+        if self.manifest.get("group_column") is None:
+            raise UserError(f"{self.path} was prepared without --group-column")
+        return np.unique(self._rows(int(i))[:, 2])
+
+    @property
+    def group_names(self) -> list[str]:
+        return json.loads((self.path / GROUPS_FILE).read_text())
+
+    def __repr__(self) -> str:
+        return (f"PackedDataset({str(self.path)!r}, split={self.split!r}: {len(self)} x {self.seq_len} "
+                f"tokens, vocab {self.vocab_size})")

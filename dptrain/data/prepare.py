@@ -1,0 +1,231 @@
+"""`prepare`: documents -> SentencePiece ids -> BOS doc EOS stream -> fixed-length sequences on disk.
+
+Each sequence of exactly `seq_len` tokens is one privacy unit (as in VaultGemma): documents are
+wrapped in BOS ... EOS, concatenated in input order and cut every `seq_len` tokens, so long
+documents span several sequences and short ones share one. The final partial sequence of each
+split is dropped (no padding, so every token of every sequence is real data; the count is in the
+manifest). The evaluation split is chosen at document level (or group level with a group column)
+before packing, so no document or group straddles train and eval.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dptrain.checkpoint import atomic_dir
+from dptrain.data.sources import expand_inputs, load_documents
+from dptrain.data.tokenizer import load_tokenizer, sha256_file
+from dptrain.errors import UserError
+
+FORMAT = "dptrain-packed"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+GROUPS_FILE = "groups.json"
+TOKEN_DTYPE = "<u4"
+SPLITS = ("train", "eval")
+
+
+def tokens_file(split: str) -> str:
+    return f"{split}.tokens.bin"
+
+
+def documents_file(split: str) -> str:
+    return f"{split}.documents.npy"
+
+
+class _SplitWriter:
+    """Appends BOS+doc+EOS token runs and writes every complete `seq_len` sequence to disk."""
+
+    def __init__(self, path: Path, seq_len: int, with_groups: bool):
+        self.file = open(path, "wb")
+        self.seq_len = seq_len
+        self.pending = np.empty(0, dtype=np.uint32)
+        self.offset = 0  # tokens appended so far, i.e. stream position of `pending`'s end
+        self.tables: list[np.ndarray] = []
+        self.columns = 3 if with_groups else 2
+
+    def append(self, tokens: np.ndarray, doc_ids: np.ndarray, doc_lengths: np.ndarray,
+               groups: np.ndarray | None) -> None:
+        starts = self.offset + np.concatenate(([0], np.cumsum(doc_lengths)[:-1]))
+        cols = [doc_ids, starts] + ([groups] if groups is not None else [])
+        self.tables.append(np.stack(cols, axis=1).astype(np.int64))
+        self.offset += len(tokens)
+        self.pending = np.concatenate((self.pending, tokens)) if len(self.pending) else tokens
+        full = len(self.pending) // self.seq_len * self.seq_len
+        if full:
+            self.pending[:full].astype(TOKEN_DTYPE, copy=False).tofile(self.file)
+            self.pending = self.pending[full:]
+
+    def finish(self, doc_path: Path) -> dict:
+        self.file.close()
+        dropped = len(self.pending)
+        kept_tokens = self.offset - dropped
+        table = np.concatenate(self.tables) if self.tables else np.empty((0, self.columns), np.int64)
+        table = table[table[:, 1] < kept_tokens]  # documents wholly inside the dropped tail
+        np.save(doc_path, table)
+        return {"num_sequences": kept_tokens // self.seq_len, "num_tokens": kept_tokens,
+                "num_documents": len(table), "dropped_tail_tokens": dropped}
+
+
+def _eval_mask(num_docs: int, fraction: float, seed: int, group_codes: np.ndarray | None,
+               keep_in_train=()) -> np.ndarray:
+    """Which documents are held out: a seeded random `fraction` of documents, or of groups.
+
+    Documents in `keep_in_train` (and, with groups, their whole groups) are never held out.
+    """
+    rng = np.random.default_rng(seed)
+    units = np.arange(num_docs) if group_codes is None else group_codes
+    num_units = int(units.max()) + 1 if len(units) else 0
+    eligible = np.ones(num_units, dtype=bool)
+    eligible[units[np.asarray(keep_in_train, dtype=np.int64)]] = False
+    candidates = np.flatnonzero(eligible)
+    held = np.zeros(num_units, dtype=bool)
+    held[rng.choice(candidates, size=min(round(fraction * num_units), len(candidates)), replace=False)] = True
+    return held[units]
+
+
+def _flatten(ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """One flat uint32 array of a batch's (already BOS/EOS-wrapped) id arrays, and their lengths."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.concatenate(ids).view(np.uint32) if ids else np.empty(0, np.uint32)  # ids are >= 0
+    return flat, lengths
+
+
+def prepare(
+    inputs: list[str | Path],
+    tokenizer: str | Path,
+    seq_len: int,
+    out: str | Path,
+    *,
+    text_column: str = "text",
+    group_column: str | None = None,
+    eval_fraction: float = 0.0,
+    num_proc: int | None = None,
+    seed: int = 0,
+    batch_docs: int = 2048,
+    progress: bool = True,
+    keep_in_train=(),
+) -> Path:
+    """Tokenize and pack `inputs` into a self-contained prepared folder `out`; returns `out`.
+
+    `keep_in_train`: document ids (row numbers) never drawn for eval, nor their groups.
+    """
+    if seq_len < 2:
+        raise UserError(f"seq-len must be at least 2 (got {seq_len})")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise UserError(f"eval fraction must be in [0, 1) (got {eval_fraction})")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+        raise UserError(f"{out} exists and is not a prepared data folder; refusing to overwrite it")
+    tokenizer = Path(tokenizer)
+    sp = load_tokenizer(tokenizer)
+    bos, eos = sp.bos_id(), sp.eos_id()
+    sources = expand_inputs(inputs)
+    num_threads = num_proc or os.cpu_count() or 1
+
+    with atomic_dir(out) as tmp:
+        cache = tmp / ".cache"
+        columns = [text_column] + ([group_column] if group_column else [])
+        ds = load_documents(sources, columns, cache)
+        num_docs = len(ds)
+        group_codes, group_values = None, None
+        if group_column:
+            values = ds[group_column]
+            if any(v is None for v in values):
+                raise UserError(f"group column {group_column!r} has empty values")
+            index: dict = {}
+            group_codes = np.fromiter((index.setdefault(v, len(index)) for v in values),
+                                      dtype=np.int64, count=num_docs)
+            group_values = list(index)
+        is_eval = _eval_mask(num_docs, eval_fraction, seed, group_codes, keep_in_train)
+        split_names = SPLITS if eval_fraction > 0 else SPLITS[:1]
+        writers = {s: _SplitWriter(tmp / tokens_file(s), seq_len, group_column is not None)
+                   for s in split_names}
+        skipped = 0
+
+        def encode(start: int):
+            texts = ds[start:start + batch_docs][text_column]
+            ids = sp.encode(texts, return_type="numpy", add_bos=True, add_eos=True,
+                            num_threads=num_threads)
+            return start, texts, ids
+
+        starts = range(0, num_docs, batch_docs)
+        with ThreadPoolExecutor(max_workers=1) as pool, \
+                tqdm(total=num_docs, unit="doc", desc="tokenize+pack", disable=not progress) as bar:
+            # Encode the next batch (SentencePiece threads, GIL released) while packing this one.
+            futures = [pool.submit(encode, s) for s in starts[:2]]
+            for k in range(len(starts)):
+                start, texts, ids = futures[k].result()
+                futures[k] = None
+                if k + 2 < len(starts):
+                    futures.append(pool.submit(encode, starts[k + 2]))
+                doc_ids = np.arange(start, start + len(texts), dtype=np.int64)
+                keep = np.fromiter((bool(t) for t in texts), dtype=bool, count=len(texts))
+                skipped += int((~keep).sum())
+                for split in split_names:
+                    select = keep & (is_eval[doc_ids] == (split == "eval"))
+                    if not select.any():
+                        continue
+                    chosen = np.flatnonzero(select)
+                    tokens, lengths = _flatten([ids[i] for i in chosen])
+                    groups = group_codes[doc_ids[chosen]] if group_codes is not None else None
+                    writers[split].append(tokens, doc_ids[chosen], lengths, groups)
+                bar.update(len(texts))
+
+        stats = {s: writers[s].finish(tmp / documents_file(s)) for s in split_names}
+        del ds
+        shutil.rmtree(cache, ignore_errors=True)
+        for split, st in stats.items():
+            if st["num_sequences"] == 0:
+                hint = "raise --eval-fraction or lower --seq-len" if split == "eval" else "lower --seq-len"
+                raise UserError(f"the {split} split has fewer than {seq_len} tokens, so no complete "
+                                f"sequence ({hint})")
+
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        if group_values is not None:
+            (tmp / GROUPS_FILE).write_text(json.dumps([str(v) for v in group_values]) + "\n")
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "seq_len": seq_len,
+            "vocab_size": sp.vocab_size(),
+            "token_dtype": "uint32",
+            "tokenizer": {"file": TOKENIZER_FILE, "source_path": str(tokenizer.resolve()),
+                          "sha256": sha256_file(tokenizer), "bos_id": bos, "eos_id": eos,
+                          "pad_id": sp.pad_id()},
+            "sources": [_describe(s) for s in sources],
+            "text_column": text_column,
+            "group_column": group_column,
+            "groups_file": GROUPS_FILE if group_values is not None else None,
+            "num_groups": len(group_values) if group_values is not None else None,
+            "num_documents": num_docs,
+            "skipped_empty_documents": skipped,
+            "packing": "BOS doc EOS, concatenated in input order, cut every seq_len tokens",
+            "tail": "dropped",
+            "eval_fraction": eval_fraction,
+            "eval_unit": "group" if group_column else "document",
+            "kept_in_train_documents": len(set(keep_in_train)),
+            "seed": seed,
+            "splits": {
+                split: {**st, "tokens_file": tokens_file(split), "documents_file": documents_file(split),
+                        "documents_columns": ["document_id", "start_token"] + (["group"] if group_column else []),
+                        "held_out": split == "eval"}
+                for split, st in stats.items()
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def _describe(source: Path | str) -> dict:
+    if isinstance(source, Path):
+        return {"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": sha256_file(source)}
+    return {"hub": source}

@@ -1,0 +1,121 @@
+"""SentencePiece tokenizers with Gemma's special ids: pad 0, eos 1, bos 2, unk 3.
+
+A tokenizer is part of what a model reveals: one trained on the private corpus can leak rare
+strings through its vocabulary, outside any DP guarantee. Train it on public text; `train_tokenizer`
+warns when its input looks private (see `looks_private`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+from dptrain.errors import UserError
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+# A file named like this in an input's folder (or any parent) marks the data as private.
+PRIVATE_MARKER = ".dptrain-private"
+PRIVATE_WORDS = ("private", "sensitive", "confidential", "secret", "pii", "phi")
+
+
+class PrivateTokenizerWarning(UserWarning):
+    """The tokenizer is being trained on data that looks private: it is outside the DP guarantee."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def looks_private(path: str | Path) -> bool:
+    """True when a path's name mentions privacy or a `.dptrain-private` marker sits above it."""
+    path = Path(path).resolve()
+    if any(word in part.lower() for part in path.parts[-3:] for word in PRIVATE_WORDS):
+        return True
+    return any((folder / PRIVATE_MARKER).exists() for folder in [path, *path.parents] if folder.is_dir())
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    """Load a SentencePiece `.model`; an unreadable file or one without BOS/EOS is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer {path} does not exist")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"tokenizer {path} is not a SentencePiece model ({err})") from None
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise UserError(f"tokenizer {path} has no BOS or EOS piece; documents cannot be delimited")
+    return sp
+
+
+def train_tokenizer(
+    inputs: Iterable[str | Path],
+    vocab_size: int,
+    out: str | Path,
+    *,
+    private: bool = False,
+    model_type: str = "unigram",
+    num_threads: int | None = None,
+    max_sentences: int = 2_000_000,
+) -> Path:
+    """Train a byte-fallback SentencePiece model on text files (one sentence per line).
+
+    `out` is the `.model` path (a `.vocab` is written beside it). Warns with
+    `PrivateTokenizerWarning` when `private` is set or an input looks private.
+    """
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise UserError("no tokenizer training input given")
+    for path in inputs:
+        if not path.is_file():
+            raise UserError(f"tokenizer input {path} does not exist or is not a file")
+    if private or any(looks_private(p) for p in inputs):
+        warnings.warn(
+            "training the tokenizer on private data: its vocabulary is NOT covered by the DP "
+            "guarantee and can reveal rare strings; train it on public text instead",
+            PrivateTokenizerWarning,
+            stacklevel=2,
+        )
+    if vocab_size < 300:
+        raise UserError(f"vocab size {vocab_size} is too small: byte fallback alone needs 260 ids")
+    if sum(p.stat().st_size for p in inputs) == 0:
+        raise UserError("tokenizer training input is empty")
+    out = Path(out)
+    if out.suffix != ".model":
+        out = out.with_name(out.name + ".model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out.parent) as tmp:
+        prefix = Path(tmp) / "sp"
+        try:
+            spm.SentencePieceTrainer.Train(
+                input=[str(p) for p in inputs],
+                model_prefix=str(prefix),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                byte_fallback=True,
+                character_coverage=0.9995,
+                split_digits=True,
+                pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+                pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+                num_threads=num_threads or os.cpu_count() or 1,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                minloglevel=2,
+            )
+        except RuntimeError as err:
+            raise UserError(f"tokenizer training failed: {str(err).strip().splitlines()[-1]}") from None
+        # Replace in one rename each, so a reader never sees a half-written model.
+        shutil.move(str(prefix.with_suffix(".vocab")), out.with_suffix(".vocab"))
+        shutil.move(str(prefix.with_suffix(".model")), out)
+    return out

@@ -1,0 +1,5 @@
+"""Differentially private gradients: exact per-example clipping, noise, normalisation."""
+from dptrain.dp.engine import DPEngine, EngineStats, clipped_grad_sum
+from dptrain.dp.loss import IGNORE_INDEX, per_example_loss
+
+__all__ = ["DPEngine", "EngineStats", "clipped_grad_sum", "per_example_loss", "IGNORE_INDEX"]

@@ -1,0 +1,231 @@
+"""The benchmark behind `dptrain bench`: each method is a closure doing one micro-batch step.
+
+Timings interleave the methods round-robin (so a busy neighbour on a shared machine slows all of
+them alike) and report medians. Peak memory is measured in a separate pass: on CUDA with
+`torch.cuda.max_memory_allocated`, on CPU as the rise of the process's peak resident set
+(Linux VmHWM, reset through /proc/self/clear_refs) over the resident set before the step, with
+glibc told to return large blocks to the system at once so freed tensors do not hide in its cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dptrain.dp.engine import DPEngine
+from dptrain.dp.reference import naive_clipped_grad_sum
+from dptrain.errors import UserError
+from dptrain.model import Decoder, DecoderConfig
+
+OPACUS_NOTE = ("Opacus runs on an untied copy (lm_head gets its own copy of the embedding matrix: "
+               "Opacus refuses shared parameters), so its norms omit the tied cross term; its "
+               "RMSNorm gains go through Opacus's functorch per-sample path")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_peak_tracking() -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD: blocks >= 64 KiB come from (and go back to) mmap
+        libc.mallopt(-1, 1 << 16)   # M_TRIM_THRESHOLD
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> float | None:
+    """Peak bytes a step allocates above what was live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    step()
+    return float(_status_kib("VmHWM") - before) * 1024
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _mean_loss(logits, targets):
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def build_methods(model: Decoder, inputs, targets, args, device) -> tuple[dict[str, Callable[[], None]], list[str]]:
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = {"nonprivate", "dptrain", "opacus-hooks", "opacus-ghost", "naive"}
+    for m in wanted:
+        if m not in known:
+            raise UserError(f"unknown method '{m}'; choose from {', '.join(sorted(known))}")
+    notes, methods = [], {}
+    c = args.max_grad_norm
+    amp = lambda: _autocast(device, args.dtype)  # noqa: E731
+
+    if "nonprivate" in wanted:
+        def nonprivate():
+            with amp():
+                _mean_loss(model(inputs), targets).backward()
+            model.zero_grad(set_to_none=True)
+        methods["nonprivate"] = nonprivate
+
+    if "dptrain" in wanted:
+        engine = DPEngine(model, c)
+
+        def dptrain_step():
+            with amp():
+                engine.clipped_grad_sum(inputs, targets)
+            engine.zero_grad()
+        methods["dptrain"] = dptrain_step
+
+    if "opacus-hooks" in wanted or "opacus-ghost" in wanted:
+        import warnings
+
+        from opacus import GradSampleModule
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        warnings.filterwarnings("ignore")
+        notes.append(OPACUS_NOTE)
+
+        def untied_copy():
+            cfg = DecoderConfig(**{**model.cfg.__dict__, "tie_embeddings": False})
+            twin = Decoder(cfg).to(device)
+            state = model.unique_state_dict()
+            state.setdefault("lm_head.weight", model.embed_tokens.weight.detach().clone())
+            twin.load_unique_state_dict(state)
+            return twin
+
+        batch = inputs.shape[0]
+        if "opacus-hooks" in wanted:
+            gsm = GradSampleModule(untied_copy(), batch_first=True, loss_reduction="sum")
+            opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0,
+                              max_grad_norm=c, expected_batch_size=batch, loss_reduction="sum")
+
+            def opacus_hooks():
+                with amp():
+                    logits = gsm(inputs)
+                    losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+                                             reduction="none")
+                    counts = (targets != -100).sum(1).clamp(min=1)
+                    (losses.sum(1) / counts).sum().backward()
+                opt.pre_step()
+                opt.zero_grad(set_to_none=True)
+            methods["opacus-hooks"] = opacus_hooks
+
+        if "opacus-ghost" in wanted:
+            gsm_g = GradSampleModuleFastGradientClipping(untied_copy(), batch_first=True, loss_reduction="mean",
+                                                         max_grad_norm=c, use_ghost_clipping=True)
+            opt_g = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm_g.parameters(), lr=0.0),
+                                                    noise_multiplier=0.0, max_grad_norm=c,
+                                                    expected_batch_size=batch, loss_reduction="mean")
+            criterion = DPLossFastGradientClipping(
+                gsm_g, opt_g, torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="mean"), "mean")
+
+            def opacus_ghost():
+                with amp():
+                    logits = gsm_g(inputs)
+                    loss = criterion(logits.float().flatten(0, 1), targets.flatten(), shape=logits.shape)
+                    loss.backward()
+                opt_g.pre_step()
+                opt_g.zero_grad(set_to_none=True)
+            methods["opacus-ghost"] = opacus_ghost
+
+    if "naive" in wanted:
+        def naive():
+            with amp():
+                _, sums = naive_clipped_grad_sum(model, inputs, targets, c)
+            del sums
+        methods["naive"] = naive
+    return methods, notes
+
+
+def run_benchmark(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    if args.steps < 1 or args.micro_batch < 1 or args.seq_len < 1:
+        raise UserError("--steps, --micro-batch and --seq-len must be positive")
+    device = torch.device(args.device)
+    cfg = DecoderConfig.from_yaml(args.config)
+    if args.seq_len > cfg.max_seq_len:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the config's max_seq_len {cfg.max_seq_len}")
+    torch.manual_seed(args.seed)
+    model = Decoder(cfg).to(device)
+    g = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len), generator=g).to(device)
+    targets = torch.roll(inputs, -1, dims=1)
+    targets[:, -1] = -100
+    methods, notes = build_methods(model, inputs, targets, args, device)
+
+    for step in tqdm(methods.values(), desc="warm-up", leave=False):
+        step()
+    times = {name: [] for name in methods}
+    for _ in tqdm(range(args.steps), desc="timing", leave=False):
+        for name, step in methods.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+
+    memory = {}
+    if device.type == "cpu" and not _cpu_peak_tracking():
+        notes.append("peak memory unavailable: /proc/self/clear_refs is not writable")
+    else:
+        for name, step in tqdm(methods.items(), desc="memory", leave=False):
+            step()  # once more so lazily created state is already live
+            memory[name] = peak_memory(step, device)
+
+    tokens = args.micro_batch * args.seq_len
+    threads = torch.get_num_threads()
+    print(f"model {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"micro-batch {args.micro_batch} x {args.seq_len} tokens, {args.dtype}, {args.device} "
+          f"({threads} threads), median of {args.steps} steps")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"{'method':14s} {'s/step':>9s} {'tokens/s':>10s} {'peak MiB':>9s} {'vs non-private':>15s}")
+    base = statistics.median(times["nonprivate"]) if "nonprivate" in times else None
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        mem = f"{memory[name] / 2**20:9.0f}" if name in memory else f"{'-':>9s}"
+        ratio = f"{med / base:14.2f}x" if base else f"{'-':>15s}"
+        print(f"{name:14s} {med:9.3f} {tokens / med:10.0f} {mem} {ratio}")
+    if "dptrain" in times:
+        dp = statistics.median(times["dptrain"])
+        if base:
+            print(f"ratio DP/non-private time   {dp / base:.2f}")
+            if "nonprivate" in memory and "dptrain" in memory and memory["nonprivate"] > 0:
+                print(f"ratio DP/non-private memory {memory['dptrain'] / memory['nonprivate']:.2f}")
+        for other in ("opacus-ghost", "opacus-hooks", "naive"):
+            if other in times:
+                print(f"ratio {other}/dptrain time {statistics.median(times[other]) / dp:.2f}")
+    return 0

@@ -1,0 +1,286 @@
+"""DP-SGD's private gradient: exact per-example clipping in one backward pass, then Gaussian noise.
+
+    engine = DPEngine(model, max_grad_norm)
+    for micro_batch in logical_batch:
+        engine.clipped_grad_sum(inputs, targets, weights)      # adds sum_i w_i clip(g_i) to .grad
+    engine.privatize(noise_multiplier, expected_batch_size, noise)  # noise once, / E[batch]
+    optimizer.step(); engine.zero_grad()
+
+One call runs the forward pass with hooks that keep each layer's input, takes the gradients of
+sum_i L_i with respect to the layers' outputs (which are per-example, since no layer mixes
+examples), computes every example's exact gradient norm over all parameters jointly, and forms the
+clipped sum per layer as a matmul with per-example scaled output-gradients ("book-keeping").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from dptrain.dp import layers
+from dptrain.dp.loss import IGNORE_INDEX, per_example_loss
+from dptrain.errors import UserError
+
+Noise = Callable[[torch.Size, torch.device, torch.dtype], torch.Tensor]
+
+
+@dataclass
+class EngineStats:
+    """Counts since the last `reset_stats`. Derived from private data: never log them un-noised."""
+    examples: int = 0   # examples with weight > 0
+    clipped: int = 0    # of those, examples whose gradient norm exceeded max_grad_norm
+    nonfinite: int = 0  # of those, examples whose gradient was not finite (contribution zeroed)
+
+
+@dataclass
+class _Group:
+    """One trainable Parameter (a tied one appears once) and the module uses that produce it."""
+    name: str
+    param: nn.Parameter
+    form: str                                        # "outer" or "vector"
+    uses: list[tuple[nn.Module, Callable]]
+
+
+class DPEngine:
+    """Per-example clipped gradient sums and noise for a model of supported layers.
+
+    `norm_method` picks how outer-product layers take norms: "auto" (per layer, by cost), or
+    "ghost" / "instantiate" everywhere (embeddings always ghost) for tests and benchmarks.
+
+    Raises UserError at construction, naming the module, for any trainable parameter held by a
+    module the engine has no exact rule for. Nothing is skipped silently.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float, norm_method: str = "auto"):
+        if norm_method not in ("auto", "ghost", "instantiate"):
+            raise UserError(f"norm_method must be auto, ghost or instantiate, got {norm_method!r}")
+        self.norm_method = norm_method
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise UserError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self._groups = _build_groups(model)
+        self._calls: dict[nn.Module, list[layers.Call]] = {}
+        self._capturing = False
+        self._noised = False
+        self._normalized = False
+        self._counts = torch.zeros(3, dtype=torch.long)
+        hooked = {m for g in self._groups for m, _ in g.uses}
+        self._handles = [m.register_forward_hook(self._record) for m in hooked]
+
+    # -- public API -----------------------------------------------------------------------------
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter, each once (a tied weight is one entry)."""
+        return [g.param for g in self._groups]
+
+    @property
+    def stats(self) -> EngineStats:
+        examples, clipped, nonfinite = (int(x) for x in self._counts.tolist())
+        return EngineStats(examples, clipped, nonfinite)
+
+    def reset_stats(self) -> EngineStats:
+        stats = self.stats
+        self._counts = torch.zeros_like(self._counts)
+        return stats
+
+    def clipped_grad_sum(self, inputs: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Add sum_i w_i min(1, C/||g_i||) g_i to each parameter's .grad; return ||g_i|| [B].
+
+        Norms are float32 (float64 for a float64 model). An example whose gradient is not finite
+        contributes nothing and is counted in `stats.nonfinite`; the call never fails on it.
+        """
+        if self._noised or self._normalized:
+            raise RuntimeError("gradients of this step were already noised or normalized; "
+                               "call zero_grad() before accumulating the next step")
+        batch = _check_batch(inputs, targets, weights)
+        if not torch.is_grad_enabled():
+            raise RuntimeError("clipped_grad_sum needs autograd enabled (it was called under no_grad)")
+        acc_dtype = torch.float64 if any(g.param.dtype == torch.float64 for g in self._groups) else torch.float32
+        device = self._groups[0].param.device
+
+        self._calls = {}
+        self._capturing = True
+        try:
+            logits = self.model(inputs)
+        finally:
+            self._capturing = False
+        try:
+            losses = per_example_loss(logits, targets)
+            calls = [c for cs in self._calls.values() for c in cs]
+            for c in calls:
+                if c.inp.shape[0] != batch:
+                    raise RuntimeError(f"a hooked module saw a leading dimension of {c.inp.shape[0]}, "
+                                       f"not the batch size {batch}: modules must be batch-first")
+            # Gradient edges, not the outputs themselves, so outputs nothing else saved are freed.
+            edges = [get_gradient_edge(c.out) for c in calls]
+            shapes = [(c.out.shape, c.out.dtype) for c in calls]
+            for c in calls:
+                c.out = None
+            del logits
+            grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+            del edges
+            for c, g, (shape, dtype) in zip(calls, grads, shapes):
+                c.grad = torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+            del grads
+
+            with torch.autocast(device.type, enabled=False):
+                built = [self._build(g, acc_dtype) for g in self._groups]
+                cache = layers.GramCache()
+                sq = torch.zeros(batch, dtype=acc_dtype, device=device)
+                for i, (group, data) in enumerate(zip(self._groups, built)):
+                    sq = sq + self._sq_norms(group, data, acc_dtype, cache)
+                    cache.keep_only([f.right for later in built[i + 1:]
+                                     if isinstance(later, list) for f in later])
+                del cache
+            norms = sq.sqrt()
+            w = (torch.ones(batch, dtype=acc_dtype, device=device) if weights is None
+                 else weights.to(device=device, dtype=acc_dtype))
+            finite = torch.isfinite(norms) & torch.isfinite(losses.detach().to(acc_dtype))
+            coef = torch.where(finite, w * torch.clamp(self.max_grad_norm / norms, max=1.0),
+                               torch.zeros((), dtype=acc_dtype, device=device))
+            bad = None if bool(finite.all()) else ~finite
+            for group, data in zip(self._groups, built):
+                if data is None or (isinstance(data, list) and not data):
+                    continue  # not used in this forward: no gradient to add
+                if group.form == "outer":
+                    layers.add_outer_clipped_sum(group.param, data, coef, bad)
+                else:
+                    layers.add_vector_clipped_sum(group.param, data, coef, bad)
+
+            real = w > 0
+            self._counts += torch.stack([real.sum(), (real & finite & (norms > self.max_grad_norm)).sum(),
+                                         (real & ~finite).sum()]).cpu()
+            return norms.detach().to(acc_dtype)
+        finally:
+            self._calls = {}
+
+    def add_noise(self, noise_multiplier: float, noise: Noise) -> None:
+        """Add noise_multiplier * C * z, z ~ N(0, 1) i.i.d., to every .grad element, once per step."""
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise UserError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        if self._noised and any(p.grad is not None for p in self.parameters):
+            raise RuntimeError("noise was already added in this step; call zero_grad() first")
+        if self._normalized:
+            raise RuntimeError("add noise before normalize(), to the clipped sum")
+        std = noise_multiplier * self.max_grad_norm
+        for p in self.parameters:
+            if p.grad is None:  # a parameter no example touched still gets its noise
+                p.grad = torch.zeros_like(p)
+            z = noise(p.shape, p.device, p.dtype)
+            if tuple(z.shape) != tuple(p.shape):
+                raise RuntimeError(f"noise source returned shape {tuple(z.shape)} for {tuple(p.shape)}")
+            p.grad.add_(z, alpha=std)
+        self._noised = True
+
+    def normalize(self, expected_batch_size: float) -> None:
+        """Divide every .grad by the EXPECTED logical batch size (the realised one leaks it)."""
+        if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
+            raise UserError(f"expected_batch_size must be positive, got {expected_batch_size!r}")
+        if self._normalized:
+            raise RuntimeError("gradients were already normalized in this step")
+        for p in self.parameters:
+            if p.grad is not None:
+                p.grad.div_(expected_batch_size)
+        self._normalized = True
+
+    def privatize(self, noise_multiplier: float, expected_batch_size: float, noise: Noise) -> None:
+        self.add_noise(noise_multiplier, noise)
+        self.normalize(expected_batch_size)
+
+    def zero_grad(self) -> None:
+        """Start a new logical step: drop the gradients and re-arm add_noise / normalize."""
+        for p in self.parameters:
+            p.grad = None
+        self._noised = False
+        self._normalized = False
+
+    def remove(self) -> None:
+        """Remove the forward hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- internals ------------------------------------------------------------------------------
+    def _record(self, module: nn.Module, args, output) -> None:
+        if not self._capturing:
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            raise RuntimeError(f"hooked module {type(module).__name__} produced an output without grad")
+        self._calls.setdefault(module, []).append(layers.Call(inp=args[0].detach(), out=output))
+
+    def _build(self, group: _Group, dtype):
+        items = [(m, fn) for m, fn in group.uses if m in self._calls]
+        if group.form == "outer":
+            return [fn(m, self._calls[m]) for m, fn in items]
+        vectors = [fn(m, self._calls[m], dtype) for m, fn in items]
+        return sum(vectors) if vectors else None
+
+    def _sq_norms(self, group: _Group, data, dtype, cache) -> torch.Tensor | float:
+        if data is None or (isinstance(data, list) and not data):  # not used in this forward
+            return 0.0
+        if group.form == "vector":
+            return data.square().reshape(data.shape[0], -1).sum(1)
+        ghost = {"auto": layers.use_ghost(data, group.param.shape), "ghost": True,
+                 "instantiate": any(f.onehot for f in data)}[self.norm_method]
+        if ghost:
+            return layers.ghost_sq_norms(data, dtype, cache)
+        return layers.instantiated_sq_norms(data, dtype)
+
+
+def _check_batch(inputs, targets, weights) -> int:
+    if inputs.dim() != 2 or targets.shape != inputs.shape:
+        raise UserError(f"inputs and targets must both be [B, T]; got {tuple(inputs.shape)} "
+                        f"and {tuple(targets.shape)}")
+    if inputs.dtype != torch.long or targets.dtype != torch.long:
+        raise UserError("inputs and targets must be integer (torch.long) tensors")
+    if ((targets < 0) & (targets != IGNORE_INDEX)).any():
+        raise UserError(f"targets must be token ids or {IGNORE_INDEX} (ignored position)")
+    batch = inputs.shape[0]
+    if weights is not None:
+        if weights.shape != (batch,):
+            raise UserError(f"weights must have shape [{batch}], got {tuple(weights.shape)}")
+        if not (torch.isfinite(weights).all() and (weights >= 0).all()):
+            raise UserError("weights must be finite and >= 0")
+    return batch
+
+
+def _build_groups(model: nn.Module) -> list[_Group]:
+    """Map each trainable Parameter to its module uses; raise on anything without a rule."""
+    by_param: dict[int, _Group] = {}
+    for path, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            where = f"{path or '<root>'}.{pname}"
+            role = layers.find_role(module, pname)
+            if role is None:
+                raise UserError(f"DP engine has no per-example gradient rule for parameter '{where}' "
+                                f"of module '{path or '<root>'}' ({type(module).__name__})")
+            why = layers.check_module_options(path, module)
+            if why:
+                raise UserError(f"DP engine cannot handle module '{path}' ({type(module).__name__}): {why}")
+            form, builder = role
+            group = by_param.setdefault(id(param), _Group(where, param, form, []))
+            if group.form != form:
+                raise UserError(f"parameter '{group.name}' is shared as '{where}' in a way the DP engine "
+                                "cannot combine exactly")
+            group.uses.append((module, builder))
+    if not by_param:
+        raise UserError("model has no trainable parameters")
+    return list(by_param.values())
+
+
+def clipped_grad_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                     max_grad_norm: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One-shot form of `DPEngine.clipped_grad_sum` (installs and removes the hooks)."""
+    engine = DPEngine(model, max_grad_norm)
+    try:
+        return engine.clipped_grad_sum(inputs, targets, weights)
+    finally:
+        engine.remove()

@@ -1,0 +1,221 @@
+"""Per-layer rules: what each supported module records, and its per-example gradient algebra.
+
+Every supported parameter's per-example gradient takes one of two forms:
+
+* outer-product form, G_i = sum_t L_it (x) R_it. nn.Linear weight: L = output-gradient, R = input.
+  nn.Embedding weight: L = one-hot of the token id, R = output-gradient. A tied embedding/head is
+  one parameter with two such uses, so its exact norm is one Gram computation over both:
+  ||G_i||^2 = sum_{u,v} sum_{t,s} <L_ut, L_vs> <R_ut, R_vs>, cross terms (u != v) included.
+  Per layer the norm is taken either by this "ghost" Gram identity (cost ~ T^2 (p + d)) or by
+  instantiating G_i (cost ~ T p d); the clipped sum is always one matmul (or index_add) with
+  per-example scaled output-gradients, so no per-example gradient outlives its norm.
+* vector form (Linear bias, RMSNorm gain): the per-example gradient is small and instantiated.
+
+Modules must see the batch on their first dimension (true of every module in `dptrain.model`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dptrain.model import RMSNorm
+
+
+@dataclass
+class Call:
+    """One forward call of a hooked module: its input (activations or token ids) and output."""
+    inp: torch.Tensor
+    out: torch.Tensor | None
+    grad: torch.Tensor | None = None
+
+
+@dataclass
+class Factor:
+    """One use of an outer-product-form parameter: G_i = sum_t L_it (x) R_it.
+
+    `left` is [B, T, p] dense, or [B, T] token ids when `onehot`; `right` is [B, T, d].
+    """
+    left: torch.Tensor
+    right: torch.Tensor
+    onehot: bool
+
+
+@dataclass
+class GramCache:
+    """Gram matrices shared between layers fed the same activations (q/k/v, gate/up)."""
+    entries: dict = field(default_factory=dict)
+
+    def dense(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, keep: bool = True) -> torch.Tensor:
+        key = (_key(x), _key(y), dtype)
+        if key in self.entries:
+            return self.entries[key][2]
+        gram = torch.bmm(x.to(dtype), y.to(dtype).transpose(1, 2))
+        if keep:
+            # The tensors are kept alongside the result so their storage cannot be reused for a
+            # different tensor with the same key.
+            self.entries[key] = (x, y, gram)
+        return gram
+
+    def keep_only(self, tensors: list[torch.Tensor]) -> None:
+        """Drop the Gram matrices no later layer will ask for."""
+        live = {_key(t) for t in tensors}
+        self.entries = {k: v for k, v in self.entries.items() if k[0] in live or k[1] in live}
+
+
+def _key(x: torch.Tensor):
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+
+
+def zero_rows(x: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """Zero the rows (examples) flagged `bad`, so that 0 * inf never turns into NaN."""
+    if bad is None:
+        return x
+    return x.masked_fill(bad.view(-1, *([1] * (x.dim() - 1))), 0)
+
+
+def _merge(calls: list[Call], what: str) -> torch.Tensor:
+    """Concatenate a module's calls along the token axis: the gradient sums over all of them."""
+    if what == "inp":
+        parts = [c.inp.reshape(c.inp.shape[0], -1, *([c.inp.shape[-1]] if c.inp.dim() > 2 else []))
+                 for c in calls]
+    else:
+        parts = [c.grad.reshape(c.grad.shape[0], -1, c.grad.shape[-1]) for c in calls]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Module roles. A role turns a module's recorded calls into factors or per-example vectors.
+
+def linear_weight_factor(module: nn.Linear, calls: list[Call]) -> Factor:
+    return Factor(left=_merge(calls, "grad"), right=_merge(calls, "inp"), onehot=False)
+
+
+def embedding_weight_factor(module: nn.Embedding, calls: list[Call]) -> Factor:
+    ids = torch.cat([c.inp.reshape(c.inp.shape[0], -1) for c in calls], dim=1)
+    grads = _merge(calls, "grad")
+    if module.padding_idx is not None:  # that row never receives gradient
+        grads = grads.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+    return Factor(left=ids, right=grads, onehot=True)
+
+
+def linear_bias_vectors(module: nn.Linear, calls: list[Call], dtype) -> torch.Tensor:
+    return _merge(calls, "grad").to(dtype).sum(1)
+
+
+def rmsnorm_weight_vectors(module: RMSNorm, calls: list[Call], dtype) -> torch.Tensor:
+    # Mirrors RMSNorm.forward, which works in float32: y = normed * (1 + w).
+    total = None
+    for c in calls:
+        xf = c.inp.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.eps)
+        per_token = c.grad.float() * normed
+        vec = per_token.reshape(per_token.shape[0], -1, per_token.shape[-1]).sum(1).to(dtype)
+        total = vec if total is None else total + vec
+    return total
+
+
+# (module type, parameter name) -> (form, builder). Subclasses match through isinstance.
+ROLES: list[tuple[type, str, str, object]] = [
+    (nn.Linear, "weight", "outer", linear_weight_factor),
+    (nn.Linear, "bias", "vector", linear_bias_vectors),
+    (nn.Embedding, "weight", "outer", embedding_weight_factor),
+    (RMSNorm, "weight", "vector", rmsnorm_weight_vectors),
+]
+
+
+def find_role(module: nn.Module, param_name: str):
+    for cls, name, form, builder in ROLES:
+        if isinstance(module, cls) and name == param_name:
+            return form, builder
+    return None
+
+
+def check_module_options(path: str, module: nn.Module) -> str | None:
+    """Why a supported module type is configured in a way the rules do not cover, else None."""
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            return "max_norm renormalises weights during forward"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq mixes the examples of a batch"
+        if module.sparse:
+            return "sparse gradients are not supported"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms and clipped sums.
+
+def _left_gram(u: Factor, v: Factor, dtype, cache: GramCache) -> torch.Tensor:
+    """[B, Tu, Tv] matrix of <L_ut, L_vs>."""
+    if u.onehot and v.onehot:
+        return (u.left.unsqueeze(2) == v.left.unsqueeze(1)).to(dtype)
+    if v.onehot:
+        return _left_gram(v, u, dtype, cache).transpose(1, 2)
+    if u.onehot:  # <e_{x_t}, L_vs> = L_vs[x_t]: gather v's dense rows at u's token ids
+        index = u.left.unsqueeze(1).expand(-1, v.left.shape[1], -1)
+        return v.left.gather(2, index).to(dtype).transpose(1, 2)
+    return cache.dense(u.left, v.left, dtype, keep=False)  # output-gradients are never shared
+
+
+def ghost_sq_norms(factors: list[Factor], dtype, cache: GramCache) -> torch.Tensor:
+    total = None
+    for i, u in enumerate(factors):
+        for j in range(i, len(factors)):
+            v = factors[j]
+            left, right = _left_gram(u, v, dtype, cache), cache.dense(u.right, v.right, dtype)
+            # sum_{t,s} left * right per example, as one batched dot product
+            term = torch.bmm(left.reshape(left.shape[0], 1, -1), right.reshape(right.shape[0], -1, 1)).view(-1)
+            term = term if i == j else 2 * term
+            total = term if total is None else total + term
+    return total
+
+
+def instantiated_sq_norms(factors: list[Factor], dtype) -> torch.Tensor:
+    grads = sum(torch.bmm(f.left.to(dtype).transpose(1, 2), f.right.to(dtype)) for f in factors)
+    return grads.square().sum((1, 2))
+
+
+def use_ghost(factors: list[Factor], shape: torch.Size) -> bool:
+    """Ghost norm when 2 T^2 <= p d (Bu et al.'s rule); embeddings are never instantiated."""
+    if any(f.onehot for f in factors):
+        return True
+    tokens = sum(f.left.shape[1] for f in factors)
+    return 2 * tokens * tokens <= shape[0] * shape[1]
+
+
+def add_outer_clipped_sum(param: torch.nn.Parameter, factors: list[Factor], coef: torch.Tensor,
+                          bad: torch.Tensor | None) -> None:
+    """param.grad += sum_i coef_i G_i, one matmul (or index_add) per use."""
+    for f in factors:
+        dtype = param.dtype
+        if f.onehot:
+            scaled = zero_rows(f.right, bad).to(dtype) * coef.to(dtype).view(-1, 1, 1)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.index_add_(0, f.left.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
+            continue
+        left, right = zero_rows(f.left, bad).to(dtype), zero_rows(f.right, bad).to(dtype)
+        # Scale whichever side is narrower: same result, fewer multiplications.
+        if left.shape[-1] <= right.shape[-1]:
+            left = left * coef.to(dtype).view(-1, 1, 1)
+        else:
+            right = right * coef.to(dtype).view(-1, 1, 1)
+        left, right = left.reshape(-1, left.shape[-1]), right.reshape(-1, right.shape[-1])
+        if param.grad is None:
+            param.grad = (left.T @ right).to(dtype)
+        elif torch.is_autocast_enabled(param.device.type):
+            param.grad.add_((left.T @ right).to(dtype))
+        else:
+            param.grad.addmm_(left.T, right)
+
+
+def add_vector_clipped_sum(param: torch.nn.Parameter, vectors: torch.Tensor, coef: torch.Tensor,
+                           bad: torch.Tensor | None) -> None:
+    vectors = zero_rows(vectors, bad)
+    total = torch.einsum("b,b...->...", coef.to(vectors.dtype), vectors).to(param.dtype)
+    if param.grad is None:
+        param.grad = total
+    else:
+        param.grad.add_(total)
