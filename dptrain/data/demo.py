@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dptrain.checkpoint import atomic_dir
 
-DEMO_VERSION = 2  # part of every cache key: bump when the generator's output changes
+DEMO_VERSION = 3  # part of every cache key: bump when the generator's output changes
 
 CANARY_REPEATS = (0, 1, 4, 16)  # 0: never planted, a control for extraction tests
 CANARIES_PER_REPEAT = 4

@@ -65,7 +65,7 @@ def train_tokenizer(
     out: str | Path,
     *,
     private: bool = False,
-    model_type: str = "unigram",
+    model_type: str = "bpe",
     num_threads: int | None = None,
     max_sentences: int = 2_000_000,
 ) -> Path:
@@ -104,6 +104,10 @@ def train_tokenizer(
                 vocab_size=vocab_size,
                 model_type=model_type,
                 byte_fallback=True,
+                # Gemma's conventions, so the exported Hugging Face tokenizer encodes identically.
+                add_dummy_prefix=False,
+                remove_extra_whitespaces=False,
+                normalization_rule_name="identity",
                 character_coverage=0.9995,
                 split_digits=True,
                 pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,

@@ -99,6 +99,9 @@ class Trainer:
             raise UserError(f"privacy.delta {p.delta:g} is not below 1/N = {1 / self.num_examples:.3g}: "
                             "such a guarantee allows publishing a whole sequence")
         self.sampling_rate = p.expected_batch_size / self.num_examples
+        # Truncated Poisson is accounted with the dataset size and the cap; plain Poisson needs neither.
+        self.truncation = (dict(dataset_size=self.num_examples, max_batch_size=p.max_batch_size)
+                           if p.max_batch_size else {})
         self.noise_multiplier = self._plan_noise()
 
         torch.manual_seed(derive_seed(cfg.runtime.seed, "init"))
@@ -148,7 +151,7 @@ class Trainer:
     def _plan_noise(self) -> float:
         """σ from the budget (calibrated) or the config (checked against the budget if one is given)."""
         p = self.cfg.privacy
-        truncation = dict(dataset_size=self.num_examples, max_batch_size=p.max_batch_size)
+        truncation = self.truncation
         sigma = p.noise_multiplier
         if sigma is None:
             sigma = calibrate_noise(p.target_epsilon, p.delta, self.sampling_rate, p.steps,
@@ -208,8 +211,7 @@ class Trainer:
         self.engine.privatize(self.noise_multiplier, p.expected_batch_size, self.noise)
         self.optimizer.step()
         self.scheduler.step()
-        self.ledger.record(self.noise_multiplier, self.sampling_rate, dataset_size=self.num_examples,
-                           max_batch_size=p.max_batch_size)
+        self.ledger.record(self.noise_multiplier, self.sampling_rate, **self.truncation)
         self.step += 1
         self.batch_sizes.append(len(indices))
         self.nonfinite_examples += self.engine.reset_stats().nonfinite
