@@ -90,7 +90,7 @@ class ParametricLaw(ScalingLaw):
 @dataclass
 class SemiParametricLaw(ScalingLaw):
     """Log-loss interpolated linearly over (log M, log T, log sigma_bar) between smoothed,
-    monotone, T-extrapolated run curves. Outside the points' convex hull: nearest point."""
+    monotone, T-extrapolated run curves."""
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # log M, log T, log sb, log L
 
     def __post_init__(self):
@@ -99,18 +99,23 @@ class SemiParametricLaw(ScalingLaw):
         self._linear = LinearNDInterpolator(xyz, values, rescale=True)
         self._scale = xyz.std(axis=0) + 1e-12
         self._nearest = NearestNDInterpolator(xyz / self._scale, values)
+        span = xyz.max(axis=0) - xyz.min(axis=0)
+        self._box = (xyz.min(axis=0) + 1e-9 * span, xyz.max(axis=0) - 1e-9 * span)
 
     def _predict(self, M, T, sigma_bar) -> np.ndarray:
         with np.errstate(divide="ignore"):
-            xyz = np.stack([np.log(M), np.log(T), np.log(sigma_bar)], axis=-1)
+            xyz = np.stack([np.log(M), np.log(T), np.log(sigma_bar)], axis=-1).reshape(-1, 3)
+        # beyond the data each coordinate is held at its edge (the loss stays flat), then any point
+        # still off the triangulated hull takes its nearest neighbour's value
+        xyz = np.clip(xyz, *self._box)
         log_loss = self._linear(xyz)
         outside = np.isnan(log_loss)
         if outside.any():
             log_loss[outside] = self._nearest(xyz[outside] / self._scale)
-        return np.exp(log_loss)
+        return np.exp(log_loss).reshape(np.shape(M))
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "points": self.points.round(8).tolist()}
+        return {**super().to_dict(), "points": self.points.tolist()}
 
 
 _KINDS = {"parametric": ParametricLaw, "semiparametric": SemiParametricLaw}

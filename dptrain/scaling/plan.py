@@ -81,11 +81,15 @@ def chinchilla_params(compute: float) -> float:
 
 def candidates(law: ScalingLaw, compute: float, grid: Grid, seq_len: int,
                min_params: float = 1e5, max_params: float = 1e12) -> dict[str, np.ndarray]:
-    """Every (M, B, T) on the grid at this compute with M in range, with sigma and predicted loss."""
-    b, t = np.meshgrid(grid.batch_sizes, grid.steps, indexing="ij")
-    m = compute / (6 * seq_len * b * t)
-    ok = (m >= min_params) & (m <= max_params) & np.isfinite(grid.sigma)
-    m, b, t, sigma = m[ok], b[ok], t[ok], grid.sigma[ok]
+    """Every (M, B, T) on the grid with M in range that spends the compute or down to 1/100 of it
+    (spending less is allowed: past saturation more compute would only hurt), with sigma and
+    predicted loss."""
+    spend = compute * 10.0 ** (-np.arange(9) / 4)
+    c, b, t = np.meshgrid(spend, grid.batch_sizes, grid.steps, indexing="ij")
+    sigma = np.broadcast_to(grid.sigma, c.shape)
+    m = c / (6 * seq_len * b * t)
+    ok = (m >= min_params) & (m <= max_params) & np.isfinite(sigma)
+    m, b, t, sigma = m[ok], b[ok], t[ok], sigma[ok]
     loss = law.predict(m, t, sigma / b, warn=False) if m.size else np.zeros(0)
     return {"M": m, "B": b, "T": t, "sigma": sigma, "loss": loss}
 
@@ -127,7 +131,8 @@ def best_loss(law: ScalingLaw, compute: float, epsilon: float, delta: float, dat
 
 def saturation(law, compute, epsilon, delta, data_size, seq_len, factors=(0.1, 1, 10, 100),
                **bounds) -> list[tuple[float, float, float]]:
-    """(compute, best loss, relative gain over the previous budget) at compute x each factor."""
+    """(compute, best loss, relative gain over the previous budget) at compute x each factor;
+    the best loss at a budget may spend less than all of it."""
     rows, previous = [], None
     for f in factors:
         try:
@@ -140,11 +145,10 @@ def saturation(law, compute, epsilon, delta, data_size, seq_len, factors=(0.1, 1
     return rows
 
 
-def training_config(p: Plan, epsilon: float, delta: float, data_size: int, seq_len: int,
-                    config_dir: Path = MODEL_CONFIG_DIR) -> dict:
+def training_config(p: Plan, epsilon: float, delta: float, data_size: int, seq_len: int) -> dict:
     """A training config for a plan (model config path, privacy, data placeholder)."""
     return {
-        "model": str(config_dir / f"{p.nearest_config}.yaml"),
+        "model": f"configs/model/{p.nearest_config}.yaml",
         "privacy": {"noise_multiplier": round(p.sigma, 6), "target_epsilon": epsilon,
                     "target_delta": delta, "accountant": p.accountant,
                     "expected_batch_size": p.batch_size, "steps": p.steps},
