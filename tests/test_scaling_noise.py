@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dptrain.scaling.noise import calibrate_rdp, epsilon_rdp
+from dptrain.scaling.noise import calibrate_rdp, confirm_pld, epsilon_rdp
 
 
 def reference_epsilon(sigma, q, steps, delta):
@@ -45,3 +45,9 @@ def test_noise_grows_with_steps_and_tighter_budget():
     sigma = calibrate_rdp(1.0, 1e-8, [0.01] * 3, [100, 1000, 10000])
     assert np.all(np.diff(sigma) > 0)
     assert calibrate_rdp(0.5, 1e-8, [0.01], [1000])[0] > sigma[1]
+
+
+def test_pld_confirmation_is_tighter_than_rdp():
+    rdp = calibrate_rdp(2.0, 1e-6, [0.1], [20])[0]
+    pld = confirm_pld(2.0, 1e-6, 0.1, 20)
+    assert 0.8 * rdp < pld < rdp

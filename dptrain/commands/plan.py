@@ -15,7 +15,8 @@ def register(sub) -> None:
     parser.add_argument("--delta", type=float, required=True)
     parser.add_argument("--data-size", type=int, required=True, help="training examples N")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--law", required=True, help="law JSON from `dptrain fit`")
+    parser.add_argument("--law", default=None,
+                        help="law JSON from `dptrain fit` (default: the law shipped with dptrain)")
     parser.add_argument("--method", choices=["parametric", "semiparametric"], default=None,
                         help="which law in the file (default: the file's default)")
     parser.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
@@ -33,11 +34,16 @@ def run(args) -> int:
     from dptrain.errors import UserError
     from dptrain.scaling.law import load_law
     from dptrain.scaling.noise import confirm_pld
-    from dptrain.scaling.plan import (SATURATION_GAIN, chinchilla_params, plan, replan_with_sigma,
+    from dptrain.scaling.plan import (SATURATION_GAIN, SHIPPED_LAW, chinchilla_params, plan, replan_with_sigma,
                                       saturation, write_training_config)
 
     if args.top < 1:
         raise UserError("--top must be at least 1")
+    if args.law is None:
+        if not SHIPPED_LAW.is_file():
+            raise UserError("no scaling law ships with this version yet: fit one with "
+                            "`dptrain fit RESULTS.csv --out LAW.json` and pass --law LAW.json")
+        args.law = str(SHIPPED_LAW)
     law = load_law(args.law, args.method)
     bounds = {"min_params": args.min_params, "max_params": args.max_params}
     budget = (args.epsilon, args.delta, args.data_size, args.seq_len)

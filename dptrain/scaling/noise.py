@@ -57,11 +57,13 @@ def calibrate_rdp(epsilon: float, delta: float, q, steps, lo: float = 1e-3, hi: 
 
 
 def confirm_pld(epsilon: float, delta: float, q: float, steps: int) -> float:
-    """sigma from the PLD accountant (tight; can take minutes for long runs)."""
+    """sigma from the PLD accountant (tight; can take minutes for long runs). The search is
+    bracketed between half the RDP sigma and the RDP sigma, which PLD never needs to exceed."""
     try:
         from dptrain.privacy.accounting import calibrate_noise
     except ImportError:
         calibrate_noise = None
+    upper = float(calibrate_rdp(epsilon, delta, [q], [steps])[0])
     if calibrate_noise is not None:
         return float(calibrate_noise(epsilon, delta, q, steps, accountant="pld"))
     import dp_accounting
@@ -72,4 +74,4 @@ def confirm_pld(epsilon: float, delta: float, q: float, steps: int) -> float:
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
     return float(dp_accounting.calibrate_dp_mechanism(
         pld_privacy_accountant.PLDAccountant, event, epsilon, delta,
-        dp_accounting.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-3))
+        dp_accounting.ExplicitBracketInterval(upper / 2, upper), tol=1e-3))

@@ -20,6 +20,7 @@ from dptrain.scaling.law import ScalingLaw
 from dptrain.scaling.noise import calibrate_rdp
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+SHIPPED_LAW = Path(__file__).resolve().parents[1] / "assets" / "scaling_law.json"  # from a real sweep
 SATURATION_GAIN = 0.01  # 10x more compute improving the loss by less than this: saturated
 
 
