@@ -1,0 +1,1 @@
+"""Differential privacy core: accounting, Poisson sampling and Gaussian noise."""
