@@ -59,19 +59,8 @@ def calibrate_rdp(epsilon: float, delta: float, q, steps, lo: float = 1e-3, hi: 
 def confirm_pld(epsilon: float, delta: float, q: float, steps: int) -> float:
     """sigma from the PLD accountant (tight; can take minutes for long runs). The search is
     bracketed between half the RDP sigma and the RDP sigma, which PLD never needs to exceed."""
-    try:
-        from dptrain.privacy.accounting import calibrate_noise
-    except ImportError:
-        calibrate_noise = None
-    upper = float(calibrate_rdp(epsilon, delta, [q], [steps])[0])
-    if calibrate_noise is not None:
-        return float(calibrate_noise(epsilon, delta, q, steps, accountant="pld"))
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
+    from dptrain.privacy.accounting import calibrate_noise
 
-    def event(sigma: float):
-        return dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
-    return float(dp_accounting.calibrate_dp_mechanism(
-        pld_privacy_accountant.PLDAccountant, event, epsilon, delta,
-        dp_accounting.ExplicitBracketInterval(upper / 2, upper), tol=1e-3))
+    upper = float(calibrate_rdp(epsilon, delta, [q], [steps])[0])
+    return float(calibrate_noise(epsilon, delta, q, int(steps), accountant="pld",
+                                 min_sigma=upper / 2, max_sigma=upper * (1 + 1e-6)))
