@@ -1,0 +1,105 @@
+"""`dptrain plan`: the compute-optimal (model size, batch, steps, noise) for a privacy budget."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("plan", help="choose model size, batch size and steps for a compute "
+                                         "and privacy budget with a scaling law")
+    parser.add_argument("--compute", type=float, required=True, help="FLOPs, C = 6 M B S T")
+    parser.add_argument("--epsilon", type=float, required=True)
+    parser.add_argument("--delta", type=float, required=True)
+    parser.add_argument("--data-size", type=int, required=True, help="training examples N")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--law", default=None,
+                        help="law JSON from `dptrain fit` (default: the law shipped with dptrain)")
+    parser.add_argument("--method", choices=["parametric", "semiparametric"], default=None,
+                        help="which law in the file (default: the file's default)")
+    parser.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
+    parser.add_argument("--min-params", type=float, default=1e5)
+    parser.add_argument("--max-params", type=float, default=1e12)
+    parser.add_argument("--confirm-pld", action="store_true",
+                        help="recalibrate the best plan's sigma with the PLD accountant (slow)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--write-config", metavar="FILE", help="write a training config for the best plan")
+    parser.add_argument("--plot-dir", metavar="DIR", help="write planner figures (PNG) here")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dptrain.errors import UserError
+    from dptrain.scaling.law import load_law
+    from dptrain.scaling.noise import confirm_pld
+    from dptrain.scaling.plan import (SATURATION_GAIN, SHIPPED_LAW, chinchilla_params, plan, replan_with_sigma,
+                                      saturation, write_training_config)
+
+    if args.top < 1:
+        raise UserError("--top must be at least 1")
+    if args.law is None:
+        if not SHIPPED_LAW.is_file():
+            raise UserError("no scaling law ships with this version yet: fit one with "
+                            "`dptrain fit RESULTS.csv --out LAW.json` and pass --law LAW.json")
+        args.law = str(SHIPPED_LAW)
+    law = load_law(args.law, args.method)
+    bounds = {"min_params": args.min_params, "max_params": args.max_params}
+    budget = (args.epsilon, args.delta, args.data_size, args.seq_len)
+    plans = plan(law, args.compute, *budget, top=args.top, **bounds)
+    if args.confirm_pld:
+        best = plans[0]
+        sigma = confirm_pld(args.epsilon, args.delta, best.batch_size / args.data_size, best.steps)
+        plans[0] = replan_with_sigma(law, best, sigma, args.seq_len, "pld")
+    best = plans[0]
+    outside = [p for p in plans if not law.in_range(p.params, p.steps, p.sigma_bar)]
+    if outside:
+        v = law.validity
+        print(f"warning: {len(outside)} of {len(plans)} plans lie outside the law's fitted range "
+              f"(M {v['M'][0]:.3g}..{v['M'][1]:.3g}, T {v['T'][0]:.3g}..{v['T'][1]:.3g}, sigma_bar "
+              f"{v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}): their losses are extrapolated",
+              file=sys.stderr)
+    sat = saturation(law, args.compute, *budget, **bounds)
+    nonprivate = chinchilla_params(args.compute)
+
+    if args.json:
+        json.dump({"plans": [asdict(p) for p in plans], "law_method": law.method,
+                   "saturation": [{"compute": c, "best_loss": l, "gain": None if math.isnan(g) else g}
+                                  for c, l, g in sat],
+                   "nonprivate_params_chinchilla": nonprivate}, sys.stdout, indent=1)
+        print()
+    else:
+        print(f"compute {args.compute:.3g} FLOPs, eps {args.epsilon:g}, delta {args.delta:g}, "
+              f"N {args.data_size:,}, seq len {args.seq_len}; law: {law.method} ({args.law})")
+        head = (f"{'params M':>10} {'config':>14} {'batch':>9} {'steps':>9} {'sigma':>8} "
+                f"{'sigma_bar':>10} {'tok/param':>10} {'compute':>9} {'loss':>7}")
+        print(head)
+        for p in plans:
+            print(f"{p.params:10.3g} {p.nearest_config + f' ({p.nearest_params:.2g})':>14} "
+                  f"{p.batch_size:9d} {p.steps:9d} {p.sigma:8.4g} {p.sigma_bar:10.3g} "
+                  f"{p.tokens_per_param:10.3g} {p.compute:9.3g} {p.loss:7.4f}")
+        print(f"sigma from the {best.accountant.upper()} accountant"
+              + ("" if best.accountant == "pld" else " (an upper bound; --confirm-pld tightens it)"))
+        print(f"non-private optimum (Chinchilla rule): {nonprivate:.3g} params, "
+              f"{nonprivate / best.params:.3g}x the private one")
+        print("best loss by compute: " + ", ".join(f"{c:.2g}: {l:.4f}" for c, l, _ in sat))
+        here = next((g for c, _, g in sat if c > args.compute), None)
+        if here is not None and here < SATURATION_GAIN:
+            print(f"saturated: 10x more compute improves the predicted loss by {here:.2%} "
+                  f"(< {SATURATION_GAIN:.0%}); more data or a larger epsilon is what helps")
+        elif here is not None:
+            print(f"not saturated: 10x more compute improves the predicted loss by {here:.2%}")
+    if args.write_config:
+        write_training_config(args.write_config, best, args.epsilon, args.delta, args.data_size,
+                              args.seq_len)
+        print(f"wrote {args.write_config}", file=sys.stderr if args.json else sys.stdout)
+    if args.plot_dir:
+        from dptrain.scaling.plots import plot_planner
+
+        computes = [args.compute * 10.0 ** (k / 2) for k in range(-4, 7)]
+        epsilons = sorted({args.epsilon, *(e for e in (1.0, 2.0, 8.0))})
+        paths = plot_planner(law, args.plot_dir, computes, epsilons, args.delta, args.data_size,
+                             args.seq_len)
+        print("wrote " + ", ".join(map(str, paths)), file=sys.stderr if args.json else sys.stdout)
+    return 0

@@ -1,0 +1,147 @@
+"""Fitted scaling laws L(M, T, sigma_bar): prediction, validity range, JSON save/load.
+
+M is the parameter count (total or non-embedding, recorded in `params_key`), T the number of steps
+and sigma_bar = sigma / B the noise-batch ratio. A law knows the range of the data it was fitted on;
+predictions outside it still work but raise an `ExtrapolationWarning`.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
+
+from dptrain.errors import UserError
+
+FORMAT = "dptrain-scaling-law/1"
+PARAMETRIC_NAMES = ("log_E", "log_A", "alpha", "log_B", "beta", "log_C", "gamma", "gamma2")
+
+
+class ExtrapolationWarning(UserWarning):
+    """A law was queried outside the range of the runs it was fitted on."""
+
+
+def squashed_noise(sigma_bar: np.ndarray) -> np.ndarray:
+    """sigma_bar' = sigmoid((log sigma_bar + 8) / 1.6); 0 at sigma_bar = 0 (no noise)."""
+    with np.errstate(divide="ignore"):
+        z = (np.log(sigma_bar) + 8.0) / 1.6
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclass
+class ScalingLaw:
+    method: str
+    params_key: str  # "total" or "nonembed": which parameter count M means
+    validity: dict[str, list[float]]  # {"M": [lo, hi], "T": [lo, hi], "sigma_bar": [lo, hi]}
+    holdout: dict = field(default_factory=dict)  # errors of a fit without the held-out runs
+
+    def in_range(self, M, T, sigma_bar) -> np.ndarray:
+        ok = np.ones(np.broadcast(M, T, sigma_bar).shape, dtype=bool)
+        for name, value in (("M", M), ("T", T), ("sigma_bar", sigma_bar)):
+            lo, hi = self.validity[name]
+            ok &= (np.asarray(value) >= lo * (1 - 1e-9)) & (np.asarray(value) <= hi * (1 + 1e-9))
+        return ok
+
+    def predict(self, M, T, sigma_bar, warn: bool = True) -> np.ndarray:
+        M, T, sigma_bar = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(M, T, sigma_bar))
+        if warn and not self.in_range(M, T, sigma_bar).all():
+            v = self.validity
+            warnings.warn(
+                f"{self.method} scaling law queried outside its fitted range "
+                f"(M {v['M'][0]:.3g}..{v['M'][1]:.3g}, T {v['T'][0]:.3g}..{v['T'][1]:.3g}, "
+                f"sigma_bar {v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}): extrapolating",
+                ExtrapolationWarning, stacklevel=2)
+        return self._predict(M, T, sigma_bar)
+
+    def _predict(self, M, T, sigma_bar) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "params_key": self.params_key, "validity": self.validity,
+                "holdout": self.holdout}
+
+
+@dataclass
+class ParametricLaw(ScalingLaw):
+    """L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2 (coefficients kept as logs)."""
+    params: dict[str, float] = field(default_factory=dict)
+
+    def log_terms(self, M, T, sigma_bar) -> np.ndarray:
+        p = self.params
+        with np.errstate(divide="ignore"):
+            log_s = np.log(squashed_noise(sigma_bar))
+        log_m, log_t = np.log(M), np.log(T)
+        return np.stack(np.broadcast_arrays(
+            np.full_like(log_m, p["log_E"]),
+            p["log_A"] - p["alpha"] * log_m,
+            p["log_B"] - p["beta"] * log_t,
+            p["log_C"] + p["gamma"] * log_s - p["gamma2"] * log_m))
+
+    def _predict(self, M, T, sigma_bar) -> np.ndarray:
+        return np.exp(self.log_terms(M, T, sigma_bar)).sum(axis=0)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "params": self.params}
+
+
+@dataclass
+class SemiParametricLaw(ScalingLaw):
+    """Log-loss interpolated linearly over (log M, log T, log sigma_bar) between smoothed,
+    monotone, T-extrapolated run curves."""
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # log M, log T, log sb, log L
+
+    def __post_init__(self):
+        self.points = np.asarray(self.points, dtype=float)
+        xyz, values = self.points[:, :3], self.points[:, 3]
+        self._linear = LinearNDInterpolator(xyz, values, rescale=True)
+        self._scale = xyz.std(axis=0) + 1e-12
+        self._nearest = NearestNDInterpolator(xyz / self._scale, values)
+        span = xyz.max(axis=0) - xyz.min(axis=0)
+        self._box = (xyz.min(axis=0) + 1e-9 * span, xyz.max(axis=0) - 1e-9 * span)
+
+    def _predict(self, M, T, sigma_bar) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            xyz = np.stack([np.log(M), np.log(T), np.log(sigma_bar)], axis=-1).reshape(-1, 3)
+        # beyond the data each coordinate is held at its edge (the loss stays flat), then any point
+        # still off the triangulated hull takes its nearest neighbour's value
+        xyz = np.clip(xyz, *self._box)
+        log_loss = self._linear(xyz)
+        outside = np.isnan(log_loss)
+        if outside.any():
+            log_loss[outside] = self._nearest(xyz[outside] / self._scale)
+        return np.exp(log_loss).reshape(np.shape(M))
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "points": self.points.tolist()}
+
+
+_KINDS = {"parametric": ParametricLaw, "semiparametric": SemiParametricLaw}
+
+
+def law_from_dict(d: dict) -> ScalingLaw:
+    return _KINDS[d["method"]](**d)
+
+
+def save_laws(path: str | Path, laws: dict[str, ScalingLaw], default: str) -> None:
+    doc = {"format": FORMAT, "default": default, "laws": {k: v.to_dict() for k, v in laws.items()}}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def load_law(path: str | Path, method: str | None = None) -> ScalingLaw:
+    """The law of `method` in a law JSON file (its default method when None)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+        method = method or doc["default"]
+        if method not in doc["laws"]:
+            raise ValueError(f"no {method!r} law (has {sorted(doc['laws'])})")
+        return law_from_dict(doc["laws"][method])
+    except FileNotFoundError:
+        raise UserError(f"law file not found: {path}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a valid scaling-law file ({err})") from None

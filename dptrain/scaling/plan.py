@@ -1,0 +1,163 @@
+"""Compute-optimal private training plans: enumerate (M, B, T) at fixed compute C = 6 M B S T,
+calibrate sigma for each (B, T) with the accountant, predict the loss with a scaling law.
+
+Given eps, delta and the data size N, sigma depends only on (B, T) (q = B / N). So the candidates
+are a log grid of batch sizes B <= N times a log grid of step counts T, calibrated once per privacy
+budget (vectorised RDP, cached) and reused for every compute budget: M = C / (6 B S T) follows.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from dptrain.errors import UserError
+from dptrain.scaling.law import ScalingLaw
+from dptrain.scaling.noise import calibrate_rdp
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+SHIPPED_LAW = Path(__file__).resolve().parents[1] / "assets" / "scaling_law.json"  # from a real sweep
+SATURATION_GAIN = 0.01  # 10x more compute improving the loss by less than this: saturated
+
+
+@dataclass(frozen=True)
+class Plan:
+    params: float  # M
+    batch_size: int
+    steps: int
+    sigma: float
+    sigma_bar: float
+    loss: float  # predicted
+    compute: float  # 6 M B S T
+    tokens_per_param: float
+    nearest_config: str  # closest shipped model config, by log parameter count
+    nearest_params: int
+    accountant: str = "rdp"
+
+
+@dataclass(frozen=True)
+class Grid:
+    batch_sizes: np.ndarray
+    steps: np.ndarray
+    sigma: np.ndarray  # shape (len(batch_sizes), len(steps))
+
+
+def log_grid(lo: float, hi: float, per_decade: int) -> np.ndarray:
+    n = max(2, int(round(per_decade * math.log10(hi / lo))) + 1)
+    return np.unique(np.round(np.geomspace(lo, hi, n)).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=32)
+def noise_grid(epsilon: float, delta: float, data_size: int, min_batch: int = 16,
+               min_steps: int = 10, max_steps: int = 10**7, per_decade: int = 4) -> Grid:
+    """sigma for every (B, T) on log grids (cached: planning at many compute budgets reuses it)."""
+    if not (epsilon > 0 and 0 < delta < 1):
+        raise UserError(f"need epsilon > 0 and 0 < delta < 1, got epsilon={epsilon}, delta={delta}")
+    if data_size < min_batch:
+        raise UserError(f"data size {data_size} is below the smallest batch size {min_batch}")
+    batches = log_grid(min_batch, data_size, per_decade)
+    steps = log_grid(min_steps, max_steps, per_decade)
+    b, t = np.meshgrid(batches, steps, indexing="ij")
+    sigma = calibrate_rdp(epsilon, delta, b / data_size, t).reshape(b.shape)
+    sigma[sigma >= 0.999e6] = np.inf  # budget out of reach for this (B, T)
+    return Grid(batches, steps, sigma)
+
+
+def model_configs(directory: Path = MODEL_CONFIG_DIR, params_key: str = "total") -> dict[str, int]:
+    from dptrain.model import DecoderConfig, parameter_counts
+
+    key = "total" if params_key == "total" else "non_embedding"
+    return {p.stem: parameter_counts(DecoderConfig.from_yaml(p))[key]
+            for p in sorted(directory.glob("*.yaml"))}
+
+
+def chinchilla_params(compute: float) -> float:
+    """Non-private compute-optimal size by the Chinchilla rule: 20 tokens per parameter, C = 6 M D."""
+    return math.sqrt(compute / 120)
+
+
+def candidates(law: ScalingLaw, compute: float, grid: Grid, seq_len: int,
+               min_params: float = 1e5, max_params: float = 1e12) -> dict[str, np.ndarray]:
+    """Every (M, B, T) on the grid with M in range that spends the compute or down to 1/100 of it
+    (spending less is allowed: past saturation more compute would only hurt), with sigma and
+    predicted loss."""
+    spend = compute * 10.0 ** (-np.arange(9) / 4)
+    c, b, t = np.meshgrid(spend, grid.batch_sizes, grid.steps, indexing="ij")
+    sigma = np.broadcast_to(grid.sigma, c.shape)
+    m = c / (6 * seq_len * b * t)
+    ok = (m >= min_params) & (m <= max_params) & np.isfinite(sigma)
+    m, b, t, sigma = m[ok], b[ok], t[ok], sigma[ok]
+    loss = law.predict(m, t, sigma / b, warn=False) if m.size else np.zeros(0)
+    return {"M": m, "B": b, "T": t, "sigma": sigma, "loss": loss}
+
+
+def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_size: int,
+         seq_len: int, top: int = 5, configs: dict[str, int] | None = None, **bounds) -> list[Plan]:
+    """The `top` configurations of lowest predicted loss, best first."""
+    if compute <= 0 or seq_len <= 0:
+        raise UserError("compute and sequence length must be positive")
+    grid = noise_grid(float(epsilon), float(delta), int(data_size))
+    c = candidates(law, compute, grid, seq_len, **bounds)
+    finite = np.isfinite(c["loss"])
+    if not finite.any():
+        raise UserError(f"no configuration fits compute {compute:.3g} with epsilon {epsilon} and "
+                        f"{data_size} examples (model size out of range or budget unreachable)")
+    configs = configs if configs is not None else model_configs(params_key=law.params_key)
+    order = np.argsort(np.where(finite, c["loss"], np.inf))[:top]
+    return [_make_plan(c["M"][i], int(c["B"][i]), int(c["T"][i]), c["sigma"][i], c["loss"][i],
+                       seq_len, configs) for i in order if finite[i]]
+
+
+def _make_plan(m, b, t, sigma, loss, seq_len, configs, accountant="rdp") -> Plan:
+    name, size = (min(configs.items(), key=lambda kv: abs(math.log(kv[1] / m))) if configs
+                  else ("", 0))
+    return Plan(float(m), b, t, float(sigma), float(sigma / b), float(loss),
+                float(6 * m * b * seq_len * t), float(b * t * seq_len / m), name, int(size), accountant)
+
+
+def replan_with_sigma(law: ScalingLaw, p: Plan, sigma: float, seq_len: int, accountant: str) -> Plan:
+    loss = float(law.predict(p.params, p.steps, sigma / p.batch_size, warn=False))
+    return Plan(**{**asdict(p), "sigma": sigma, "sigma_bar": sigma / p.batch_size, "loss": loss,
+                   "accountant": accountant})
+
+
+def best_loss(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_size: int,
+              seq_len: int, **bounds) -> float:
+    return plan(law, compute, epsilon, delta, data_size, seq_len, top=1, configs={}, **bounds)[0].loss
+
+
+def saturation(law, compute, epsilon, delta, data_size, seq_len, factors=(0.1, 1, 10, 100),
+               **bounds) -> list[tuple[float, float, float]]:
+    """(compute, best loss, relative gain over the previous budget) at compute x each factor;
+    the best loss at a budget may spend less than all of it."""
+    rows, previous = [], None
+    for f in factors:
+        try:
+            loss = best_loss(law, compute * f, epsilon, delta, data_size, seq_len, **bounds)
+        except UserError:
+            continue
+        gain = (previous - loss) / previous if previous else float("nan")
+        rows.append((compute * f, loss, gain))
+        previous = loss
+    return rows
+
+
+def training_config(p: Plan, epsilon: float, delta: float, data_size: int, seq_len: int) -> dict:
+    """A training config for a plan (model config path, privacy, data placeholder)."""
+    return {
+        "model": f"configs/model/{p.nearest_config}.yaml",
+        "privacy": {"noise_multiplier": round(p.sigma, 6), "target_epsilon": epsilon,
+                    "target_delta": delta, "accountant": p.accountant,
+                    "expected_batch_size": p.batch_size, "steps": p.steps},
+        "data": {"path": "PATH/TO/DATA", "size": data_size, "seq_len": seq_len},
+    }
+
+
+def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: float, data_size: int,
+                          seq_len: int) -> None:
+    Path(path).write_text(yaml.safe_dump(training_config(p, epsilon, delta, data_size, seq_len),
+                                         sort_keys=False))

@@ -1,0 +1,72 @@
+"""`dptrain fit` and `dptrain plan` end to end on a synthetic sweep."""
+import json
+
+import pytest
+import yaml
+
+from dptrain.cli import main
+from dptrain.scaling.results import append_results
+from dptrain.scaling.synthetic import illustrative_law, synthetic_runs
+
+
+@pytest.fixture(scope="module")
+def law_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep")
+    runs = synthetic_runs(illustrative_law(), sizes=(2e5, 1e6, 5e6), sigma_bars=(1e-5, 1e-4, 1e-3),
+                          steps=(1000,))
+    append_results(folder / "results.csv", runs)
+    assert main(["fit", str(folder / "results.csv"), "--out", str(folder / "law.json"),
+                 "--holdout", "largest-model"]) == 0
+    return folder / "law.json"
+
+
+def test_fit_writes_both_laws(law_file):
+    doc = json.loads(law_file.read_text())
+    assert set(doc["laws"]) == {"parametric", "semiparametric"}
+    assert doc["default"] in doc["laws"]
+    for law in doc["laws"].values():
+        assert law["holdout"]["rule"] == "largest-model"
+        assert law["validity"]["M"] == [200000, 5000000]
+
+
+def test_plan_json_config_and_plots(law_file, tmp_path, capsys):
+    config, plots = tmp_path / "train.yaml", tmp_path / "plots"
+    assert main(["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8",
+                 "--data-size", "10000000", "--seq-len", "256", "--law", str(law_file), "--json",
+                 "--top", "3", "--write-config", str(config), "--plot-dir", str(plots)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["plans"]) == 3 and out["nonprivate_params_chinchilla"] > out["plans"][0]["params"]
+    written = yaml.safe_load(config.read_text())
+    assert written["privacy"]["steps"] == out["plans"][0]["steps"]
+    assert written["privacy"]["noise_multiplier"] == pytest.approx(out["plans"][0]["sigma"], rel=1e-5)
+    for name in ("loss_vs_compute.png", "optimal_size_vs_compute.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_table(law_file, capsys):
+    assert main(["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8", "--data-size",
+                 "10000000", "--seq-len", "256", "--law", str(law_file), "--method", "semiparametric"]) == 0
+    out = capsys.readouterr().out
+    assert "sigma_bar" in out and "non-private optimum (Chinchilla rule)" in out
+    assert "saturated" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "missing.csv", "--out", "x.json"], "not found"),
+    (["plan", "--compute", "1e3", "--epsilon", "1", "--delta", "1e-8", "--data-size", "10000000",
+      "--law", "LAW"], "no configuration fits"),
+    (["plan", "--compute", "1e17", "--epsilon", "1", "--delta", "2", "--data-size", "10000000",
+      "--law", "LAW"], "delta"),
+])
+def test_errors_are_one_line(law_file, tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(law_file) if a == "LAW" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_malformed_csv(tmp_path, capsys):
+    (tmp_path / "r.csv").write_text("run_id,model\n1,2\n")
+    assert main(["fit", str(tmp_path / "r.csv"), "--out", str(tmp_path / "l.json")]) == 2
+    assert "missing columns" in capsys.readouterr().err

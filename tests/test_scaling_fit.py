@@ -1,0 +1,112 @@
+"""Both fits on synthetic sweeps drawn from a known law plus 0.5% noise."""
+import warnings
+
+import numpy as np
+import pytest
+
+from dptrain.errors import UserError
+from dptrain.scaling.fit import fit_all, fit_semiparametric, smooth_curve, split_holdout
+from dptrain.scaling.law import ExtrapolationWarning, load_law, save_laws
+from dptrain.scaling.synthetic import illustrative_law, synthetic_runs
+
+TRUE = illustrative_law()
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return synthetic_runs(TRUE, seed=1)
+
+
+@pytest.fixture(scope="module")
+def laws(runs):
+    return fit_all(runs, holdout="0.2")
+
+
+def _inside_grid(law):
+    v = law.validity
+    m, t, sb = np.meshgrid(np.geomspace(*v["M"], 5), np.geomspace(v["T"][1] / 20, v["T"][1], 5),
+                           np.geomspace(*v["sigma_bar"], 5))
+    return m.ravel(), t.ravel(), sb.ravel()
+
+
+def test_parametric_recovers_the_law(laws):
+    law = laws["parametric"]
+    m, t, sb = _inside_grid(law)
+    rel = np.abs(law.predict(m, t, sb) / TRUE.predict(m, t, sb, warn=False) - 1)
+    assert rel.max() < 0.02
+    for name in ("alpha", "beta", "gamma2"):
+        assert law.params[name] == pytest.approx(TRUE.params[name], abs=0.05)
+
+
+def test_semiparametric_recovers_the_law(laws):
+    law = laws["semiparametric"]
+    m, t, sb = _inside_grid(law)
+    rel = np.abs(law.predict(m, t, sb) / TRUE.predict(m, t, sb, warn=False) - 1)
+    assert np.median(rel) < 0.03 and rel.max() < 0.10
+
+
+def test_holdout_errors_are_small_and_recorded(laws, runs):
+    for law, bound in ((laws["parametric"], 0.02), (laws["semiparametric"], 0.06)):
+        h = law.holdout
+        assert len(h["runs"]) == round(0.2 * len(runs))
+        assert h["mean_abs_rel_error"] < bound
+        assert h["max_abs_rel_error"] >= h["mean_abs_rel_error"]
+
+
+def test_semiparametric_is_monotone(laws):
+    law = laws["semiparametric"]
+    t = np.geomspace(*law.validity["T"], 30)
+    assert np.all(np.diff(law.predict(1e6, t, 1e-4)) <= 1e-9)  # more steps: no higher loss
+    sb = np.geomspace(*law.validity["sigma_bar"], 30)
+    assert np.all(np.diff(law.predict(1e6, 2000, sb)) >= -1e-9)  # more noise: no lower loss
+
+
+def test_smoothing_is_non_increasing(runs):
+    _, loss = smooth_curve(runs[0])
+    assert np.all(np.diff(loss) <= 0)
+
+
+def test_warns_outside_range_only(laws):
+    for law in laws.values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            law.predict(*_inside_grid(law))
+        for far in ((1e9, 1000, 1e-4), (1e6, 1e7, 1e-4), (1e6, 1000, 1e-1)):
+            with pytest.warns(ExtrapolationWarning, match="outside its fitted range"):
+                assert np.isfinite(law.predict(*far)).all()
+
+
+def test_json_round_trip(laws, tmp_path):
+    path = tmp_path / "law.json"
+    save_laws(path, laws, default="parametric")
+    assert load_law(path).method == "parametric"
+    m, t, sb = _inside_grid(laws["parametric"])
+    for name, law in laws.items():
+        again = load_law(path, name)
+        assert again.validity == law.validity and again.holdout == law.holdout
+        np.testing.assert_allclose(again.predict(m, t, sb), law.predict(m, t, sb), rtol=1e-6)
+
+
+def test_bad_law_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_law(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{\"format\": \"other\"}")
+    with pytest.raises(UserError, match="not a valid scaling-law file"):
+        load_law(tmp_path / "bad.json")
+
+
+def test_holdout_rules(runs):
+    train, held = split_holdout(runs, "largest-model")
+    assert {r.params_total for r in held} == {max(r.params_total for r in runs)}
+    assert len(train) + len(held) == len(runs)
+    _, held = split_holdout(runs, "longest")
+    assert {r.steps for r in held} == {max(r.steps for r in runs)}
+    for bad in ("1.5", "most", "0"):
+        with pytest.raises(UserError, match="holdout"):
+            split_holdout(runs, bad)
+
+
+def test_semiparametric_needs_spread(runs):
+    one_size = [r for r in runs if r.params_total == runs[0].params_total]
+    with pytest.raises(UserError, match="two model sizes"):
+        fit_semiparametric(one_size)
