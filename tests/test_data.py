@@ -106,6 +106,13 @@ def test_tokenizer_warns_on_private_input(tmp_path, public_text):
         train_tokenizer([marked / "notes.txt"], VOCAB, tmp_path / "d.model")
 
 
+def test_tokenizer_is_reproducible_with_one_thread(tmp_path, public_text, tokenizer):
+    again = train_tokenizer([public_text], VOCAB, tmp_path / "elsewhere" / "tok.model", num_threads=1)
+    first = train_tokenizer([public_text], VOCAB, tmp_path / "tok.model", num_threads=1)
+    assert again.read_bytes() == first.read_bytes()
+    assert str(tmp_path).encode() not in first.read_bytes()  # no local paths recorded
+
+
 def test_tokenizer_bad_input(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         train_tokenizer([tmp_path / "missing.txt"], 300, tmp_path / "t.model")

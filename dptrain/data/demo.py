@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dptrain.checkpoint import atomic_dir
 
-DEMO_VERSION = 2  # part of every cache key: bump when the generator's output changes
+DEMO_VERSION = 3  # part of every cache key: bump when the generator's output changes
 
 CANARY_REPEATS = (0, 1, 4, 16)  # 0: never planted, a control for extraction tests
 CANARIES_PER_REPEAT = 4
@@ -226,7 +226,8 @@ def prepare_demo(out_dir: str | Path, seq_len: int = 128, vocab_size: int = 2048
         write_demo_corpus(corpus, seed=seed, num_records=num_records)
     tokenizer = out_dir / f"tokenizer-v{DEMO_VERSION}-seed{seed}-vocab{vocab_size}.model"
     if not tokenizer.exists():
-        train_tokenizer([corpus / "public.txt"], vocab_size, tokenizer)
+        # one thread: bit-reproducible, so every machine prepares the same demo tokens
+        train_tokenizer([corpus / "public.txt"], vocab_size, tokenizer, num_threads=1, seed=seed)
     prepared = out_dir / (f"prepared-v{DEMO_VERSION}-seed{seed}-n{num_records}-vocab{vocab_size}"
                           f"-seq{seq_len}-eval{eval_fraction:g}")
     if not (prepared / "manifest.json").exists():

@@ -68,11 +68,14 @@ def train_tokenizer(
     model_type: str = "unigram",
     num_threads: int | None = None,
     max_sentences: int = 2_000_000,
+    seed: int = 0,
 ) -> Path:
     """Train a byte-fallback SentencePiece model on text files (one sentence per line).
 
     `out` is the `.model` path (a `.vocab` is written beside it). Warns with
-    `PrivateTokenizerWarning` when `private` is set or an input looks private.
+    `PrivateTokenizerWarning` when `private` is set or an input looks private. With
+    `num_threads=1` the result is bit-reproducible for a given `seed`; with more threads the
+    floating-point sums of training vary slightly from run to run.
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -97,6 +100,7 @@ def train_tokenizer(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out.parent) as tmp:
         prefix = Path(tmp) / "sp"
+        spm.set_random_generator_seed(seed)
         try:
             spm.SentencePieceTrainer.Train(
                 input=[str(p) for p in inputs],
@@ -115,7 +119,21 @@ def train_tokenizer(
             )
         except RuntimeError as err:
             raise UserError(f"tokenizer training failed: {str(err).strip().splitlines()[-1]}") from None
+        _scrub_paths(prefix.with_suffix(".model"), out.stem, inputs)
         # Replace in one rename each, so a reader never sees a half-written model.
         shutil.move(str(prefix.with_suffix(".vocab")), out.with_suffix(".vocab"))
         shutil.move(str(prefix.with_suffix(".model")), out)
     return out
+
+
+def _scrub_paths(model: Path, name: str, inputs: list[Path]) -> None:
+    """Keep only file names in the model's recorded training spec: no temporary or local paths,
+    so the same training gives the same bytes wherever it runs."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.trainer_spec.model_prefix = name
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.input.extend(p.name for p in inputs)
+    model.write_bytes(proto.SerializeToString())
