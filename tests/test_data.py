@@ -41,7 +41,8 @@ def make_docs(n: int, seed: int = 0) -> list[dict]:
     docs = []
     for i in range(n):
         length = int(rng.choice([0, 1, 3, 10, 60])) if i % 7 else 0
-        docs.append({"text": " ".join(rng.choice(WORDS, size=length)), "user": f"u{i % 5}", "n": i})
+        text = " ".join(rng.choice(WORDS, size=length)) if i % 11 else None  # JSON null: skipped
+        docs.append({"text": text, "user": f"u{i % 5}", "n": i})
     return docs
 
 

@@ -153,6 +153,8 @@ def prepare(
 
         def encode(start: int):
             texts = ds[start:start + batch_docs][text_column]
+            if any(t is None for t in texts):  # null text: an empty document, skipped below
+                texts = [t or "" for t in texts]
             ids = sp.encode(texts, return_type="numpy", add_bos=True, add_eos=True,
                             num_threads=num_threads)
             return start, texts, ids
