@@ -15,7 +15,7 @@ import torch
 from dptrain.cli import main
 from dptrain.data import PackedDataset, check_vocab, prepare, train_tokenizer
 from dptrain.data.demo import write_demo_corpus
-from dptrain.data.tokenizer import PrivateTokenizerWarning, sha256_file
+from dptrain.data.tokenizer import PrivateTokenizerWarning, looks_private, sha256_file
 from dptrain.errors import UserError
 from dptrain.model import DecoderConfig
 
@@ -87,7 +87,17 @@ def test_tokenizer_special_ids_and_byte_fallback(tokenizer):
     assert sp.decode(ids) == text
 
 
-def test_tokenizer_warns_on_private_input(tmp_path, public_text):
+def test_looks_private(tmp_path):
+    for name in ("private.jsonl", "patients_private.txt", "pii-dump.parquet", "Confidential Notes.txt"):
+        assert looks_private(tmp_path / name), name
+    for name in ("philosophy.txt", "secretary_handbook.txt", "wiki.txt"):
+        assert not looks_private(tmp_path / "public" / name), name
+    (tmp_path / "vault" / "deep").mkdir(parents=True)
+    (tmp_path / "vault" / ".dptrain-private").touch()
+    assert looks_private(tmp_path / "vault" / "deep" / "notes.txt")
+
+
+def test_tokenizer_warning_for_private_data(tmp_path, public_text):
     public = tmp_path / "corpus.txt"
     public.write_text(public_text.read_text())
     with warnings.catch_warnings():

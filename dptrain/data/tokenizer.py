@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -21,7 +22,7 @@ from dptrain.errors import UserError
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 # A file named like this in an input's folder (or any parent) marks the data as private.
 PRIVATE_MARKER = ".dptrain-private"
-PRIVATE_WORDS = ("private", "sensitive", "confidential", "secret", "pii", "phi")
+PRIVATE_WORDS = ("private", "sensitive", "confidential", "secret", "secrets", "pii", "phi")
 
 
 class PrivateTokenizerWarning(UserWarning):
@@ -37,9 +38,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def looks_private(path: str | Path) -> bool:
-    """True when a path's name mentions privacy or a `.dptrain-private` marker sits above it."""
+    """True when a word of the path's last three parts is a privacy word (`private`, `pii`, ...;
+    whole words, so `philosophy.txt` is not flagged) or a `.dptrain-private` marker sits above it."""
     path = Path(path).resolve()
-    if any(word in part.lower() for part in path.parts[-3:] for word in PRIVATE_WORDS):
+    words = {w for part in path.parts[-3:] for w in re.split(r"[^a-z0-9]+", part.lower())}
+    if words & set(PRIVATE_WORDS):
         return True
     return any((folder / PRIVATE_MARKER).exists() for folder in [path, *path.parents] if folder.is_dir())
 
