@@ -72,7 +72,7 @@ def naive_documents(texts: list[str], ids: list[int], sp, seq_len: int) -> list[
 
 
 def split_docs(folder: Path, split: str) -> list[int]:
-    return [int(d) for d in np.load(folder / f"{split}.documents.npy")[:, 0]]
+    return [int(d) for d in PackedDataset(folder, split).document_table[:, 0]]
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -210,9 +210,11 @@ def test_manifest_and_self_contained_folder(tmp_path, tokenizer):
         info = m["splits"][split]
         size = (out / info["tokens_file"]).stat().st_size
         assert size == info["num_sequences"] * 32 * 4 == info["num_tokens"] * 4
+        table = (out / info["documents_file"]).stat().st_size
+        assert table == info["num_documents"] * len(info["documents_columns"]) * 8
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "tokenizer.model", "train.tokens.bin", "train.documents.npy",
-         "eval.tokens.bin", "eval.documents.npy"])
+        ["manifest.json", "tokenizer.model", "train.tokens.bin", "train.documents.bin",
+         "eval.tokens.bin", "eval.documents.bin"])
     ds = PackedDataset(out)
     assert ds.tokenizer_path == out / "tokenizer.model" and ds.seq_len == 32 and ds.vocab_size == VOCAB
 
@@ -272,16 +274,18 @@ def test_indices_beyond_32_bits(tmp_path):
             f.write(np.array([7, 8, 9, 10], dtype="<u4").tobytes())
     except OSError:
         pytest.skip("file system without sparse files")
-    np.save(folder / "train.documents.npy", np.array([[0, 0]], dtype=np.int64))
+    np.array([[0, 0]], dtype="<i8").tofile(folder / "train.documents.bin")
     (folder / "manifest.json").write_text(json.dumps({
         "format": "dptrain-packed", "seq_len": seq_len, "vocab_size": 16, "group_column": None,
         "tokenizer": {"file": "tokenizer.model"},
         "splits": {"train": {"num_sequences": n, "tokens_file": tokens.name, "held_out": False,
-                             "documents_file": "train.documents.npy"}}}))
+                             "documents_file": "train.documents.bin", "num_documents": 1,
+                             "documents_columns": ["document_id", "start_token"]}}}))
     ds = PackedDataset(folder)
     assert len(ds) == n
     assert ds[n - 1].tolist() == [7, 8, 9, 10]
     assert ds.batch([0, n - 1]).tolist() == [[0, 0, 0, 0], [7, 8, 9, 10]]
+    assert ds.documents(n - 1).tolist() == [0]
 
 
 def test_check_vocab(tmp_path, tokenizer):

@@ -243,11 +243,12 @@ def _write_split_canaries(canaries_path: Path, prepared: Path) -> None:
     """Count each canary's documents per split (written last; the manifest already exists)."""
     import numpy as np
 
+    from dptrain.data.packed import PackedDataset
+
     canaries = json.loads(canaries_path.read_text())
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    for canary in canaries:
-        for split, info in manifest["splits"].items():
-            docs = np.load(prepared / info["documents_file"], mmap_mode="r")[:, 0]
+    for split in json.loads((prepared / "manifest.json").read_text())["splits"]:
+        docs = PackedDataset(prepared, split).document_table[:, 0]
+        for canary in canaries:
             canary[f"{split}_repeats"] = int(np.isin(canary["records"], docs).sum())
     tmp = prepared / ".canaries.json.tmp"
     tmp.write_text(json.dumps(canaries, indent=1) + "\n")
