@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -256,6 +257,9 @@ def test_random_access_is_memory_mapped(tmp_path, tokenizer):
     batch = ds.batch(idx)
     assert batch.dtype == torch.int64 and batch.shape == (7, 16)
     assert np.array_equal(batch.numpy(), raw[idx])
+    copy = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < 1000 and isinstance(copy.tokens, np.memmap)
+    assert np.array_equal(copy[3], raw[3]) and copy.split == "train"
     with pytest.raises(IndexError):
         ds[len(ds)]
     with pytest.raises(IndexError):

@@ -98,6 +98,13 @@ class PackedDataset:
     def group_names(self) -> list[str]:
         return json.loads((self.path / GROUPS_FILE).read_text())
 
+    # Pickle by path (e.g. for DataLoader workers): the memory maps are reopened, never copied.
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "split": self.split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["split"])
+
     def __repr__(self) -> str:
         return (f"PackedDataset({str(self.path)!r}, split={self.split!r}: {len(self)} x {self.seq_len} "
                 f"tokens, vocab {self.vocab_size})")
