@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from dptrain.cli import main
 from dptrain.data import PackedDataset, check_vocab, prepare, train_tokenizer
 from dptrain.data.demo import write_demo_corpus
-from dptrain.data.tokenizer import PrivateTokenizerWarning, sha256_file
+from dptrain.data.tokenizer import PrivateTokenizerWarning, looks_private, sha256_file
 from dptrain.errors import UserError
 from dptrain.model import DecoderConfig
 
@@ -41,7 +42,8 @@ def make_docs(n: int, seed: int = 0) -> list[dict]:
     docs = []
     for i in range(n):
         length = int(rng.choice([0, 1, 3, 10, 60])) if i % 7 else 0
-        docs.append({"text": " ".join(rng.choice(WORDS, size=length)), "user": f"u{i % 5}", "n": i})
+        text = " ".join(rng.choice(WORDS, size=length)) if i % 11 else None  # JSON null: skipped
+        docs.append({"text": text, "user": f"u{i % 5}", "n": i})
     return docs
 
 
@@ -71,7 +73,7 @@ def naive_documents(texts: list[str], ids: list[int], sp, seq_len: int) -> list[
 
 
 def split_docs(folder: Path, split: str) -> list[int]:
-    return [int(d) for d in np.load(folder / f"{split}.documents.npy")[:, 0]]
+    return [int(d) for d in PackedDataset(folder, split).document_table[:, 0]]
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -86,7 +88,17 @@ def test_tokenizer_special_ids_and_byte_fallback(tokenizer):
     assert sp.decode(ids) == text
 
 
-def test_tokenizer_warns_on_private_input(tmp_path, public_text):
+def test_looks_private(tmp_path):
+    for name in ("private.jsonl", "patients_private.txt", "pii-dump.parquet", "Confidential Notes.txt"):
+        assert looks_private(tmp_path / name), name
+    for name in ("philosophy.txt", "secretary_handbook.txt", "wiki.txt"):
+        assert not looks_private(tmp_path / "public" / name), name
+    (tmp_path / "vault" / "deep").mkdir(parents=True)
+    (tmp_path / "vault" / ".dptrain-private").touch()
+    assert looks_private(tmp_path / "vault" / "deep" / "notes.txt")
+
+
+def test_tokenizer_warning_for_private_data(tmp_path, public_text):
     public = tmp_path / "corpus.txt"
     public.write_text(public_text.read_text())
     with warnings.catch_warnings():
@@ -104,6 +116,13 @@ def test_tokenizer_warns_on_private_input(tmp_path, public_text):
     (marked / "notes.txt").write_text(public.read_text())
     with pytest.warns(PrivateTokenizerWarning):
         train_tokenizer([marked / "notes.txt"], VOCAB, tmp_path / "d.model")
+
+
+def test_tokenizer_is_reproducible_with_one_thread(tmp_path, public_text, tokenizer):
+    again = train_tokenizer([public_text], VOCAB, tmp_path / "elsewhere" / "tok.model", num_threads=1)
+    first = train_tokenizer([public_text], VOCAB, tmp_path / "tok.model", num_threads=1)
+    assert again.read_bytes() == first.read_bytes()
+    assert str(tmp_path).encode() not in first.read_bytes()  # no local paths recorded
 
 
 def test_tokenizer_bad_input(tmp_path):
@@ -192,9 +211,11 @@ def test_manifest_and_self_contained_folder(tmp_path, tokenizer):
         info = m["splits"][split]
         size = (out / info["tokens_file"]).stat().st_size
         assert size == info["num_sequences"] * 32 * 4 == info["num_tokens"] * 4
+        table = (out / info["documents_file"]).stat().st_size
+        assert table == info["num_documents"] * len(info["documents_columns"]) * 8
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "tokenizer.model", "train.tokens.bin", "train.documents.npy",
-         "eval.tokens.bin", "eval.documents.npy"])
+        ["manifest.json", "tokenizer.model", "train.tokens.bin", "train.documents.bin",
+         "eval.tokens.bin", "eval.documents.bin"])
     ds = PackedDataset(out)
     assert ds.tokenizer_path == out / "tokenizer.model" and ds.seq_len == 32 and ds.vocab_size == VOCAB
 
@@ -236,6 +257,9 @@ def test_random_access_is_memory_mapped(tmp_path, tokenizer):
     batch = ds.batch(idx)
     assert batch.dtype == torch.int64 and batch.shape == (7, 16)
     assert np.array_equal(batch.numpy(), raw[idx])
+    copy = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < 1000 and isinstance(copy.tokens, np.memmap)
+    assert np.array_equal(copy[3], raw[3]) and copy.split == "train"
     with pytest.raises(IndexError):
         ds[len(ds)]
     with pytest.raises(IndexError):
@@ -254,16 +278,18 @@ def test_indices_beyond_32_bits(tmp_path):
             f.write(np.array([7, 8, 9, 10], dtype="<u4").tobytes())
     except OSError:
         pytest.skip("file system without sparse files")
-    np.save(folder / "train.documents.npy", np.array([[0, 0]], dtype=np.int64))
+    np.array([[0, 0]], dtype="<i8").tofile(folder / "train.documents.bin")
     (folder / "manifest.json").write_text(json.dumps({
         "format": "dptrain-packed", "seq_len": seq_len, "vocab_size": 16, "group_column": None,
         "tokenizer": {"file": "tokenizer.model"},
         "splits": {"train": {"num_sequences": n, "tokens_file": tokens.name, "held_out": False,
-                             "documents_file": "train.documents.npy"}}}))
+                             "documents_file": "train.documents.bin", "num_documents": 1,
+                             "documents_columns": ["document_id", "start_token"]}}}))
     ds = PackedDataset(folder)
     assert len(ds) == n
     assert ds[n - 1].tolist() == [7, 8, 9, 10]
     assert ds.batch([0, n - 1]).tolist() == [[0, 0, 0, 0], [7, 8, 9, 10]]
+    assert ds.documents(n - 1).tolist() == [0]
 
 
 def test_check_vocab(tmp_path, tokenizer):

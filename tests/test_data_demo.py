@@ -70,6 +70,10 @@ def test_prepare_demo_trains_on_public_text_and_caches(tmp_path):
     assert (out / "train.tokens.bin").stat().st_mtime_ns == stamp
     other = prepare_demo(tmp_path, **{**kwargs, "seq_len": 32})
     assert other != out and PackedDataset(other).seq_len == 32
+    # reproducible from scratch elsewhere: same tokenizer bytes, same sequences
+    again = prepare_demo(tmp_path / "again", **kwargs)
+    assert (again / "tokenizer.model").read_bytes() == (out / "tokenizer.model").read_bytes()
+    assert (again / "train.tokens.bin").read_bytes() == (out / "train.tokens.bin").read_bytes()
 
 
 def test_cli_demo(tmp_path, capsys):

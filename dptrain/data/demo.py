@@ -226,7 +226,8 @@ def prepare_demo(out_dir: str | Path, seq_len: int = 128, vocab_size: int = 2048
         write_demo_corpus(corpus, seed=seed, num_records=num_records)
     tokenizer = out_dir / f"tokenizer-v{DEMO_VERSION}-seed{seed}-vocab{vocab_size}.model"
     if not tokenizer.exists():
-        train_tokenizer([corpus / "public.txt"], vocab_size, tokenizer)
+        # one thread: bit-reproducible, so every machine prepares the same demo tokens
+        train_tokenizer([corpus / "public.txt"], vocab_size, tokenizer, num_threads=1, seed=seed)
     prepared = out_dir / (f"prepared-v{DEMO_VERSION}-seed{seed}-n{num_records}-vocab{vocab_size}"
                           f"-seq{seq_len}-eval{eval_fraction:g}")
     if not (prepared / "manifest.json").exists():
@@ -242,11 +243,12 @@ def _write_split_canaries(canaries_path: Path, prepared: Path) -> None:
     """Count each canary's documents per split (written last; the manifest already exists)."""
     import numpy as np
 
+    from dptrain.data.packed import PackedDataset
+
     canaries = json.loads(canaries_path.read_text())
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    for canary in canaries:
-        for split, info in manifest["splits"].items():
-            docs = np.load(prepared / info["documents_file"], mmap_mode="r")[:, 0]
+    for split in json.loads((prepared / "manifest.json").read_text())["splits"]:
+        docs = PackedDataset(prepared, split).document_table[:, 0]
+        for canary in canaries:
             canary[f"{split}_repeats"] = int(np.isin(canary["records"], docs).sum())
     tmp = prepared / ".canaries.json.tmp"
     tmp.write_text(json.dumps(canaries, indent=1) + "\n")

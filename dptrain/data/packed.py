@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dptrain.data.prepare import FORMAT, GROUPS_FILE, MANIFEST, TOKEN_DTYPE
+from dptrain.data.prepare import DOCUMENT_DTYPE, FORMAT, GROUPS_FILE, MANIFEST, TOKEN_DTYPE
 from dptrain.errors import UserError
 
 
@@ -70,7 +70,12 @@ class PackedDataset:
     def document_table(self) -> np.ndarray:
         """int64 rows (document_id, start_token[, group]) in packing order, memory-mapped."""
         if self._documents is None:
-            self._documents = np.load(self.path / self.info["documents_file"], mmap_mode="r")
+            shape = (int(self.info["num_documents"]), len(self.info["documents_columns"]))
+            if shape[0] == 0:
+                self._documents = np.empty(shape, dtype=DOCUMENT_DTYPE)
+            else:
+                self._documents = np.memmap(self.path / self.info["documents_file"], dtype=DOCUMENT_DTYPE,
+                                            mode="r", shape=shape)
         return self._documents
 
     def _rows(self, i: int) -> np.ndarray:
@@ -92,6 +97,13 @@ class PackedDataset:
     @property
     def group_names(self) -> list[str]:
         return json.loads((self.path / GROUPS_FILE).read_text())
+
+    # Pickle by path (e.g. for DataLoader workers): the memory maps are reopened, never copied.
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "split": self.split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["split"])
 
     def __repr__(self) -> str:
         return (f"PackedDataset({str(self.path)!r}, split={self.split!r}: {len(self)} x {self.seq_len} "

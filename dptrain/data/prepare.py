@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 GROUPS_FILE = "groups.json"
 TOKEN_DTYPE = "<u4"
+DOCUMENT_DTYPE = "<i8"
 SPLITS = ("train", "eval")
 
 
@@ -38,41 +39,53 @@ def tokens_file(split: str) -> str:
 
 
 def documents_file(split: str) -> str:
-    return f"{split}.documents.npy"
+    return f"{split}.documents.bin"
 
 
 class _SplitWriter:
-    """Appends BOS+doc+EOS token runs and writes every complete `seq_len` sequence to disk."""
+    """Appends BOS+doc+EOS token runs and writes every complete `seq_len` sequence to disk.
 
-    def __init__(self, path: Path, seq_len: int, with_groups: bool):
-        self.file = open(path, "wb")
+    The document table (int64 rows: document id, start token[, group]) streams to its own file,
+    so neither tokens nor table are ever held whole in memory.
+    """
+
+    def __init__(self, folder: Path, split: str, seq_len: int, with_groups: bool):
+        self.tokens = open(folder / tokens_file(split), "wb")
+        self.table_path = folder / documents_file(split)
+        self.table = open(self.table_path, "wb")
         self.seq_len = seq_len
+        self.columns = 3 if with_groups else 2
         self.pending = np.empty(0, dtype=np.uint32)
         self.offset = 0  # tokens appended so far, i.e. stream position of `pending`'s end
-        self.tables: list[np.ndarray] = []
-        self.columns = 3 if with_groups else 2
+        self.rows = 0
+        self.first_dropped_row = None  # first document starting inside the dropped tail
 
     def append(self, tokens: np.ndarray, doc_ids: np.ndarray, doc_lengths: np.ndarray,
                groups: np.ndarray | None) -> None:
         starts = self.offset + np.concatenate(([0], np.cumsum(doc_lengths)[:-1]))
         cols = [doc_ids, starts] + ([groups] if groups is not None else [])
-        self.tables.append(np.stack(cols, axis=1).astype(np.int64))
+        np.stack(cols, axis=1).astype(DOCUMENT_DTYPE).tofile(self.table)
+        self.rows += len(doc_ids)
         self.offset += len(tokens)
         self.pending = np.concatenate((self.pending, tokens)) if len(self.pending) else tokens
         full = len(self.pending) // self.seq_len * self.seq_len
         if full:
-            self.pending[:full].astype(TOKEN_DTYPE, copy=False).tofile(self.file)
+            self.pending[:full].astype(TOKEN_DTYPE, copy=False).tofile(self.tokens)
             self.pending = self.pending[full:]
 
-    def finish(self, doc_path: Path) -> dict:
-        self.file.close()
+    def finish(self) -> dict:
+        self.tokens.close()
+        self.table.close()
         dropped = len(self.pending)
         kept_tokens = self.offset - dropped
-        table = np.concatenate(self.tables) if self.tables else np.empty((0, self.columns), np.int64)
-        table = table[table[:, 1] < kept_tokens]  # documents wholly inside the dropped tail
-        np.save(doc_path, table)
+        # Starts increase, so documents wholly inside the dropped tail are the table's last rows.
+        table = np.memmap(self.table_path, dtype=DOCUMENT_DTYPE, mode="r", shape=(self.rows, self.columns)) \
+            if self.rows else np.empty((0, self.columns), DOCUMENT_DTYPE)
+        kept_rows = int(np.searchsorted(table[:, 1], kept_tokens, side="left"))
+        del table
+        os.truncate(self.table_path, kept_rows * self.columns * np.dtype(DOCUMENT_DTYPE).itemsize)
         return {"num_sequences": kept_tokens // self.seq_len, "num_tokens": kept_tokens,
-                "num_documents": len(table), "dropped_tail_tokens": dropped}
+                "num_documents": kept_rows, "dropped_tail_tokens": dropped}
 
 
 def _eval_mask(num_docs: int, fraction: float, seed: int, group_codes: np.ndarray | None,
@@ -147,12 +160,13 @@ def prepare(
             group_values = list(index)
         is_eval = _eval_mask(num_docs, eval_fraction, seed, group_codes, keep_in_train)
         split_names = SPLITS if eval_fraction > 0 else SPLITS[:1]
-        writers = {s: _SplitWriter(tmp / tokens_file(s), seq_len, group_column is not None)
-                   for s in split_names}
+        writers = {s: _SplitWriter(tmp, s, seq_len, group_column is not None) for s in split_names}
         skipped = 0
 
         def encode(start: int):
             texts = ds[start:start + batch_docs][text_column]
+            if any(t is None for t in texts):  # null text: an empty document, skipped below
+                texts = [t or "" for t in texts]
             ids = sp.encode(texts, return_type="numpy", add_bos=True, add_eos=True,
                             num_threads=num_threads)
             return start, texts, ids
@@ -180,7 +194,7 @@ def prepare(
                     writers[split].append(tokens, doc_ids[chosen], lengths, groups)
                 bar.update(len(texts))
 
-        stats = {s: writers[s].finish(tmp / documents_file(s)) for s in split_names}
+        stats = {s: writers[s].finish() for s in split_names}
         del ds
         shutil.rmtree(cache, ignore_errors=True)
         for split, st in stats.items():

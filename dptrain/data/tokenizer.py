@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -21,7 +22,7 @@ from dptrain.errors import UserError
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 # A file named like this in an input's folder (or any parent) marks the data as private.
 PRIVATE_MARKER = ".dptrain-private"
-PRIVATE_WORDS = ("private", "sensitive", "confidential", "secret", "pii", "phi")
+PRIVATE_WORDS = ("private", "sensitive", "confidential", "secret", "secrets", "pii", "phi")
 
 
 class PrivateTokenizerWarning(UserWarning):
@@ -37,9 +38,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def looks_private(path: str | Path) -> bool:
-    """True when a path's name mentions privacy or a `.dptrain-private` marker sits above it."""
+    """True when a word of the path's last three parts is a privacy word (`private`, `pii`, ...;
+    whole words, so `philosophy.txt` is not flagged) or a `.dptrain-private` marker sits above it."""
     path = Path(path).resolve()
-    if any(word in part.lower() for part in path.parts[-3:] for word in PRIVATE_WORDS):
+    words = {w for part in path.parts[-3:] for w in re.split(r"[^a-z0-9]+", part.lower())}
+    if words & set(PRIVATE_WORDS):
         return True
     return any((folder / PRIVATE_MARKER).exists() for folder in [path, *path.parents] if folder.is_dir())
 
@@ -68,11 +71,14 @@ def train_tokenizer(
     model_type: str = "bpe",
     num_threads: int | None = None,
     max_sentences: int = 2_000_000,
+    seed: int = 0,
 ) -> Path:
     """Train a byte-fallback SentencePiece model on text files (one sentence per line).
 
     `out` is the `.model` path (a `.vocab` is written beside it). Warns with
-    `PrivateTokenizerWarning` when `private` is set or an input looks private.
+    `PrivateTokenizerWarning` when `private` is set or an input looks private. With
+    `num_threads=1` the result is bit-reproducible for a given `seed`; with more threads the
+    floating-point sums of training vary slightly from run to run.
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -97,6 +103,7 @@ def train_tokenizer(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out.parent) as tmp:
         prefix = Path(tmp) / "sp"
+        spm.set_random_generator_seed(seed)
         try:
             spm.SentencePieceTrainer.Train(
                 input=[str(p) for p in inputs],
@@ -119,7 +126,21 @@ def train_tokenizer(
             )
         except RuntimeError as err:
             raise UserError(f"tokenizer training failed: {str(err).strip().splitlines()[-1]}") from None
+        _scrub_paths(prefix.with_suffix(".model"), out.stem, inputs)
         # Replace in one rename each, so a reader never sees a half-written model.
         shutil.move(str(prefix.with_suffix(".vocab")), out.with_suffix(".vocab"))
         shutil.move(str(prefix.with_suffix(".model")), out)
     return out
+
+
+def _scrub_paths(model: Path, name: str, inputs: list[Path]) -> None:
+    """Keep only file names in the model's recorded training spec: no temporary or local paths,
+    so the same training gives the same bytes wherever it runs."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.trainer_spec.model_prefix = name
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.input.extend(p.name for p in inputs)
+    model.write_bytes(proto.SerializeToString())
