@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dptrain import configio
 from dptrain.checkpoint import atomic_dir, write_model
-from dptrain.data import PackedDataset
+from dptrain.data import PackedDataset, check_vocab
 from dptrain.dp import DPEngine
 from dptrain.errors import UserError
 from dptrain.model import Decoder, training_flops_per_token
@@ -141,9 +141,7 @@ class Trainer:
         return train, (held_out if held_out is not None and len(held_out) else None)
 
     def _check_data_fits_model(self) -> None:
-        if self.train_data.vocab_size != self.model_cfg.vocab_size:
-            raise UserError(f"the data's tokenizer has {self.train_data.vocab_size} tokens but "
-                            f"model.vocab_size is {self.model_cfg.vocab_size}")
+        check_vocab(self.train_data, self.model_cfg)
         if self.train_data.seq_len - 1 > self.model_cfg.max_seq_len:
             raise UserError(f"sequences of {self.train_data.seq_len} tokens exceed "
                             f"model.max_seq_len {self.model_cfg.max_seq_len} + 1")
