@@ -104,11 +104,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.mix(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin))
+
+    def mix(self, q, k, v, cos, sin) -> torch.Tensor:
+        """Everything between the projections: parameter-free, so `Decoder.compile_mixers` may fuse it."""
         cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        b, t, _ = q.shape
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         scale = cfg.query_pre_attn_scalar ** -0.5
         if cfg.attn_logit_softcapping is None:
@@ -116,7 +120,7 @@ class Attention(nn.Module):
                 q, k, v, is_causal=True, scale=scale, enable_gqa=cfg.num_kv_heads != cfg.num_heads)
         else:
             out = self._softcapped_attention(q, k, v, scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
+        return out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
 
     def _softcapped_attention(self, q, k, v, scale):
         # Soft-capping sits between the score matmul and the softmax, where no fused kernel reaches.
@@ -139,7 +143,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(self.gate(self.gate_proj(x), self.up_proj(x)))
+
+    @staticmethod
+    def gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.gelu(gate, approximate="tanh") * up
 
 
 class DecoderLayer(nn.Module):
@@ -188,6 +196,16 @@ class Decoder(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return softcap(self.lm_head(self.norm(x)), self.cfg.final_logit_softcapping)
+
+    def compile_mixers(self) -> None:
+        """torch.compile the parameter-free parts of every layer (attention mixing, GeGLU gating).
+
+        The layers holding weights stay eager on purpose: the DP engine reads their inputs and
+        output-gradients through hooks and autograd edges that a compiled region would fuse away.
+        """
+        for layer in self.layers:
+            layer.self_attn.mix = torch.compile(layer.self_attn.mix, dynamic=False)
+            layer.mlp.gate = torch.compile(MLP.gate, dynamic=False)
 
     def unique_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict with a tied head's alias dropped, so each tensor is stored once."""

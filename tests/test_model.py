@@ -67,3 +67,19 @@ def test_cli_model_info_and_bad_config_exit_code(tmp_path, capsys):
     assert main(["model", "info", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "num_kv_heads" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compiled_mixers_give_the_same_per_example_norms_and_sums():
+    from dptrain.dp import DPEngine
+
+    torch.manual_seed(0)
+    model = Decoder(tiny(num_kv_heads=2))
+    x, y = torch.randint(0, 61, (3, 12)), torch.randint(0, 61, (3, 12))
+    engine = DPEngine(model, max_grad_norm=0.1)
+    eager_norms = engine.clipped_grad_sum(x, y)
+    eager = [p.grad.clone() for p in engine.parameters]
+    engine.zero_grad()
+    model.compile_mixers()
+    torch.testing.assert_close(engine.clipped_grad_sum(x, y), eager_norms, rtol=1e-5, atol=0)
+    for param, ref in zip(engine.parameters, eager):
+        torch.testing.assert_close(param.grad, ref, rtol=1e-5, atol=1e-7)

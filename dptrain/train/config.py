@@ -74,7 +74,7 @@ class RuntimeConfig:
     micro_batch_size: int = 16
     device: str = "auto"  # auto = cuda when available
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast, float32 master weights
-    compile: bool = False
+    compile: bool = False  # torch.compile the parameter-free parts of each layer
     seed: int = 0
     threads: int | None = None  # CPU threads; None keeps torch's default
 

@@ -106,6 +106,8 @@ class Trainer:
 
         torch.manual_seed(derive_seed(cfg.runtime.seed, "init"))
         self.model = self._build_model().to(self.device)
+        if cfg.runtime.compile:
+            self.model.compile_mixers()
         self.engine = DPEngine(self.model, p.max_grad_norm)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
