@@ -106,14 +106,14 @@ def test_calibration_reference_and_round_trip():
     # Opacus: noise for eps 8, delta 1e-5, q 0.04, 2000 steps is 1.3562 under RDP.
     sigma = calibrate_noise(8.0, 1e-5, 0.04, 2000, "rdp")
     assert sigma == pytest.approx(1.3562, rel=2e-3)
-    for accountant in ("rdp", "pld"):
-        sigma = calibrate_noise(3.0, 1e-6, 0.01, 500, accountant)
+    for accountant, rtol in (("rdp", 1e-3), ("pld", 1e-2)):
+        sigma = calibrate_noise(3.0, 1e-6, 0.01, 500, accountant, rtol=rtol)
         assert epsilon(sigma, 0.01, 500, 1e-6, accountant) <= 3.0
         # minimal up to the tolerance: a little less noise overshoots
-        assert epsilon(sigma / 1.002, 0.01, 500, 1e-6, accountant) > 3.0
+        assert epsilon(sigma / (1 + 1.01 * rtol), 0.01, 500, 1e-6, accountant) > 3.0
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(target=st.floats(0.5, 8.0), q=st.floats(1e-2, 0.2), steps=st.integers(20, 200),
        accountant=st.sampled_from(["pld", "rdp"]))
 def test_calibration_never_overshoots(target, q, steps, accountant):
@@ -122,15 +122,15 @@ def test_calibration_never_overshoots(target, q, steps, accountant):
 
 
 def test_truncated_poisson_accounting():
-    untruncated = epsilon(1.0, 0.01, 100, 1e-6)
+    untruncated = epsilon(2.0, 0.01, 100, 1e-6)
     # truncation that (almost) never happens costs nothing; frequent truncation costs a lot
-    assert epsilon(1.0, 0.01, 100, 1e-6, dataset_size=10_000, max_batch_size=200) == \
+    assert epsilon(2.0, 0.01, 100, 1e-6, dataset_size=10_000, max_batch_size=200) == \
         pytest.approx(untruncated, abs=1e-4)
-    assert epsilon(1.0, 0.01, 100, 1e-6, dataset_size=10_000, max_batch_size=100) > untruncated + 0.1
+    assert epsilon(2.0, 0.01, 100, 1e-6, dataset_size=10_000, max_batch_size=100) > untruncated + 0.3
     with pytest.raises(UserError, match="truncated"):
-        epsilon(1.0, 0.01, 100, 1e-6, "rdp", dataset_size=10_000, max_batch_size=100)
+        epsilon(2.0, 0.01, 100, 1e-6, "rdp", dataset_size=10_000, max_batch_size=100)
     with pytest.raises(UserError):
-        epsilon(1.0, 0.01, 100, 1e-6, max_batch_size=100)  # needs the dataset size too
+        epsilon(2.0, 0.01, 100, 1e-6, max_batch_size=100)  # needs the dataset size too
 
 
 def test_ledger_compresses_and_composes():
@@ -153,8 +153,8 @@ def test_ledger_compresses_and_composes():
 
 def test_ledger_state_round_trip_and_truncation():
     ledger = PrivacyLedger()
-    ledger.record(1.0, 0.01, count=10)
-    ledger.record(1.0, 0.01, dataset_size=10_000, max_batch_size=100, count=5)
+    ledger.record(2.0, 0.01, count=10)
+    ledger.record(2.0, 0.01, dataset_size=10_000, max_batch_size=100, count=5)
     epsilons = ledger.epsilons(1e-6)
     assert set(epsilons) == {"pld"}  # RDP and PRV cannot bound truncation
     restored = PrivacyLedger()
