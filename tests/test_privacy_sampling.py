@@ -124,3 +124,8 @@ def test_no_shuffle_based_sampling():
     source = inspect.getsource(sampling)
     for banned in (".shuffle(", ".permutation(", "randperm"):
         assert banned not in source
+
+
+def test_rejects_negative_seed():
+    with pytest.raises(UserError):
+        PoissonSampler(10, 2, seed=-1)
