@@ -13,9 +13,6 @@ def register(sub) -> None:
     eps = actions.add_parser("epsilon", help="epsilon spent by a run (Poisson-subsampled Gaussian)")
     eps.add_argument("--noise-multiplier", type=float, required=True, help="sigma (noise std / clip)")
     _common(eps)
-    eps.add_argument("--max-batch-size", type=int, default=None,
-                     help="truncated Poisson sampling: largest batch kept (needs --dataset-size)")
-    eps.add_argument("--dataset-size", type=int, default=None, help="number of examples")
     eps.set_defaults(func=run_epsilon)
 
     noise = actions.add_parser("noise", help="smallest noise multiplier that meets a budget")
@@ -29,6 +26,9 @@ def _common(parser) -> None:
     parser.add_argument("--steps", type=int, required=True, help="number of noisy steps")
     parser.add_argument("--delta", type=float, required=True)
     parser.add_argument("--accountant", choices=ACCOUNTANT_CHOICES, default="pld")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="truncated Poisson sampling: largest batch kept (needs --dataset-size)")
+    parser.add_argument("--dataset-size", type=int, default=None, help="number of examples")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -66,12 +66,16 @@ def run_epsilon(args) -> int:
 def run_noise(args) -> int:
     from dptrain.privacy.accounting import calibrate_noise
 
-    results = {a: calibrate_noise(args.epsilon, args.delta, args.sampling_rate, args.steps, a)
-               for a in _accountants(args.accountant, truncated=False)}
+    truncated = args.max_batch_size is not None or args.dataset_size is not None
+    results = {a: calibrate_noise(args.epsilon, args.delta, args.sampling_rate, args.steps, a,
+                                  dataset_size=args.dataset_size,
+                                  max_batch_size=args.max_batch_size)
+               for a in _accountants(args.accountant, truncated)}
     if args.json:
         print(json.dumps({"epsilon": args.epsilon, "delta": args.delta,
                           "sampling_rate": args.sampling_rate, "steps": args.steps,
-                          "noise_multiplier": results}))
+                          "dataset_size": args.dataset_size,
+                          "max_batch_size": args.max_batch_size, "noise_multiplier": results}))
     else:
         for name, value in results.items():
             print(f"noise multiplier ({name}) = {value:.4f} for epsilon <= {args.epsilon:g} "
