@@ -23,6 +23,7 @@ from dptrain.privacy.seeds import derive_seed
 
 # Gaussians summed per secure output; see `_secure_normal`.
 SECURE_SUMMANDS = 4
+SECURE_CHUNK = 1 << 20
 
 
 class NoiseSource:
@@ -40,7 +41,13 @@ class NoiseSource:
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = tuple(shape)
         if self.secure:
-            sample = torch.from_numpy(_secure_normal(math.prod(shape))).reshape(shape)
+            # float64 in chunks, so the working memory stays bounded for billion-element tensors
+            out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            sample = torch.empty(math.prod(shape), dtype=out_dtype)
+            for start in range(0, sample.numel(), SECURE_CHUNK):
+                chunk = sample[start:start + SECURE_CHUNK]
+                chunk.copy_(torch.from_numpy(_secure_normal(chunk.numel())))
+            sample = sample.reshape(shape)
         else:
             sample = torch.randn(shape, generator=self._generator, dtype=torch.float32)
         return sample.to(device=device, dtype=dtype)

@@ -9,10 +9,12 @@ import zlib
 
 import numpy as np
 
+from dptrain.errors import UserError
+
 
 def derive_seed(seed: int, purpose: str) -> int:
     """A 63-bit seed for `purpose`, independent of the seeds of other purposes."""
     if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise UserError(f"seed must be a non-negative integer, got {seed}")
     seq = np.random.SeedSequence(int(seed), spawn_key=(zlib.crc32(purpose.encode()),))
     return int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1))

@@ -1,0 +1,83 @@
+"""`dptrain privacy epsilon|noise`: the (epsilon, delta) of a DP-SGD run, or the noise for a budget."""
+from __future__ import annotations
+
+import json
+
+ACCOUNTANT_CHOICES = ("pld", "rdp", "prv", "all")
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("privacy", help="privacy accounting of DP-SGD runs")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    eps = actions.add_parser("epsilon", help="epsilon spent by a run (Poisson-subsampled Gaussian)")
+    eps.add_argument("--noise-multiplier", type=float, required=True, help="sigma (noise std / clip)")
+    _common(eps)
+    eps.set_defaults(func=run_epsilon)
+
+    noise = actions.add_parser("noise", help="smallest noise multiplier that meets a budget")
+    noise.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    _common(noise)
+    noise.set_defaults(func=run_noise)
+
+
+def _common(parser) -> None:
+    parser.add_argument("--sampling-rate", type=float, required=True, help="q = expected batch / N")
+    parser.add_argument("--steps", type=int, required=True, help="number of noisy steps")
+    parser.add_argument("--delta", type=float, required=True)
+    parser.add_argument("--accountant", choices=ACCOUNTANT_CHOICES, default="pld")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="truncated Poisson sampling: largest batch kept (needs --dataset-size)")
+    parser.add_argument("--dataset-size", type=int, default=None, help="number of examples")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _accountants(choice: str, truncated: bool) -> list[str]:
+    from dptrain.errors import UserError
+
+    if choice == "all":
+        return ["pld"] if truncated else ["pld", "rdp", "prv"]
+    if truncated and choice != "pld":
+        raise UserError(f"the {choice} accountant cannot account truncated Poisson sampling; "
+                        "use pld")
+    return [choice]
+
+
+def run_epsilon(args) -> int:
+    from dptrain.privacy.accounting import epsilon
+
+    truncated = args.max_batch_size is not None or args.dataset_size is not None
+    results = {a: epsilon(args.noise_multiplier, args.sampling_rate, args.steps, args.delta, a,
+                          dataset_size=args.dataset_size, max_batch_size=args.max_batch_size)
+               for a in _accountants(args.accountant, truncated)}
+    if args.json:
+        print(json.dumps({"noise_multiplier": args.noise_multiplier,
+                          "sampling_rate": args.sampling_rate, "steps": args.steps,
+                          "delta": args.delta, "dataset_size": args.dataset_size,
+                          "max_batch_size": args.max_batch_size, "epsilon": results}))
+    else:
+        for name, value in results.items():
+            print(f"epsilon ({name}) = {value:.4f} at delta = {args.delta:g}")
+        if args.accountant == "all" and truncated:
+            print("rdp, prv: not applicable to truncated Poisson sampling")
+    return 0
+
+
+def run_noise(args) -> int:
+    from dptrain.privacy.accounting import calibrate_noise
+
+    truncated = args.max_batch_size is not None or args.dataset_size is not None
+    results = {a: calibrate_noise(args.epsilon, args.delta, args.sampling_rate, args.steps, a,
+                                  dataset_size=args.dataset_size,
+                                  max_batch_size=args.max_batch_size)
+               for a in _accountants(args.accountant, truncated)}
+    if args.json:
+        print(json.dumps({"epsilon": args.epsilon, "delta": args.delta,
+                          "sampling_rate": args.sampling_rate, "steps": args.steps,
+                          "dataset_size": args.dataset_size,
+                          "max_batch_size": args.max_batch_size, "noise_multiplier": results}))
+    else:
+        for name, value in results.items():
+            print(f"noise multiplier ({name}) = {value:.4f} for epsilon <= {args.epsilon:g} "
+                  f"at delta = {args.delta:g}")
+    return 0

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from dptrain.cli import main
+from dptrain.privacy.accounting import epsilon
+
+BASE = ["--sampling-rate", "0.01", "--steps", "1000", "--delta", "1e-6"]
+
+
+def test_epsilon_json_all_accountants(capsys):
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1.0", *BASE, "--accountant", "all",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["epsilon"]) == {"pld", "rdp", "prv"}
+    assert out["epsilon"]["pld"] == epsilon(1.0, 0.01, 1000, 1e-6)
+    assert out["epsilon"]["pld"] <= out["epsilon"]["rdp"]
+
+
+def test_epsilon_truncated_reports_only_pld(capsys):
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1.0", *BASE, "--accountant", "all",
+                 "--dataset-size", "100000", "--max-batch-size", "1100"]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon (pld)" in out and "not applicable" in out and "epsilon (rdp)" not in out
+
+
+def test_noise_round_trip(capsys):
+    assert main(["privacy", "noise", "--epsilon", "3", *BASE, "--accountant", "rdp",
+                 "--json"]) == 0
+    sigma = json.loads(capsys.readouterr().out)["noise_multiplier"]["rdp"]
+    assert epsilon(sigma, 0.01, 1000, 1e-6, "rdp") <= 3
+
+
+@pytest.mark.parametrize("argv", [
+    ["privacy", "epsilon", "--noise-multiplier", "1.0", "--sampling-rate", "1.5", "--steps", "10",
+     "--delta", "1e-6"],
+    ["privacy", "noise", "--epsilon", "-1", *BASE],
+    ["privacy", "epsilon", "--noise-multiplier", "1.0", *BASE, "--accountant", "rdp",
+     "--dataset-size", "1000", "--max-batch-size", "20"],
+    ["privacy", "epsilon", "--noise-multiplier", "1.0", *BASE, "--max-batch-size", "20"],
+])
+def test_bad_input_is_one_line_exit_2(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dptrain privacy: error:") and err.count("\n") == 1

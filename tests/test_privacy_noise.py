@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dptrain.errors import UserError
+from dptrain.privacy.noise import NoiseSource
+from dptrain.privacy.seeds import derive_seed
+
+SIGMA, CLIP, N = 0.8, 2.5, 20_000
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_is_standard_normal(secure):
+    scale = SIGMA * CLIP
+    noise = NoiseSource(seed=11, secure=secure)((N,), "cpu").double().numpy() * scale
+    assert stats.kstest(noise, "norm", args=(0, scale)).pvalue > 1e-3
+    # a source off by a factor 2/3 or 3/2 in scale is caught
+    assert stats.kstest(noise * 2 / 3, "norm", args=(0, scale)).pvalue < 1e-6
+    assert stats.kstest(noise * 3 / 2, "norm", args=(0, scale)).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_elements_are_uncorrelated(secure):
+    x = NoiseSource(seed=1, secure=secure)((N,)).double().numpy()
+    lag1 = np.corrcoef(x[:-1], x[1:])[0, 1]
+    assert abs(lag1) < 4 / np.sqrt(N)
+
+
+def test_seeded_source_is_reproducible_and_seed_dependent():
+    a, b, c = NoiseSource(5), NoiseSource(5), NoiseSource(6)
+    x = a((3, 4))
+    assert torch.equal(x, b((3, 4)))
+    assert not torch.equal(x, c((3, 4)))
+    assert x.shape == (3, 4) and x.dtype == torch.float32
+
+
+def test_dtype_does_not_change_the_stream():
+    full = NoiseSource(5)((1000,))
+    half = NoiseSource(5)((1000,), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, full.to(torch.bfloat16))
+
+
+def test_resume_continues_the_stream_exactly():
+    source = NoiseSource(9)
+    source((100,))
+    state = json.loads(json.dumps(source.state_dict()))  # JSON-able
+    expected = [source((50,)), source((7, 3))]
+    resumed = NoiseSource(9)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed((50,)), expected[0]) and torch.equal(resumed((7, 3)), expected[1])
+    with pytest.raises(UserError):
+        NoiseSource(10).load_state_dict(state)
+
+
+def test_secure_source_is_not_replayable():
+    a, b = NoiseSource(0, secure=True), NoiseSource(0, secure=True)
+    x, y = a((1000,)), b((1000,))
+    assert not torch.equal(x, y)
+    assert "generator" not in a.state_dict()
+    # outputs are drawn in float64: no two of 100k share a value (a coarse sampler would)
+    z = a((100_000,), dtype=torch.float64).numpy()
+    assert len(np.unique(z)) == len(z)
+
+
+def test_noise_and_sampling_streams_are_distinct():
+    assert derive_seed(0, "gaussian-noise") != derive_seed(0, "poisson-sampling")
+    assert derive_seed(0, "gaussian-noise") != derive_seed(1, "gaussian-noise")
