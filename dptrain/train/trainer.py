@@ -27,6 +27,7 @@ from dptrain.model import Decoder, training_flops_per_token
 from dptrain.privacy.accounting import PrivacyLedger, calibrate_noise
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import PoissonSampler
+from dptrain.privacy.seeds import derive_seed
 from dptrain.train.config import TrainConfig
 from dptrain.train.metrics import MetricsLog
 from dptrain.train.report import privacy_report, write_report
@@ -37,12 +38,6 @@ STATE_FILE = "train_state.pt"
 TRAIN_CONFIG_FILE = "train_config.yaml"
 # Sections that decide what was trained and with which guarantee: a resume must not change them.
 FIXED_ON_RESUME = ("model", "data", "privacy", "optimizer", "schedule", "init_from")
-
-
-def derive_seed(seed: int, purpose: str) -> int:
-    """Independent streams per purpose from one user seed (never the same stream twice)."""
-    words = [seed] + [ord(c) for c in purpose]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +99,8 @@ class Trainer:
                            if p.max_batch_size else {})
         self.noise_multiplier = self._plan_noise()
 
-        torch.manual_seed(derive_seed(cfg.runtime.seed, "init"))
+        # The sampler and the noise derive their own streams from the same seed.
+        torch.manual_seed(derive_seed(cfg.runtime.seed, "model-init"))
         self.model = self._build_model().to(self.device)
         if cfg.runtime.compile:
             self.model.compile_mixers()
@@ -113,9 +109,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, p.steps, cfg.schedule))
         self.sampler = PoissonSampler(self.num_examples, p.expected_batch_size,
-                                      seed=derive_seed(cfg.runtime.seed, "sampler"),
+                                      seed=cfg.runtime.seed,
                                       max_batch_size=p.max_batch_size)
-        self.noise = NoiseSource(derive_seed(cfg.runtime.seed, "noise"), secure=p.secure_noise)
+        self.noise = NoiseSource(cfg.runtime.seed, secure=p.secure_noise)
         self.ledger = PrivacyLedger()
         self.step = 0
         self.batch_sizes: list[int] = []
