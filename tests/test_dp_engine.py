@@ -264,8 +264,11 @@ def test_noise_added_once_to_clipped_sum_then_normalized():
     with pytest.raises(RuntimeError):
         engine.add_noise(0.7, _gaussian(6))
     model.zero_grad(set_to_none=True)  # optimizer.zero_grad() style reset also re-arms noise
-    engine.zero_grad()
-    engine.add_noise(0.7, _gaussian(6))
+    engine.clipped_grad_sum(inputs, targets, weights)
+    engine.privatize(0.7, 16.0, _gaussian(6))
+    model.zero_grad(set_to_none=False)  # zeroing in place cannot be told from no reset: refused
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        engine.clipped_grad_sum(inputs, targets, weights)
 
 
 def test_bad_input_is_a_user_error():
