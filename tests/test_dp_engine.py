@@ -100,7 +100,7 @@ def test_tied_norm_needs_cross_term():
 
 
 def test_clipped_contribution_norm_at_most_c():
-    model = make_model(scale := torch.float32)
+    model = make_model(torch.float32)
     inputs, targets, _ = make_batch()
     for c in (0.05, 0.5):
         for i in range(inputs.shape[0]):

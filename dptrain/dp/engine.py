@@ -269,7 +269,7 @@ def _build_groups(model: nn.Module) -> list[_Group]:
             if role is None:
                 raise UserError(f"DP engine has no per-example gradient rule for parameter '{where}' "
                                 f"of module '{path or '<root>'}' ({type(module).__name__})")
-            why = layers.check_module_options(path, module)
+            why = layers.check_module_options(module)
             if why:
                 raise UserError(f"DP engine cannot handle module '{path}' ({type(module).__name__}): {why}")
             form, builder = role
