@@ -100,7 +100,7 @@ def test_tied_norm_needs_cross_term():
 
 
 def test_clipped_contribution_norm_at_most_c():
-    model = make_model(scale := torch.float32)
+    model = make_model(torch.float32)
     inputs, targets, _ = make_batch()
     for c in (0.05, 0.5):
         for i in range(inputs.shape[0]):
@@ -264,8 +264,11 @@ def test_noise_added_once_to_clipped_sum_then_normalized():
     with pytest.raises(RuntimeError):
         engine.add_noise(0.7, _gaussian(6))
     model.zero_grad(set_to_none=True)  # optimizer.zero_grad() style reset also re-arms noise
-    engine.zero_grad()
-    engine.add_noise(0.7, _gaussian(6))
+    engine.clipped_grad_sum(inputs, targets, weights)
+    engine.privatize(0.7, 16.0, _gaussian(6))
+    model.zero_grad(set_to_none=False)  # zeroing in place cannot be told from no reset: refused
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        engine.clipped_grad_sum(inputs, targets, weights)
 
 
 def test_bad_input_is_a_user_error():

@@ -95,6 +95,7 @@ class DPEngine:
         Norms are float32 (float64 for a float64 model). An example whose gradient is not finite
         contributes nothing and is counted in `stats.nonfinite`; the call never fails on it.
         """
+        self._rearm_if_cleared()
         if self._noised or self._normalized:
             raise RuntimeError("gradients of this step were already noised or normalized; "
                                "call zero_grad() before accumulating the next step")
@@ -164,7 +165,8 @@ class DPEngine:
         """Add noise_multiplier * C * z, z ~ N(0, 1) i.i.d., to every .grad element, once per step."""
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise UserError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        if self._noised and any(p.grad is not None for p in self.parameters):
+        self._rearm_if_cleared()
+        if self._noised:
             raise RuntimeError("noise was already added in this step; call zero_grad() first")
         if self._normalized:
             raise RuntimeError("add noise before normalize(), to the clipped sum")
@@ -207,6 +209,11 @@ class DPEngine:
         self._handles = []
 
     # -- internals ------------------------------------------------------------------------------
+    def _rearm_if_cleared(self) -> None:
+        """`optimizer.zero_grad()` (set_to_none) also starts a new step: every .grad is None."""
+        if (self._noised or self._normalized) and all(p.grad is None for p in self.parameters):
+            self._noised = self._normalized = False
+
     def _record(self, module: nn.Module, args, output) -> None:
         if not self._capturing:
             return
@@ -262,7 +269,7 @@ def _build_groups(model: nn.Module) -> list[_Group]:
             if role is None:
                 raise UserError(f"DP engine has no per-example gradient rule for parameter '{where}' "
                                 f"of module '{path or '<root>'}' ({type(module).__name__})")
-            why = layers.check_module_options(path, module)
+            why = layers.check_module_options(module)
             if why:
                 raise UserError(f"DP engine cannot handle module '{path}' ({type(module).__name__}): {why}")
             form, builder = role

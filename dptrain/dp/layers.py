@@ -132,7 +132,7 @@ def find_role(module: nn.Module, param_name: str):
     return None
 
 
-def check_module_options(path: str, module: nn.Module) -> str | None:
+def check_module_options(module: nn.Module) -> str | None:
     """Why a supported module type is configured in a way the rules do not cover, else None."""
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None:
