@@ -69,6 +69,8 @@ class DPEngine:
         self._noised = False
         self._normalized = False
         self._counts = torch.zeros(3, dtype=torch.long)
+        # Per-example losses of the last micro-batch: private data, for `private/` metrics only.
+        self.last_losses: torch.Tensor | None = None
         hooked = {m for g in self._groups for m, _ in g.uses}
         self._handles = [m.register_forward_hook(self._record) for m in hooked]
 
@@ -154,6 +156,7 @@ class DPEngine:
                 else:
                     layers.add_vector_clipped_sum(group.param, data, coef, bad)
 
+            self.last_losses = losses.detach()
             real = w > 0
             self._counts += torch.stack([real.sum(), (real & finite & (norms > self.max_grad_norm)).sum(),
                                          (real & ~finite).sum()]).cpu()

@@ -71,7 +71,8 @@ def inputs_and_targets(data: PackedDataset, slots: np.ndarray, device) -> tuple[
 class StepResult:
     batch_size: int
     truncated: bool
-    norms: torch.Tensor
+    norms: torch.Tensor  # per-example gradient norms of the realised batch (private)
+    losses: torch.Tensor  # per-example training losses (private)
 
 
 class Trainer:
@@ -196,13 +197,15 @@ class Trainer:
         truncated_before = self.sampler.truncated_steps
         indices = self.sampler.sample()
         self.engine.zero_grad()
-        norms = []
+        norms, losses = [], []
         for slots, _pad in micro_batches(indices, self.cfg.runtime.micro_batch_size):
             inputs, targets = inputs_and_targets(self.train_data, slots, self.device)
             weights = torch.from_numpy((slots >= 0).astype(np.float32)).to(self.device)
             with self._autocast():
                 batch_norms = self.engine.clipped_grad_sum(inputs, targets, weights=weights)
-            norms.append(batch_norms[weights > 0].detach().cpu())
+            real = weights > 0
+            norms.append(batch_norms[real].detach().cpu())
+            losses.append(self.engine.last_losses[real].float().cpu())
         # An empty draw is a normal step: the update is pure noise, and it is never skipped.
         self.engine.privatize(self.noise_multiplier, p.expected_batch_size, self.noise)
         self.optimizer.step()
@@ -212,7 +215,8 @@ class Trainer:
         self.batch_sizes.append(len(indices))
         self.nonfinite_examples += self.engine.reset_stats().nonfinite
         return StepResult(len(indices), self.sampler.truncated_steps > truncated_before,
-                          torch.cat(norms) if norms else torch.zeros(0))
+                          torch.cat(norms) if norms else torch.zeros(0),
+                          torch.cat(losses) if losses else torch.zeros(0))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -260,6 +264,7 @@ class Trainer:
                     "private/clipped_fraction": float((result.norms > p.max_grad_norm).float().mean())
                     if len(result.norms) else 0.0,
                     "private/grad_norm_median": float(result.norms.median()) if len(result.norms) else 0.0,
+                    "private/train_loss": float(result.losses.mean()) if len(result.losses) else None,
                 }
                 if self.device.type == "cuda":
                     metrics["mfu"] = mfu(tokens / seconds * flops_per_token, self.device)
@@ -270,7 +275,9 @@ class Trainer:
                 metrics["epsilon"] = epsilon
                 if self.step % cfg.logging.every == 0 or last:
                     log.log(self.step, metrics)
-                bar.set_postfix(eps=f"{epsilon:.3g}", tok_s=f"{metrics['tokens_per_second']:.3g}",
+                train_loss = metrics["private/train_loss"]
+                bar.set_postfix(loss="-" if train_loss is None else f"{train_loss:.3f}",
+                                eps=f"{epsilon:.3g}", tok_s=f"{metrics['tokens_per_second']:.3g}",
                                 eval=f"{self.eval_history[-1][1]:.3f}" if self.eval_history else "-")
                 bar.update(1)
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
