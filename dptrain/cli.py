@@ -10,12 +10,13 @@ import importlib
 import pkgutil
 import sys
 
+import dptrain
 from dptrain import __version__, commands
 from dptrain.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dptrain", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dptrain", description=dptrain.__doc__.strip())
     parser.add_argument("--version", action="version", version=f"dptrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
