@@ -3,7 +3,8 @@
 The folder is an ordinary `PackedDataset` folder, so the real trainer trains on it unchanged.
 Canaries are appended after the base sequences; Poisson sampling treats every index alike, so
 their position does not matter. Each canary is one document (and, with groups, its own group), so
-document- and group-level tables stay consistent. The eval split and tokenizer are copied as is.
+document- and group-level tables stay consistent. The eval split, tokenizer and the demo's
+`canaries.json` (its planted secrets) are copied as is.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def write_canary_dataset(base: str | Path, canaries: torch.Tensor, included: np.
             rows.append(len(names) + np.arange(len(added)))
             (tmp / GROUPS_FILE).write_text(json.dumps(names + [f"audit-canary-{i}" for i in range(len(added))]) + "\n")
         np.save(tmp / info["documents_file"], np.concatenate([table, np.stack(rows, 1).astype(np.int64)]))
-        for name in [manifest["tokenizer"]["file"], *(s["tokens_file"] for k, s in manifest["splits"].items()
+        for name in [manifest["tokenizer"]["file"], "canaries.json", *(s["tokens_file"] for k, s in manifest["splits"].items()
                                                       if k != "train"),
                      *(s["documents_file"] for k, s in manifest["splits"].items() if k != "train")]:
             if (train.path / name).is_file():
