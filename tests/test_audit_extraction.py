@@ -87,6 +87,11 @@ def test_cli_writes_report_figures_and_privacy_section(run_dir, capsys):
     secrets = report["secrets"]["canaries"]
     assert len(secrets) == 16 and {s["train_repeats"] for s in secrets} == {0, 1, 4, 16}
     assert all(0 <= s["exposure"] <= math.log2(31) + 1e-9 for s in secrets)
+    curve = report["epsilon_by_step"]
+    assert curve["steps"] == [0, 1, 2, 3] and curve["epsilon"][0] == 0.0
+    assert curve["epsilon"][-1] == pytest.approx(
+        json.loads((checkpoint / "privacy_report.json").read_text())["epsilon"]["pld"])
+    assert set(report["figures"]) == {"extraction", "exposure", "epsilon_curve"}
     for name in report["figures"].values():
         assert (checkpoint / name).stat().st_size > 0
     for folder in (checkpoint, run_dir):  # the checkpoint's and the run's privacy reports

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dptrain import configio
 from dptrain.audit.memorization import (continuation_log_likelihood, exposure_from_log_likelihoods,
                                         memorization_test, sample_windows)
-from dptrain.audit.plots import plot_exposure, plot_memorization
+from dptrain.audit.plots import plot_epsilon_curve, plot_exposure, plot_memorization
 from dptrain.checkpoint import load_model
 from dptrain.data.packed import PackedDataset
 from dptrain.errors import UserError
@@ -106,6 +106,25 @@ def secret_exposures(model, sp, canaries: list[dict], num_references: int = 1000
     return results
 
 
+def privacy_curve(checkpoint: Path) -> dict | None:
+    """The accountant's ε against steps from the checkpoint's ledger; None without training state."""
+    from dptrain.audit.pipeline import epsilon_by_step
+    from dptrain.privacy.accounting import PrivacyLedger
+
+    state_file, config_file = checkpoint / "train_state.pt", checkpoint / "train_config.yaml"
+    if not (state_file.is_file() and config_file.is_file()):
+        return None
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{state_file} is corrupt ({type(err).__name__})") from None
+    ledger = PrivacyLedger()
+    ledger.load_state_dict(state["ledger"])
+    privacy = configio.read_yaml(config_file)["privacy"]
+    steps, epsilons = epsilon_by_step(ledger.runs, privacy["delta"], privacy["accountant"])
+    return {"steps": steps, "epsilon": epsilons, "delta": privacy["delta"], "accountant": privacy["accountant"]}
+
+
 def run_memorization(checkpoint: str | Path, data: str | Path | None = None, num_sequences: int = 200,
                      prefix_len: int = 50, suffix_len: int = 50, num_references: int = 1000,
                      seed: int = 0, out: str | Path | None = None, progress: bool = True) -> dict:
@@ -143,6 +162,12 @@ def run_memorization(checkpoint: str | Path, data: str | Path | None = None, num
             "canaries": secrets,
         }
         report["figures"]["exposure"] = plot_exposure(secrets, num_references, out / "exposure.png").name
+    curve = privacy_curve(checkpoint)
+    if curve is not None:
+        report["epsilon_by_step"] = curve
+        report["figures"]["epsilon_curve"] = plot_epsilon_curve(
+            curve["steps"], curve["epsilon"], out / "epsilon_by_step.png",
+            title=f"Privacy spent ({curve['accountant']}, δ = {curve['delta']:g})").name
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
     section = {k: v for k, v in extraction.to_dict().items() if k != "normalized_distances"}
