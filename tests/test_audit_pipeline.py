@@ -121,3 +121,18 @@ def test_audit_reuses_its_canaries_and_refuses_a_different_count(base_dir, tmp_p
 def test_cli_rejects_bad_options(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "missing.yaml"), "--scorers", "loss,magic"]) == 2
     assert "--scorers" in capsys.readouterr().err
+
+
+def test_each_scorer_is_tested_at_a_bonferroni_share_of_the_significance():
+    from dptrain.audit.one_run import best_epsilon_lower_bound
+    from dptrain.audit.pipeline import audit_bounds
+
+    rng = np.random.default_rng(0)
+    included = rng.integers(0, 2, 400).astype(bool)
+    strong = rng.normal(size=400) + 2.0 * included
+    weak = rng.normal(size=400) + 0.5 * included
+    both = audit_bounds({"loss": weak, "gradient": strong}, included, 1e-6, 0.05)
+    alone = best_epsilon_lower_bound(strong, included, delta=1e-6, significance=0.025)
+    assert both["best_scorer"] == "gradient" and both["significance_per_scorer"] == 0.025
+    assert both["epsilon_lower_bound"] == alone.epsilon > 0
+    assert best_epsilon_lower_bound(strong, included, delta=1e-6, significance=0.05).epsilon > alone.epsilon
