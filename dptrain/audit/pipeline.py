@@ -81,6 +81,8 @@ def prepare_audit(cfg: TrainConfig, num_canaries: int, seed: int | None = None) 
         canaries = random_canaries(num_canaries, base.seq_len, base.vocab_size, seed=seed,
                                    low=FIRST_ORDINARY_ID)
         included = draw_inclusion(num_canaries, seed=None if seed is None else seed + 1)
+        if included.all() or not included.any():
+            raise UserError("every coin fell the same way: the audit needs canaries both in and out")
         write_canary_dataset(base.path, canaries, included, data_dir)
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(saved, tokens=canaries.numpy().astype(np.uint32), included=included)
@@ -149,8 +151,6 @@ def finish_audit(trainer, setup: AuditSetup, initial: Path | None, significance:
     """Score, bound, write `audit_report.json` + figures into the run folder, extend the privacy report."""
     p = trainer.cfg.privacy
     included = setup.included
-    if included.all() or not included.any():
-        raise UserError("every coin fell the same way: the audit needs canaries both in and out")
     model = trainer.model.eval()
     scores = score_canaries(model, setup.canaries, initial, scorers, progress)
     if not scores:
