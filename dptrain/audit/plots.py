@@ -71,3 +71,26 @@ def plot_memorization(result: MemorizationResult, path: str | Path) -> Path:
                  f"exact {result.exact_rate:.2%}, approx {result.approx_rate:.2%}", fontsize=9)
     ax.legend()
     return _save(fig, path)
+
+
+def plot_exposure(secrets: Sequence[Mapping], num_references: int, path: str | Path) -> Path:
+    """Exposure of each planted secret against how many training sequences hold it."""
+    if not secrets:
+        raise UserError("no secrets to plot")
+    repeats = np.array([s["train_repeats"] for s in secrets], dtype=float)
+    exposures = np.array([s["exposure"] for s in secrets], dtype=float)
+    levels = np.unique(repeats)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.scatter(repeats, exposures, alpha=0.7, label="secret")
+    ax.plot(levels, [exposures[repeats == r].mean() for r in levels], color="C1", marker="o", label="mean")
+    ax.axhline(np.log2(num_references + 1), color="C3", linestyle="--", label="fully memorised")
+    ax.axhline(1 / np.log(2), color="grey", linestyle=":", label="never seen (expected)")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks(levels)
+    ax.set_xticklabels([str(int(r)) for r in levels])
+    ax.set_xlabel("training sequences containing the secret")
+    ax.set_ylabel("exposure (bits)")
+    ax.set_title(f"Secret exposure against {num_references} references", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

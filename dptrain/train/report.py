@@ -66,8 +66,35 @@ def summary(report: dict) -> str:
         f"  privacy unit: {report['privacy_unit']}",
         "  not covered:",
         *[f"    - {item}" for item in report["not_covered"]],
+        *measured_lines(report),
     ]
     return "\n".join(lines)
+
+
+def measured_lines(report: dict) -> list[str]:
+    """Summary lines of the empirical sections (`dptrain audit`, `dptrain memorization`), if any."""
+    lines = []
+    if audit := report.get("audit"):
+        lines.append(f"  audit: ε ≥ {audit['epsilon_lower_bound']:.4g} from {audit['num_canaries']} canaries "
+                     f"at significance {audit['significance']:g} (accountant ε {audit['accountant_epsilon']:.4g})")
+    if mem := report.get("memorization"):
+        lines.append(f"  memorization: {mem['exact_rate']:.2%} exact, {mem['approx_rate']:.2%} approximate "
+                     f"of {mem['num_sequences']} training sequences ({mem['prefix_len']}-token prefix)")
+        for repeats, value in mem.get("mean_exposure_by_repeats", {}).items():
+            lines.append(f"    secrets planted {repeats}x: mean exposure {value:.3g} bits "
+                         f"(max {mem['max_exposure']:.3g})")
+    return lines
+
+
+def add_section(folder: Path, name: str, section: dict) -> dict | None:
+    """Add a section (e.g. "audit") to the folder's privacy report; None when it has none."""
+    path = Path(folder) / "privacy_report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    report[name] = section
+    write_report(report, folder)
+    return report
 
 
 def write_report(report: dict, folder: Path) -> None:
