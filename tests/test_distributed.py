@@ -78,20 +78,19 @@ def full_gradient(trainer) -> torch.Tensor:
 
 
 def _worker(rank, world, mode, data_dir, out_dir, result_file, save):
+    trainer = Trainer(make_config(data_dir, out_dir / "train", mode))
     # 1. The noise of a step with no data, twice (steps 0 and 1), before any update.
-    probe = Trainer(make_config(data_dir, out_dir / "probe", mode))
     noises, replicated = [], True
     for step in range(2):
-        probe.engine.zero_grad()
-        probe.parallel.privatize(probe.engine, SIGMA, 1.0, probe.noise, step)
-        g = full_gradient(probe)
+        trainer.engine.zero_grad()
+        trainer.parallel.privatize(trainer.engine, SIGMA, 1.0, trainer.noise, step)
+        g = full_gradient(trainer)
         gathered = [torch.empty_like(g) for _ in range(world)]
         dist.all_gather(gathered, g)
         replicated &= all(torch.equal(gathered[0], x) for x in gathered)
         noises.append(g)
 
-    # 2. Noise-free training: must match one process whatever the world size.
-    trainer = Trainer(make_config(data_dir, out_dir / "train", mode))
+    # 2. Noise-free training (no optimizer step has been taken yet): must match one process.
     trainer.noise_multiplier = 0.0
     shares = []
     for _ in range(STEPS):
