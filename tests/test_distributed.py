@@ -77,7 +77,7 @@ def full_gradient(trainer) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _worker(rank, world, mode, data_dir, out_dir, result_file, save):
+def _worker(rank, world, mode, data_dir, out_dir, result_file, save, resume_dir):
     trainer = Trainer(make_config(data_dir, out_dir / "train", mode))
     # 1. The noise of a step with no data, twice (steps 0 and 1), before any update.
     noises, replicated = [], True
@@ -103,10 +103,18 @@ def _worker(rank, world, mode, data_dir, out_dir, result_file, save):
         trainer.train_step()
         if save and trainer.step == SAVE_AT:
             trainer.save_checkpoint()
-    weights = trainer.parallel.full_state_dict(trainer.model)
+    result = {"noises": noises, "replicated": replicated, "shares": shares,
+              "weights": trainer.parallel.full_state_dict(trainer.model)}
+
+    # 3. Resume another run's checkpoint (written at another world size or mode) and finish it.
+    if resume_dir is not None:
+        resumed = Trainer(make_config(data_dir, resume_dir, mode))
+        result["resumed_at"] = resumed.step
+        while resumed.step < STEPS:
+            resumed.train_step()
+        result["resumed_weights"] = resumed.parallel.full_state_dict(resumed.model)
     if rank == 0:
-        torch.save({"noises": noises, "replicated": replicated, "weights": weights, "shares": shares},
-                   result_file)
+        torch.save(result, result_file)
 
 
 def _peek(trainer, state) -> np.ndarray:
@@ -147,7 +155,11 @@ def runs(data_dir, tmp_path_factory):
         if (mode, world) not in cache:
             out = tmp_path_factory.mktemp(f"{mode}{world}")
             save = world == 2
-            run_distributed(_worker, world, mode, data_dir, out, out / "result.pt", save)
+            resume_dir = None
+            if (mode, world) == ("fsdp", 4):  # also resumes the 2-process ddp checkpoint, sharded
+                resume_dir = out / "resumed"
+                shutil.copytree(get("ddp", 2)["out"] / "train", resume_dir)
+            run_distributed(_worker, world, mode, data_dir, out, out / "result.pt", save, resume_dir)
             cache[mode, world] = {**torch.load(out / "result.pt", weights_only=False), "out": out}
         return cache[mode, world]
 
@@ -207,25 +219,11 @@ def test_fsdp_checkpoint_resumes_on_one_process(runs, data_dir, tmp_path):
         torch.testing.assert_close(w, run["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _resume_worker(rank, world, mode, data_dir, out_dir, result_file):
-    trainer = Trainer(make_config(data_dir, out_dir, mode))
-    start = trainer.step
-    while trainer.step < STEPS:
-        trainer.train_step()
-    weights = trainer.parallel.full_state_dict(trainer.model)
-    if rank == 0:
-        torch.save({"start": start, "weights": weights}, result_file)
-
-
-def test_ddp_checkpoint_resumes_sharded_on_four_processes(runs, data_dir, tmp_path):
-    run = runs("ddp", 2)
-    out = tmp_path / "resume"
-    shutil.copytree(run["out"] / "train", out)
-    run_distributed(_resume_worker, 4, "fsdp", data_dir, out, tmp_path / "result.pt")
-    result = torch.load(tmp_path / "result.pt", weights_only=False)
-    assert result["start"] == SAVE_AT
-    for name, w in result["weights"].items():
-        torch.testing.assert_close(w, run["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
+def test_ddp_checkpoint_resumes_sharded_on_four_processes(runs):
+    saved, resumed = runs("ddp", 2), runs("fsdp", 4)
+    assert resumed["resumed_at"] == SAVE_AT
+    for name, w in resumed["resumed_weights"].items():
+        torch.testing.assert_close(w, saved["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ---- without processes --------------------------------------------------------------------------
