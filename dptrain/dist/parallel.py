@@ -40,6 +40,7 @@ from dptrain.dist.runtime import DistEnv, init_distributed, main_first
 from dptrain.dp import DPEngine
 from dptrain.dp.loss import per_example_loss
 from dptrain.errors import UserError
+from dptrain.model import Decoder
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import shard
 from dptrain.privacy.seeds import derive_seed
@@ -102,9 +103,18 @@ class Parallel:
         """The whole model's weights on CPU on rank 0 (None elsewhere). A collective."""
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
+    def gathered_model(self, model: nn.Module) -> nn.Module | None:
+        """A plain (unsharded) model with the whole weights on rank 0, None elsewhere. A collective."""
+        return model if self.is_main else None
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def shutdown(self) -> None:
+        """Leave the process group (at the end of a run)."""
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class DataParallel(Parallel):
@@ -172,6 +182,14 @@ class FullyShardedDP(Parallel):
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.is_main else None
+
+    def gathered_model(self, model):
+        state = self.full_state_dict(model)
+        if not self.is_main:
+            return None
+        plain = Decoder(model.cfg)
+        plain.load_state_dict(state)
+        return plain
 
 
 def make_parallel(mode: str, device: torch.device) -> Parallel:

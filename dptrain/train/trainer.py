@@ -323,11 +323,9 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.parallel.barrier()
         dist_checkpoint.save_sharded(self.model, self.optimizer, tmp)
-        full = self.parallel.full_state_dict(self.model)
+        whole = self.parallel.gathered_model(self.model)
         if self.parallel.is_main:
-            plain = Decoder(self.model_cfg)
-            plain.load_state_dict(full)
-            write_model(plain, tmp)
+            write_model(whole, tmp)
             self._write_run_state(tmp, optimizer=False)
             dist_checkpoint.publish(tmp, path)
             self._drop_old_checkpoints()
