@@ -28,7 +28,7 @@ SAVE_AT = 2  # runs asked to checkpoint do so after this many steps
 SIGMA, CLIP = 2.0, 0.5
 
 
-def make_config(data_dir, out_dir, parallel: str = "none") -> TrainConfig:
+def make_config(data_dir, out_dir, parallel: str = "none", device: str = "cpu") -> TrainConfig:
     return configio.from_dict(TrainConfig, {
         "model": dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                       num_kv_heads=1, head_dim=8, max_seq_len=32, query_pre_attn_scalar=8.0),
@@ -38,7 +38,7 @@ def make_config(data_dir, out_dir, parallel: str = "none") -> TrainConfig:
                     "max_grad_norm": CLIP},
         "optimizer": {"lr": 1e-2},
         "out_dir": str(out_dir),
-        "runtime": {"micro_batch_size": 1, "device": "cpu", "parallel": parallel, "seed": 3},
+        "runtime": {"micro_batch_size": 1, "device": device, "parallel": parallel, "seed": 3},
         "eval": {"every": 0, "max_sequences": 4},
         "logging": {"wandb": "disabled", "progress": False},
         "checkpoint": {"every": 0, "keep_last": 1},
@@ -77,16 +77,17 @@ def full_gradient(trainer) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _worker(rank, world, mode, data_dir, out_dir, result_file, save, resume_dir):
-    trainer = Trainer(make_config(data_dir, out_dir / "train", mode))
+def _worker(rank, world, mode, data_dir, out_dir, result_file, save, resume_dir, device="cpu"):
+    trainer = Trainer(make_config(data_dir, out_dir / "train", mode, device))
     # 1. The noise of a step with no data, twice (steps 0 and 1), before any update.
     noises, replicated = [], True
     for step in range(2):
         trainer.engine.zero_grad()
         trainer.parallel.privatize(trainer.engine, SIGMA, 1.0, trainer.noise, step)
-        g = full_gradient(trainer)
-        gathered = [torch.empty_like(g) for _ in range(world)]
-        dist.all_gather(gathered, g)
+        g = full_gradient(trainer).cpu()
+        gathered = [torch.empty_like(g, device=trainer.device) for _ in range(world)]
+        dist.all_gather(gathered, g.to(trainer.device))
+        gathered = [x.cpu() for x in gathered]
         replicated &= all(torch.equal(gathered[0], x) for x in gathered)
         noises.append(g)
 
@@ -224,6 +225,17 @@ def test_ddp_checkpoint_resumes_sharded_on_four_processes(runs):
     assert resumed["resumed_at"] == SAVE_AT
     for name, w in resumed["resumed_weights"].items():
         torch.testing.assert_close(w, saved["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_fsdp_with_nccl_on_every_gpu_matches_one_process(data_dir, reference, tmp_path):
+    world = torch.cuda.device_count()
+    run_distributed(_worker, world, "fsdp", data_dir, tmp_path, tmp_path / "result.pt", False, None, "cuda")
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    noise = result["noises"][0].double()
+    assert abs(float(noise.square().mean()) / (SIGMA * CLIP) ** 2 - 1) < 6 * math.sqrt(2 / noise.numel())
+    for name, ref in reference.items():
+        torch.testing.assert_close(result["weights"][name], ref, rtol=1e-3, atol=1e-4, msg=name)
 
 
 # ---- without processes --------------------------------------------------------------------------
