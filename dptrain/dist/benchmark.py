@@ -4,9 +4,11 @@
         --config configs/model/vaultgemma-1b.yaml --seq-len 1024 --micro-batch 4 --dtype bfloat16
 
 Both methods run on the same FSDP2-sharded model and random tokens (no private data is read):
-`nonprivate` is forward + backward of the mean loss (FSDP reduce-scatters it), `dp` is one
-micro-batch of the two-pass clipped sum plus the per-shard noise and the optimizer step that
-`runtime.parallel=fsdp` runs. Methods alternate round-robin so a busy machine slows both alike;
+`nonprivate` is forward + backward of the mean loss (FSDP reduce-scatters it) and the optimizer
+step; `dp-fsdp` is one micro-batch of the two-pass clipped sum, the per-shard noise and the
+optimizer step that `runtime.parallel=fsdp` runs; `dp-ddp` is the same on a replicated copy
+(`runtime.parallel=ddp`: the one-pass engine and an all-reduce), the cost the second pass and the
+sharding are measured against. Methods alternate round-robin so a busy machine slows both alike;
 rank 0 prints medians, the DP / non-private time ratio and, on CUDA, peak memory per rank.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dptrain.dist.parallel import make_parallel
+from dptrain.dist.parallel import DataParallel, make_parallel
 from dptrain.dp import DPEngine
 from dptrain.model import Decoder, DecoderConfig
 from dptrain.privacy.noise import NoiseSource
@@ -43,6 +45,11 @@ def main(argv=None) -> int:
     parallel = make_parallel("fsdp", torch.device(args.device))
     device, world = parallel.device, parallel.env.world_size
     cfg = DecoderConfig.from_yaml(args.config)
+    torch.manual_seed(0)
+    replica = Decoder(cfg).to(device)
+    replicated = DataParallel(parallel.env, device)
+    replica_engine = DPEngine(replica, max_grad_norm=1.0)
+    replica_optimizer = torch.optim.AdamW(replica.parameters(), lr=1e-4)
     torch.manual_seed(0)
     model = parallel.prepare(Decoder(cfg).to(device))
     engine = DPEngine(model, max_grad_norm=1.0)
@@ -70,7 +77,14 @@ def main(argv=None) -> int:
         parallel.privatize(engine, args.noise_multiplier, args.micro_batch * world, noise, next(step))
         optimizer.step()
 
-    methods = {"nonprivate": nonprivate, "dp": dp}
+    def dp_ddp() -> None:
+        replica_engine.zero_grad()
+        with autocast:
+            replicated.clipped_grad_sum(replica_engine, inputs, targets, weights)
+        replicated.privatize(replica_engine, args.noise_multiplier, args.micro_batch * world, noise, 0)
+        replica_optimizer.step()
+
+    methods = {"nonprivate": nonprivate, "dp-fsdp": dp, "dp-ddp": dp_ddp}
     times: dict[str, list[float]] = {name: [] for name in methods}
     peak: dict[str, float] = {}
     for name, fn in methods.items():  # warm-up, and peak memory per method

@@ -101,7 +101,7 @@ class Parallel:
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on CPU on rank 0 (None elsewhere). A collective."""
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.is_main else None
 
     def gathered_model(self, model: nn.Module) -> nn.Module | None:
         """A plain (unsharded) model with the whole weights on rank 0, None elsewhere. A collective."""
