@@ -4,10 +4,14 @@ Each (mode, world size) is spawned once per module; the worker records what the 
 the noise a step adds with no data (variance, replication, fresh streams), the weights after a
 few noise-free steps, each rank's share of every global batch, and (some runs) a DCP checkpoint.
 """
+import json
 import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dptrain import configio
+from dptrain.checkpoint import load_model
 from dptrain.dist import DistEnv, Parallel
 from dptrain.dist.parallel import DataParallel, FullyShardedDP, make_parallel
 from dptrain.errors import UserError
@@ -214,6 +219,10 @@ def test_fsdp_checkpoint_resumes_on_one_process(runs, data_dir, tmp_path):
     shutil.copytree(run["out"] / "train", out)
     resumed = Trainer(make_config(data_dir, out))  # parallel none, world of one
     assert resumed.step == SAVE_AT
+    # The gathered weights written beside the shards are the weights DCP restored.
+    gathered = load_model(out / "checkpoints" / f"step-{SAVE_AT:08d}").state_dict()
+    for name, w in resumed.model.state_dict().items():
+        assert torch.equal(w, gathered[name]), name
     while resumed.step < STEPS:
         resumed.train_step()
     for name, w in resumed.model.state_dict().items():
@@ -236,6 +245,27 @@ def test_fsdp_with_nccl_on_every_gpu_matches_one_process(data_dir, reference, tm
     assert abs(float(noise.square().mean()) / (SIGMA * CLIP) ** 2 - 1) < 6 * math.sqrt(2 / noise.numel())
     for name, ref in reference.items():
         torch.testing.assert_close(result["weights"][name], ref, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_trains_with_fsdp_and_only_rank_zero_writes(data_dir, tmp_path):
+    cfg = configio.to_dict(make_config(data_dir, tmp_path / "run", "fsdp"))
+    cfg["privacy"]["steps"] = 2
+    cfg["export"] = {"hf_dir": str(tmp_path / "hf")}
+    configio.write_yaml(cfg, tmp_path / "train.yaml")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           "2", "-m", "dptrain", "train", str(tmp_path / "train.yaml")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Privacy guarantee") == 1  # rank 0 alone reports
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # One writer: one training row per step, one evaluation row at the start and at the end.
+    assert [r["step"] for r in rows if "lr" in r] == [1, 2]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [0, 2]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "dcp" / ".metadata").is_file()
+    assert (tmp_path / "hf" / "config.json").is_file()
 
 
 # ---- without processes --------------------------------------------------------------------------
