@@ -9,9 +9,11 @@ size (or none) resumes the run. Folders are assumed to be on a file system every
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -33,7 +35,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Pat
     """Load into this rank's (possibly differently sharded) model and optimizer, in place."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=folder / DCP_DIR)
+    # A plain process (runtime.parallel none) reads the shards without a process group, as intended.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder / DCP_DIR, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
