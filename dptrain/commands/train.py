@@ -19,24 +19,31 @@ def run(args) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     trainer = Trainer(cfg, config_dir=Path(args.config).parent)
-    report = trainer.fit()
+    try:
+        report = trainer.fit()
+        # Under runtime.parallel every rank trains; rank 0 alone gathers the weights and speaks.
+        model = trainer.parallel.gathered_model(trainer.model) if cfg.export.hf_dir else None
+    finally:
+        trainer.parallel.shutdown()
+    if not trainer.parallel.is_main:
+        return 0
     if trainer.eval_history:
         first, last = trainer.eval_history[0], trainer.eval_history[-1]
         print(f"held-out loss: {first[1]:.4f} at step {first[0]} -> {last[1]:.4f} at step {last[0]}")
     if cfg.export.hf_dir:
-        export_and_sample(trainer, cfg)
+        export_and_sample(model, trainer, cfg)
     print(summary(report))
     print(f"run folder: {trainer.out_dir} (metrics.jsonl, checkpoints/, privacy_report.json)")
     return 0
 
 
-def export_and_sample(trainer, cfg) -> None:
+def export_and_sample(model, trainer, cfg) -> None:
     import torch
 
     from dptrain.export import to_hf
     from dptrain.generate import greedy_generate
 
-    model = trainer.model.float().cpu()
+    model = model.float().cpu()
     tokenizer = trainer.train_data.tokenizer_path
     to_hf(model, cfg.export.hf_dir, tokenizer_path=tokenizer, dtype=cfg.export.dtype)
     print(f"exported a Hugging Face model to {cfg.export.hf_dir}")

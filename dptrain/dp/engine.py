@@ -91,11 +91,13 @@ class DPEngine:
         return stats
 
     def clipped_grad_sum(self, inputs: torch.Tensor, targets: torch.Tensor,
-                         weights: torch.Tensor | None = None) -> torch.Tensor:
+                         weights: torch.Tensor | None = None, accumulate: bool = True) -> torch.Tensor:
         """Add sum_i w_i min(1, C/||g_i||) g_i to each parameter's .grad; return ||g_i|| [B].
 
         Norms are float32 (float64 for a float64 model). An example whose gradient is not finite
         contributes nothing and is counted in `stats.nonfinite`; the call never fails on it.
+        `accumulate=False` only measures the norms (for callers that form the clipped sum
+        themselves, e.g. a second backward of sum_i c_i L_i through sharded parameters).
         """
         self._rearm_if_cleared()
         if self._noised or self._normalized:
@@ -148,7 +150,7 @@ class DPEngine:
             coef = torch.where(finite, w * torch.clamp(self.max_grad_norm / norms, max=1.0),
                                torch.zeros((), dtype=acc_dtype, device=device))
             bad = None if bool(finite.all()) else ~finite
-            for group, data in zip(self._groups, built):
+            for group, data in zip(self._groups, built if accumulate else ()):
                 if data is None or (isinstance(data, list) and not data):
                     continue  # not used in this forward: no gradient to add
                 if group.form == "outer":

@@ -77,6 +77,8 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the parameter-free parts of each layer
     seed: int = 0
     threads: int | None = None  # CPU threads; None keeps torch's default
+    # Several processes (torchrun): ddp = replicated weights, fsdp = sharded (see docs/distributed.md).
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
 
 
 @dataclass

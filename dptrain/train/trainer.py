@@ -21,6 +21,8 @@ from tqdm import tqdm
 from dptrain import configio
 from dptrain.checkpoint import atomic_dir, write_model
 from dptrain.data import PackedDataset, check_vocab
+from dptrain.dist import checkpoint as dist_checkpoint
+from dptrain.dist import make_parallel
 from dptrain.dp import DPEngine
 from dptrain.errors import UserError
 from dptrain.model import Decoder, training_flops_per_token
@@ -48,14 +50,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def micro_batches(indices: np.ndarray, size: int):
-    """Cut a realised batch into chunks of exactly `size`, the last padded with weight-0 slots (-1)."""
-    for start in range(0, len(indices), size):
-        chunk = indices[start:start + size]
-        pad = size - len(chunk)
-        yield np.concatenate([chunk, np.full(pad, -1, dtype=np.int64)]), pad
-
-
 def inputs_and_targets(data: PackedDataset, slots: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token pairs of the sequences at `slots`; slot -1 is a padding example, all ignored."""
     real = slots >= 0
@@ -79,7 +73,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, config_dir: Path | None = None):
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
-        self.device = resolve_device(cfg.runtime.device)
+        self.parallel = make_parallel(cfg.runtime.parallel, resolve_device(cfg.runtime.device))
+        self.device = self.parallel.device
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.train_data, self.eval_data = self._open_data()
@@ -102,9 +97,10 @@ class Trainer:
 
         # The sampler and the noise derive their own streams from the same seed.
         torch.manual_seed(derive_seed(cfg.runtime.seed, "model-init"))
-        self.model = self._build_model().to(self.device)
+        model = self._build_model().to(self.device)
         if cfg.runtime.compile:
-            self.model.compile_mixers()
+            model.compile_mixers()
+        self.model = self.parallel.prepare(model)
         self.engine = DPEngine(self.model, p.max_grad_norm)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -127,7 +123,8 @@ class Trainer:
         if data_cfg.source == "demo":
             from dptrain.data.demo import prepare_demo
 
-            path = prepare_demo(path, seq_len=data_cfg.demo_seq_len, vocab_size=data_cfg.demo_vocab_size)
+            with self.parallel.main_first():  # one rank builds the shared folder
+                path = prepare_demo(path, seq_len=data_cfg.demo_seq_len, vocab_size=data_cfg.demo_vocab_size)
         if not path.is_dir():
             raise UserError(f"data.path {path} does not exist: run `dptrain data prepare` first")
         train = PackedDataset(path, split="train")
@@ -198,22 +195,24 @@ class Trainer:
         indices = self.sampler.sample()
         self.engine.zero_grad()
         norms, losses = [], []
-        for slots, _pad in micro_batches(indices, self.cfg.runtime.micro_batch_size):
+        # This rank's share of the global batch (all of it in a single process).
+        for slots in self.parallel.micro_batches(indices, self.cfg.runtime.micro_batch_size):
             inputs, targets = inputs_and_targets(self.train_data, slots, self.device)
             weights = torch.from_numpy((slots >= 0).astype(np.float32)).to(self.device)
             with self._autocast():
-                batch_norms = self.engine.clipped_grad_sum(inputs, targets, weights=weights)
+                batch_norms = self.parallel.clipped_grad_sum(self.engine, inputs, targets, weights)
             real = weights > 0
             norms.append(batch_norms[real].detach().cpu())
             losses.append(self.engine.last_losses[real].float().cpu())
         # An empty draw is a normal step: the update is pure noise, and it is never skipped.
-        self.engine.privatize(self.noise_multiplier, p.expected_batch_size, self.noise)
+        self.parallel.privatize(self.engine, self.noise_multiplier, p.expected_batch_size, self.noise,
+                                self.step)
         self.optimizer.step()
         self.scheduler.step()
         self.ledger.record(self.noise_multiplier, self.sampling_rate, **self.truncation)
         self.step += 1
         self.batch_sizes.append(len(indices))
-        self.nonfinite_examples += self.engine.reset_stats().nonfinite
+        self.nonfinite_examples += self.parallel.total(self.engine.reset_stats().nonfinite)
         return StepResult(len(indices), self.sampler.truncated_steps > truncated_before,
                           torch.cat(norms) if norms else torch.zeros(0),
                           torch.cat(losses) if losses else torch.zeros(0))
@@ -241,12 +240,15 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, p = self.cfg, self.cfg.privacy
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        configio.write_yaml(cfg, self.out_dir / TRAIN_CONFIG_FILE)
-        log = MetricsLog(self.out_dir, cfg.logging, configio.to_dict(cfg), resume_step=self.step)
+        main = self.parallel.is_main  # every rank trains; only rank 0 writes logs and reports
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            configio.write_yaml(cfg, self.out_dir / TRAIN_CONFIG_FILE)
+        log = (MetricsLog(self.out_dir, cfg.logging, configio.to_dict(cfg), resume_step=self.step)
+               if main else _NoLog())
         flops_per_token = training_flops_per_token(self.model_cfg, self.train_data.seq_len - 1)
         bar = tqdm(total=p.steps, initial=self.step, desc="private training", unit="step",
-                   disable=not cfg.logging.progress, dynamic_ncols=True)
+                   disable=not (cfg.logging.progress and main), dynamic_ncols=True)
         epsilon = self.ledger.epsilon(p.delta, p.accountant) if self.step else 0.0
         try:
             if self.step == 0:
@@ -286,7 +288,8 @@ class Trainer:
             bar.close()
             log.close()
         report = self.report()
-        write_report(report, self.out_dir)
+        if main:
+            write_report(report, self.out_dir)
         return report
 
     def _log_eval(self, log: MetricsLog, bar) -> None:
@@ -295,7 +298,8 @@ class Trainer:
             return
         self.eval_history.append((self.step, loss))
         log.log(self.step, {"eval/loss": loss})
-        bar.write(f"step {self.step}: held-out loss {loss:.4f}")
+        if self.parallel.is_main:
+            bar.write(f"step {self.step}: held-out loss {loss:.4f}")
 
     def report(self) -> dict:
         return privacy_report(self)
@@ -307,27 +311,52 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = self.checkpoint_root / f"step-{self.step:08d}"
+        if self.parallel.distributed:
+            return self._save_distributed_checkpoint(path)
         with atomic_dir(path) as tmp:
             write_model(self.model, tmp)
-            configio.write_yaml(self.cfg, tmp / TRAIN_CONFIG_FILE)
-            torch.save({
-                "step": self.step,
-                "noise_multiplier": self.noise_multiplier,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(),
-                "noise": self.noise.state_dict(),
-                "ledger": self.ledger.state_dict(),
-                "batch_sizes": list(self.batch_sizes),
-                "eval_history": list(self.eval_history),
-                "nonfinite_examples": self.nonfinite_examples,
-            }, tmp / STATE_FILE)
-            write_report(self.report(), tmp)
-            if self.train_data.tokenizer_path is not None:
-                shutil.copy(self.train_data.tokenizer_path, tmp / "tokenizer.model")
+            self._write_run_state(tmp, optimizer=True)
+        self._drop_old_checkpoints()
+        return path
+
+    def _save_distributed_checkpoint(self, path: Path) -> Path:
+        """Model + optimizer shards from every rank via DCP; the rest from rank 0 (see dptrain.dist)."""
+        tmp = dist_checkpoint.staging_dir(path)
+        if self.parallel.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.parallel.barrier()
+        dist_checkpoint.save_sharded(self.model, self.optimizer, tmp)
+        whole = self.parallel.gathered_model(self.model)
+        if self.parallel.is_main:
+            write_model(whole, tmp)
+            self._write_run_state(tmp, optimizer=False)
+            dist_checkpoint.publish(tmp, path)
+            self._drop_old_checkpoints()
+        self.parallel.barrier()
+        return path
+
+    def _write_run_state(self, tmp: Path, optimizer: bool) -> None:
+        configio.write_yaml(self.cfg, tmp / TRAIN_CONFIG_FILE)
+        torch.save({
+            "step": self.step,
+            "noise_multiplier": self.noise_multiplier,
+            **({"optimizer": self.optimizer.state_dict()} if optimizer else {}),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "noise": self.noise.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "batch_sizes": list(self.batch_sizes),
+            "eval_history": list(self.eval_history),
+            "nonfinite_examples": self.nonfinite_examples,
+        }, tmp / STATE_FILE)
+        write_report(self.report(), tmp)
+        if self.train_data.tokenizer_path is not None:
+            shutil.copy(self.train_data.tokenizer_path, tmp / "tokenizer.model")
+
+    def _drop_old_checkpoints(self) -> None:
         for old in sorted(self.checkpoint_root.glob("step-*"))[:-self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old)
-        return path
 
     def latest_checkpoint(self) -> Path | None:
         done = sorted(c for c in self.checkpoint_root.glob("step-*") if (c / STATE_FILE).is_file())
@@ -349,10 +378,16 @@ class Trainer:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
             raise UserError(f"{path / STATE_FILE} is corrupt ({type(err).__name__})") from None
-        from dptrain.checkpoint import load_model
+        if dist_checkpoint.has_dcp(path):  # written by ddp / fsdp: DCP reshards to this world
+            dist_checkpoint.load_sharded(self.model, self.optimizer, path)
+        elif self.parallel.mode == "fsdp":
+            raise UserError(f"{path} was written by a single-process run: resume it with "
+                            "runtime.parallel none or ddp")
+        else:
+            from dptrain.checkpoint import load_model
 
-        self.model.load_unique_state_dict(load_model(path).unique_state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.model.load_unique_state_dict(load_model(path).unique_state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.noise.load_state_dict(state["noise"])
@@ -362,7 +397,18 @@ class Trainer:
         self.batch_sizes = list(state["batch_sizes"])
         self.eval_history = [tuple(x) for x in state["eval_history"]]
         self.nonfinite_examples = state["nonfinite_examples"]
-        print(f"resuming from {path} at step {self.step}")
+        if self.parallel.is_main:
+            print(f"resuming from {path} at step {self.step}")
+
+
+class _NoLog:
+    """Ranks other than 0 log nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # Dense bf16 peak of common accelerators, for the MFU figure.

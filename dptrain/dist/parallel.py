@@ -1,0 +1,208 @@
+"""How one private step is split over processes: `none`, `ddp` or `fsdp` (runtime.parallel).
+
+The global Poisson batch is drawn on every rank from the same seed (so every rank knows it), then
+cut into contiguous shares; no rank samples on its own, so the single-process guarantee holds
+whatever the world size. Each rank clips its own examples; the clipped sums are summed over ranks;
+the Gaussian noise enters that sum exactly once per element:
+
+- `ddp`: replicated weights, no DistributedDataParallel wrapper (its bucketed gradient hooks
+  would all-reduce unclipped gradients). Rank 0 adds the noise to ITS clipped sum before a SUM
+  all-reduce, so the sum carries one draw per element. Rank 0 uses the run's own noise stream,
+  so a DDP run draws exactly the noise a single-process run draws, at any world size; and it
+  works for secure noise, whose OS-entropy draws no two ranks could reproduce (the alternative,
+  every rank adding an identical shared draw after the all-reduce, cannot).
+- `fsdp`: `fully_shard` per decoder block and at the root; each rank owns a disjoint Shard(0)
+  slice of every parameter. Two passes per micro-batch: the engine measures the exact
+  per-example norms (its hooks see full activations and output-gradients), then an ordinary
+  backward of sum_i c_i L_i, c_i = w_i min(1, C / ||g_i||), whose gradient IS the clipped sum,
+  lets FSDP reduce-scatter it (SUM, not mean) into the sharded grads. Cost: a second forward and
+  backward per micro-batch, about 2x the compute of the single-pass engine. Each rank then noises
+  only its own slice, from a stream keyed by (noise seed, step, rank): no two slices and no two
+  steps share a stream, and the stream needs no saved state, so a resume on another world size
+  stays fresh.
+
+Micro-batches: every rank runs the same number of them (from the largest share, known to all),
+padding with weight-0 slots, because FSDP's all-gathers and reduce-scatters happen inside every
+forward and backward. Under `ddp` the only collective is the final all-reduce, so a rank skips
+micro-batches that hold only padding and still joins the all-reduce.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dptrain.dist.runtime import DistEnv, init_distributed, main_first
+from dptrain.dp import DPEngine
+from dptrain.dp.loss import per_example_loss
+from dptrain.errors import UserError
+from dptrain.model import Decoder
+from dptrain.privacy.noise import NoiseSource
+from dptrain.privacy.sampling import shard
+from dptrain.privacy.seeds import derive_seed
+
+MODES = ("none", "ddp", "fsdp")
+
+
+class Parallel:
+    """One process: the engine's own clipped sums and noise (the reference the others must match)."""
+
+    mode = "none"
+    lockstep = False  # must every rank run the same number of micro-batches?
+
+    def __init__(self, env: DistEnv | None = None, device: torch.device = torch.device("cpu")):
+        self.env = env or DistEnv(0, 1, 0)
+        self.device = device
+
+    @property
+    def distributed(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    def main_first(self):
+        return main_first(self.env if self.distributed else None)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def micro_batches(self, indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
+        """This rank's share of the global batch in slots of `size` (-1 = weight-0 padding)."""
+        world = self.env.world_size
+        mine = shard(indices, self.env.rank, world)
+        count = math.ceil(math.ceil(len(indices) / world) / size)  # the largest share's count
+        for start in range(0, count * size, size):
+            chunk = mine[start:start + size]
+            if not len(chunk) and not self.lockstep:
+                break
+            yield np.concatenate([chunk, np.full(size - len(chunk), -1, dtype=np.int64)])
+
+    def clipped_grad_sum(self, engine: DPEngine, inputs: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor:
+        return engine.clipped_grad_sum(inputs, targets, weights=weights)
+
+    def privatize(self, engine: DPEngine, noise_multiplier: float, expected_batch_size: float,
+                  noise, step: int) -> None:
+        engine.privatize(noise_multiplier, expected_batch_size, noise)
+
+    def total(self, count: int) -> int:
+        """A count summed over ranks."""
+        if not self.distributed:
+            return count
+        t = torch.tensor([count], dtype=torch.long, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on CPU on rank 0 (None elsewhere). A collective."""
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.is_main else None
+
+    def gathered_model(self, model: nn.Module) -> nn.Module | None:
+        """A plain (unsharded) model with the whole weights on rank 0, None elsewhere. A collective."""
+        return model if self.is_main else None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        """Leave the process group (at the end of a run)."""
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DataParallel(Parallel):
+    mode = "ddp"
+
+    def privatize(self, engine, noise_multiplier, expected_batch_size, noise, step) -> None:
+        for p in engine.parameters:
+            if p.grad is None:  # no local example touched it: it still joins the sum
+                p.grad = torch.zeros_like(p)
+        if self.is_main:
+            engine.add_noise(noise_multiplier, noise)
+        for p in engine.parameters:  # one tensor at a time: no flat copy of all gradients
+            dist.all_reduce(p.grad)
+        engine.normalize(expected_batch_size)
+
+
+class FullyShardedDP(Parallel):
+    mode = "fsdp"
+    lockstep = True
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)  # the root: embeddings (tied with lm_head) and the final norm
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                # Reduce-scatter must SUM the clipped sums (FSDP averages by default). Forcing a
+                # plain SUM op also keeps Gloo working (it has no pre-multiplied sum).
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        return model
+
+    def clipped_grad_sum(self, engine, inputs, targets, weights) -> torch.Tensor:
+        norms = engine.clipped_grad_sum(inputs, targets, weights=weights, accumulate=False)
+        finite = torch.isfinite(norms)
+        coef = torch.where(finite, weights.to(norms.dtype) * torch.clamp(engine.max_grad_norm / norms, max=1.0),
+                           torch.zeros_like(norms))
+        # A non-finite example would turn the whole batch's gradient into NaN (0 * NaN): its row
+        # is replaced by padding tokens, which its zero coefficient then ignores.
+        inputs = torch.where(finite[:, None].to(inputs.device), inputs, torch.zeros_like(inputs))
+        loss = per_example_loss(engine.model(inputs), targets)  # under the caller's autocast, if any
+        (loss * coef.to(loss.dtype)).sum().backward()
+        return norms
+
+    def privatize(self, engine, noise_multiplier, expected_batch_size, noise, step) -> None:
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise UserError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        if not isinstance(noise, NoiseSource):
+            raise TypeError("fsdp derives its per-shard streams from the run's NoiseSource")
+        seed = derive_seed(noise.seed, f"fsdp-noise/step-{step}/rank-{self.env.rank}")
+        shard_noise = NoiseSource(seed, secure=noise.secure)
+        std = noise_multiplier * engine.max_grad_norm
+        with torch.no_grad():
+            for p in engine.parameters:
+                if p.grad is None:  # no micro-batch ran (an empty global batch)
+                    p.grad = torch.zeros_like(p)
+                local = p.grad.to_local()
+                local.add_(shard_noise(local.shape, local.device, local.dtype), alpha=std)
+        engine.normalize(expected_batch_size)
+
+    def full_state_dict(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+    def gathered_model(self, model):
+        state = self.full_state_dict(model)
+        if not self.is_main:
+            return None
+        plain = Decoder(model.cfg)
+        plain.load_state_dict(state)
+        return plain
+
+
+def make_parallel(mode: str, device: torch.device) -> Parallel:
+    """The strategy for runtime.parallel; joins the process group for ddp / fsdp."""
+    if mode not in MODES:
+        raise UserError(f"runtime.parallel must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "none":
+        from dptrain.dist.runtime import env_from_torchrun
+
+        env = env_from_torchrun()
+        if env is not None and env.world_size > 1:
+            raise UserError(f"launched as {env.world_size} processes but runtime.parallel is none: "
+                            "set runtime.parallel=ddp or fsdp")
+        return Parallel(device=device)
+    env, device = init_distributed(device)
+    return (DataParallel if mode == "ddp" else FullyShardedDP)(env, device)
