@@ -84,6 +84,8 @@ def test_spec_errors_are_one_line(micro_data, tmp_path, capsys):
         assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+    assert main(["sweep", spec, "--only", "ladder-9"]) == 2
+    assert "ladder-9" in capsys.readouterr().err
 
 
 def test_shipped_law_loads_and_predicts_in_range():

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dptrain import configio
 from dptrain.errors import UserError
-from dptrain.model import DecoderConfig, parameter_counts
+from dptrain.model import parameter_counts
 from dptrain.scaling.results import RunResult, append_results, read_results
 from dptrain.train.config import TrainConfig
 
@@ -154,8 +154,11 @@ def run_sweep(spec_path: str | Path, only: list[str] | None = None, dry_run: boo
     spec = load_spec(spec_path)
     results = spec_path.parent / spec.results
     done = {r.run_id for r in read_results(results)} if results.exists() else set()
-    todo = [r for r in expand(spec, spec_path.parent)
-            if r.run_id not in done and (not only or r.model_name in only)]
+    runs = expand(spec, spec_path.parent)
+    unknown = sorted(set(only or ()) - {r.model_name for r in runs})
+    if unknown:
+        raise UserError(f"--only names models not in the sweep: {', '.join(unknown)}")
+    todo = [r for r in runs if r.run_id not in done and (not only or r.model_name in only)]
     for run in todo:  # a bad base config fails here, before any run trains
         train_config(spec, run)
     if dry_run:
