@@ -25,7 +25,10 @@ def register(sub) -> None:
     parser.add_argument("--confirm-pld", action="store_true",
                         help="recalibrate the best plan's sigma with the PLD accountant (slow)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--write-config", metavar="FILE", help="write a training config for the best plan")
+    parser.add_argument("--write-config", metavar="FILE",
+                        help="write a `dptrain train` config for the best plan")
+    parser.add_argument("--data-path", metavar="DIR",
+                        help="prepared data folder for --write-config (default: the demo corpus)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write planner figures (PNG) here")
     parser.set_defaults(func=run)
 
@@ -91,8 +94,8 @@ def run(args) -> int:
         elif here is not None:
             print(f"not saturated: 10x more compute improves the predicted loss by {here:.2%}")
     if args.write_config:
-        write_training_config(args.write_config, best, args.epsilon, args.delta, args.data_size,
-                              args.seq_len)
+        write_training_config(args.write_config, best, args.epsilon, args.delta, args.seq_len,
+                              args.data_path)
         print(f"wrote {args.write_config}", file=sys.stderr if args.json else sys.stdout)
     if args.plot_dir:
         from dptrain.scaling.plots import plot_planner

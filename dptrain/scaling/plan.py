@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -146,18 +147,34 @@ def saturation(law, compute, epsilon, delta, data_size, seq_len, factors=(0.1, 1
     return rows
 
 
-def training_config(p: Plan, epsilon: float, delta: float, data_size: int, seq_len: int) -> dict:
-    """A training config for a plan (model config path, privacy, data placeholder)."""
+def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_path: str | None = None,
+                    base_dir: Path | None = None) -> dict:
+    """A `dptrain train` config for a plan: the nearest shipped model config, the plan's batch,
+    steps and sigma (rounded up, so the trainer's budget check at `target_epsilon` holds), and the
+    data: a prepared folder, or by default the demo corpus at the plan's sequence length.
+
+    The model path is relative to `base_dir` (the config file's folder; the trainer resolves it
+    from there), absolute without one."""
+    model = (MODEL_CONFIG_DIR / f"{p.nearest_config}.yaml").resolve()
+    model_cfg = yaml.safe_load(model.read_text())
+    if data_path is not None:
+        data = {"path": str(data_path), "source": "prepared"}
+    else:
+        data = {"path": "runs/demo-data", "source": "demo", "demo_seq_len": seq_len,
+                "demo_vocab_size": model_cfg["vocab_size"]}
     return {
-        "model": f"configs/model/{p.nearest_config}.yaml",
-        "privacy": {"noise_multiplier": round(p.sigma, 6), "target_epsilon": epsilon,
-                    "target_delta": delta, "accountant": p.accountant,
-                    "expected_batch_size": p.batch_size, "steps": p.steps},
-        "data": {"path": "PATH/TO/DATA", "size": data_size, "seq_len": seq_len},
+        "model": os.path.relpath(model, base_dir) if base_dir is not None else str(model),
+        "out_dir": f"runs/plan-{p.nearest_config}",
+        "data": data,
+        "privacy": {"target_epsilon": float(epsilon), "delta": float(delta),
+                    "noise_multiplier": math.ceil(p.sigma * 1e6) / 1e6, "accountant": p.accountant,
+                    "expected_batch_size": int(p.batch_size), "steps": int(p.steps)},
     }
 
 
-def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: float, data_size: int,
-                          seq_len: int) -> None:
-    Path(path).write_text(yaml.safe_dump(training_config(p, epsilon, delta, data_size, seq_len),
-                                         sort_keys=False))
+def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: float, seq_len: int,
+                          data_path: str | None = None) -> None:
+    path = Path(path)
+    cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent)
+    path.write_text(f"# planned for {p.params:.3g} parameters (nearest config: {p.nearest_config}), "
+                    f"predicted loss {p.loss:.4f}\n" + yaml.safe_dump(cfg, sort_keys=False))

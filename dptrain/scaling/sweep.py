@@ -1,0 +1,174 @@
+"""Scaling sweeps: a YAML spec expands into training runs (model x batch x sigma_bar x steps), each
+trained with the real `Trainer`; every finished run appends one row to the results CSV.
+
+A run's id is derived from its spec entry, and runs already in the CSV are skipped, so an
+interrupted sweep resumes where it stopped. The noise is set through the noise-batch ratio:
+sigma = sigma_bar * B (`privacy.noise_multiplier`), no target epsilon is needed.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dptrain import configio
+from dptrain.errors import UserError
+from dptrain.model import parameter_counts
+from dptrain.scaling.results import RunResult, append_results, read_results
+from dptrain.train.config import TrainConfig
+
+
+@dataclass
+class SweepSpec:
+    base: dict[str, Any]  # training config shared by every run; `model` and the noise are set per run
+    models: list[str]  # model YAML paths, relative to the spec's folder
+    batch_sizes: list[int]
+    sigma_bars: list[float]  # noise-batch ratios sigma / B
+    steps: list[int]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    results: str = "results.csv"  # relative to the spec's folder
+
+    def __post_init__(self):
+        for name in ("models", "batch_sizes", "sigma_bars", "steps", "seeds"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if any(b <= 0 for b in self.batch_sizes) or any(t <= 0 for t in self.steps):
+            raise ValueError("batch sizes and step counts must be positive")
+        if any(not s > 0 for s in self.sigma_bars):
+            raise ValueError("sigma_bars must be positive: sigma = 0 gives no privacy")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    run_id: str
+    model_path: Path
+    batch_size: int
+    sigma_bar: float
+    steps: int
+    seed: int
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path.stem
+
+    @property
+    def sigma(self) -> float:
+        return self.sigma_bar * self.batch_size
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    return configio.load(SweepSpec, path)
+
+
+def run_id(model: str, batch_size: int, sigma_bar: float, steps: int, seed: int) -> str:
+    return f"{model}-B{batch_size}-sb{sigma_bar:.3g}-T{steps}-s{seed}"
+
+
+def expand(spec: SweepSpec, spec_dir: Path) -> list[SweepRun]:
+    """Every run of the spec, smallest compute first (models in spec order, then B, T, sigma_bar)."""
+    runs = []
+    for model, b, t, sb, seed in itertools.product(spec.models, spec.batch_sizes, spec.steps,
+                                                   spec.sigma_bars, spec.seeds):
+        path = Path(model) if Path(model).is_absolute() else spec_dir / model
+        if not path.is_file():
+            raise UserError(f"sweep model config not found: {path}")
+        runs.append(SweepRun(run_id(path.stem, b, sb, t, seed), path, b, sb, t, seed))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise UserError("two sweep entries share a run id (duplicate models or values in the spec)")
+    return runs
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def train_config(spec: SweepSpec, run: SweepRun) -> TrainConfig:
+    """The base config with this run's model, batch, steps, noise and output folder."""
+    raw = _merge(spec.base, {
+        "model": str(run.model_path),
+        # nothing is written there; a run folder of its own keeps the trainer from resuming another
+        "out_dir": str(Path(spec.base.get("out_dir", "runs/sweep")) / run.run_id),
+        "privacy": {"expected_batch_size": run.batch_size, "steps": run.steps,
+                    "noise_multiplier": run.sigma, "target_epsilon": None},
+        "runtime": {"seed": run.seed},
+        "logging": {"run_name": run.run_id, "progress": False},
+    })
+    return configio.from_dict(TrainConfig, raw, "base")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()} {torch.get_num_threads()} threads"
+
+
+def execute(spec: SweepSpec, run: SweepRun, on_step=None) -> RunResult:
+    """Train one run from scratch with the trainer's own step and evaluation, and turn its eval
+    curve into a results row. The run loop is the trainer's minus checkpoints, logs and the
+    end-of-run privacy report (which computes every accountant: a minute per run on CPU)."""
+    from dptrain.train.trainer import Trainer
+
+    cfg = train_config(spec, run)
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    if trainer.eval_data is None:
+        raise UserError("sweep runs need held-out data: the prepared data has no eval split")
+    every = cfg.eval.every or run.steps
+    curve = [(0, trainer.evaluate())]
+    while trainer.step < run.steps:
+        trainer.train_step()
+        if trainer.step % every == 0 or trainer.step == run.steps:
+            curve.append((trainer.step, trainer.evaluate()))
+        if on_step:
+            on_step()
+    wall = time.perf_counter() - start
+    counts = parameter_counts(trainer.model_cfg)
+    seq_len = trainer.train_data.seq_len - 1  # tokens predicted per sequence
+    return RunResult(
+        run_id=run.run_id, model=run.model_name, params_total=counts["total"],
+        params_nonembed=counts["non_embedding"], batch_size=run.batch_size, steps=run.steps,
+        sigma=run.sigma, sigma_bar=run.sigma_bar, seq_len=seq_len,
+        tokens=run.batch_size * seq_len * run.steps,
+        eval_curve=tuple((int(s), float(l)) for s, l in curve),
+        wall_time_s=round(wall, 2), device=device_name(trainer.device),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def run_sweep(spec_path: str | Path, only: list[str] | None = None, dry_run: bool = False,
+              progress: bool = True) -> list[SweepRun]:
+    """Run every run of the spec not yet in its results CSV; returns the runs that were (or, with
+    dry_run, would be) trained."""
+    spec_path = Path(spec_path)
+    spec = load_spec(spec_path)
+    results = spec_path.parent / spec.results
+    done = {r.run_id for r in read_results(results)} if results.exists() else set()
+    runs = expand(spec, spec_path.parent)
+    unknown = sorted(set(only or ()) - {r.model_name for r in runs})
+    if unknown:
+        raise UserError(f"--only names models not in the sweep: {', '.join(unknown)}")
+    todo = [r for r in runs if r.run_id not in done and (not only or r.model_name in only)]
+    for run in todo:  # a bad base config fails here, before any run trains
+        train_config(spec, run)
+    if dry_run:
+        return todo
+    bar = tqdm(total=sum(r.steps for r in todo), desc="sweep", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    for i, run in enumerate(todo, start=1):
+        bar.set_postfix_str(f"run {i}/{len(todo)} {run.run_id}")
+        row = execute(spec, run, on_step=lambda: bar.update(1))
+        append_results(results, [row])
+        bar.write(f"{run.run_id}: final loss {row.final_loss():.4f} in {row.wall_time_s:.0f} s")
+    bar.close()
+    return todo

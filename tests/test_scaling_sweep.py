@@ -1,0 +1,127 @@
+"""The sweep runner (real trainer, rows appended, reruns skipped), plan configs the trainer accepts,
+and the shipped law."""
+import warnings
+
+import pytest
+import yaml
+
+from dptrain.cli import main
+from dptrain.data import PackedDataset
+from dptrain.errors import UserError
+from dptrain.scaling.law import load_law
+from dptrain.scaling.plan import SHIPPED_LAW
+from dptrain.scaling.results import read_results
+from dptrain.scaling.sweep import expand, load_spec, run_sweep
+from dptrain.train.config import load_train_config
+from dptrain.train.trainer import Trainer
+
+MICRO_MODEL = dict(vocab_size=2048, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                   num_kv_heads=1, head_dim=16, max_seq_len=64, query_pre_attn_scalar=16.0)
+
+
+@pytest.fixture(scope="module")
+def micro_data(tmp_path_factory):
+    from dptrain.data.demo import prepare_demo
+
+    return prepare_demo(tmp_path_factory.mktemp("demo"), seq_len=32, vocab_size=2048, num_records=400)
+
+
+def write_spec(folder, data, sigma_bars) -> str:
+    (folder / "micro.yaml").write_text(yaml.safe_dump(MICRO_MODEL))
+    spec = {
+        "results": "results.csv",
+        "models": ["micro.yaml"],
+        "batch_sizes": [8],
+        "sigma_bars": sigma_bars,
+        "steps": [3],
+        "base": {"data": {"path": str(data)},
+                 "out_dir": str(folder / "runs"),
+                 "privacy": {"delta": 1e-5},
+                 "runtime": {"micro_batch_size": 8, "device": "cpu"},
+                 "eval": {"every": 2, "max_sequences": 8},
+                 "logging": {"wandb": "disabled"}},
+    }
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_sweep_appends_rows_and_skips_finished_runs(micro_data, tmp_path, capsys):
+    spec = write_spec(tmp_path, micro_data, [0.05, 0.2])
+    assert main(["sweep", spec]) == 0
+    rows = read_results(tmp_path / "results.csv")
+    assert [r.run_id for r in rows] == ["micro-B8-sb0.05-T3-s0", "micro-B8-sb0.2-T3-s0"]
+    for row, sigma_bar in zip(rows, [0.05, 0.2]):
+        assert row.model == "micro" and row.batch_size == 8 and row.steps == 3
+        assert row.sigma == pytest.approx(sigma_bar * 8) and row.sigma_bar == sigma_bar
+        assert row.seq_len == 31 and row.tokens == 8 * 31 * 3
+        assert [s for s, _ in row.eval_curve] == [0, 2, 3]  # every 2 steps, and the last
+        assert row.params_total > row.params_nonembed > 0 and row.wall_time_s > 0
+    # Different noise, same seed: the curves differ after step 0 and agree before training.
+    assert rows[0].eval_curve[0] == rows[1].eval_curve[0]
+    assert rows[0].eval_curve[-1] != rows[1].eval_curve[-1]
+    text = (tmp_path / "results.csv").read_text()
+
+    assert main(["sweep", spec]) == 0  # nothing left to do
+    assert "0 run(s) trained" in capsys.readouterr().out
+    assert (tmp_path / "results.csv").read_text() == text
+
+    spec = write_spec(tmp_path, micro_data, [0.05, 0.2, 0.8])  # a grown spec runs only what is new
+    assert [r.run_id for r in run_sweep(spec, progress=False)] == ["micro-B8-sb0.8-T3-s0"]
+    assert (tmp_path / "results.csv").read_text().startswith(text)
+    assert len(read_results(tmp_path / "results.csv")) == 3
+
+
+def test_spec_errors_are_one_line(micro_data, tmp_path, capsys):
+    spec = write_spec(tmp_path, micro_data, [0.1])
+    raw = yaml.safe_load(open(spec))
+    assert [r.run_id for r in expand(load_spec(spec), tmp_path)] == ["micro-B8-sb0.1-T3-s0"]
+    for change, message in [({"models": ["missing.yaml"]}, "not found"),
+                            ({"sigma_bars": [0.0]}, "sigma_bars"),
+                            ({"stepz": [3]}, "stepz"),
+                            ({"base": {**raw["base"], "privacy": {"delta": 2.0}}}, "delta")]:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**raw, **change}))
+        assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main(["sweep", spec, "--only", "ladder-9"]) == 2
+    assert "ladder-9" in capsys.readouterr().err
+
+
+def test_shipped_law_loads_and_predicts_in_range():
+    law = load_law(SHIPPED_LAW)
+    v = law.validity
+    m, t, sb = [(lo * hi) ** 0.5 for lo, hi in (v["M"], v["T"], v["sigma_bar"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inside the range: no extrapolation warning
+        loss = float(law.predict(m, t, sb))
+    assert 0 < loss < 8  # below the loss of a uniform guess over the 2048-token vocabulary (7.62)
+    # more steps and less noise never predict a higher loss
+    assert law.predict(m, v["T"][1], sb) <= law.predict(m, v["T"][0], sb)
+    assert law.predict(m, t, v["sigma_bar"][0]) <= law.predict(m, t, v["sigma_bar"][1])
+    # the planner's default method predicts held-out runs of the sweep within 10% on average
+    assert law.holdout["runs"] and law.holdout["mean_abs_rel_error"] < 0.10
+
+
+def test_plan_config_loads_and_trains(micro_data, tmp_path):
+    """`dptrain plan --write-config` (shipped law) writes what `dptrain train` takes as is."""
+    data = micro_data
+    n = len(PackedDataset(data, "train"))
+    config = tmp_path / "plan" / "train.yaml"
+    config.parent.mkdir()
+    assert main(["plan", "--compute", "2e10", "--epsilon", "8", "--delta", "1e-4", "--data-size", str(n),
+                 "--seq-len", "32", "--top", "1", "--write-config", str(config),
+                 "--data-path", str(data), "--min-params", "5e4"]) == 0
+    cfg = load_train_config(config, [f"out_dir={tmp_path / 'run'}", "privacy.steps=2",
+                                     "logging.wandb=disabled", "logging.progress=false",
+                                     "eval.max_sequences=8", "runtime.micro_batch_size=64"])
+    written = yaml.safe_load(config.read_text())
+    assert cfg.privacy.target_epsilon == 8 and cfg.privacy.noise_multiplier == written["privacy"]["noise_multiplier"]
+    trainer = Trainer(cfg, config_dir=config.parent)  # the model path is relative to the file
+    report = trainer.fit()
+    assert trainer.step == 2 and report["epsilon"]["rdp"] <= 8
+    # the default data is the demo corpus at the planned sequence length
+    assert main(["plan", "--compute", "2e10", "--epsilon", "8", "--delta", "1e-4", "--data-size", str(n),
+                 "--seq-len", "32", "--top", "1", "--write-config", str(config)]) == 0
+    demo = load_train_config(config)
+    assert demo.data.source == "demo" and demo.data.demo_seq_len == 32
