@@ -1,7 +1,7 @@
 """Planner noise calibration: vectorised RDP grid vs one dp_accounting RDP calibration per pair.
 
 Prints seconds per (q, steps) pair for both on the same pairs, their ratio, and the largest
-relative sigma difference. Run from the repository root: `PYTHONPATH=. python benchmarks/scaling_calibration.py`.
+relative sigma difference. Run from the repository root: `python benchmarks/scaling_calibration.py`.
 """
 import time
 

@@ -5,7 +5,7 @@ The run uses the sweep's data and training protocol (optimizer, schedule, evalua
 conditional on them) and the plan's model, batch size, steps and noise, via `--write-config`.
 From the repository root:
 
-    PYTHONPATH=. python benchmarks/scaling_validation.py --compute 1e12 --epsilon 8
+    python benchmarks/scaling_validation.py --compute 1e12 --epsilon 8
 """
 from __future__ import annotations
 

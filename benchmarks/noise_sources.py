@@ -1,6 +1,6 @@
 """Throughput of the seeded and the secure Gaussian noise sources (elements per second, CPU).
 
-    python scripts/bench_noise.py [--elements 4000000] [--repeats 3]
+    python benchmarks/noise_sources.py [--elements 4000000] [--repeats 3]
 """
 from __future__ import annotations
 

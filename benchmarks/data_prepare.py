@@ -8,7 +8,7 @@ demo's public text, then times, in this one process and on the same cores:
 Prints tokens/s of both and their ratio (the pipeline should stay within 1.5x of raw). The
 one-time import of `datasets` (seconds) is done before timing: it does not grow with the data.
 
-    python -m scripts.bench_data --mb 100      (from the repository root)
+    python benchmarks/data_prepare.py --mb 100      (from the repository root)
 """
 from __future__ import annotations
 
