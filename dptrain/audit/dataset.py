@@ -17,7 +17,7 @@ import torch
 
 from dptrain.checkpoint import atomic_dir
 from dptrain.data.packed import PackedDataset
-from dptrain.data.prepare import GROUPS_FILE, MANIFEST, TOKEN_DTYPE
+from dptrain.data.prepare import DOCUMENT_DTYPE, GROUPS_FILE, MANIFEST, TOKEN_DTYPE
 from dptrain.errors import UserError
 
 
@@ -52,7 +52,7 @@ def write_canary_dataset(base: str | Path, canaries: torch.Tensor, included: np.
             names = train.group_names
             rows.append(len(names) + np.arange(len(added)))
             (tmp / GROUPS_FILE).write_text(json.dumps(names + [f"audit-canary-{i}" for i in range(len(added))]) + "\n")
-        np.save(tmp / info["documents_file"], np.concatenate([table, np.stack(rows, 1).astype(np.int64)]))
+        np.concatenate([table, np.stack(rows, 1)]).astype(DOCUMENT_DTYPE).tofile(tmp / info["documents_file"])
         for name in [manifest["tokenizer"]["file"], "canaries.json", *(s["tokens_file"] for k, s in manifest["splits"].items()
                                                       if k != "train"),
                      *(s["documents_file"] for k, s in manifest["splits"].items() if k != "train")]:
