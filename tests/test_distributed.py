@@ -66,11 +66,16 @@ def _entry(rank, world_size, port, func, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    try:
-        func(rank, world_size, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    func(rank, world_size, *args)  # an exception propagates: spawn reports it and ends the peers
+    if dist.is_initialized():
+        # No rank may tear down Gloo while a peer is still inside a collective: that aborts it.
+        dist.barrier()
+        dist.destroy_process_group()
+    # The results are on disk. Skip interpreter finalization, where Gloo worker threads still
+    # referenced by FSDP's device mesh can abort the process after a successful run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def full_gradient(trainer) -> torch.Tensor:

@@ -114,6 +114,7 @@ class Parallel:
     def shutdown(self) -> None:
         """Leave the process group (at the end of a run)."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()  # a rank leaving while a peer is mid-collective would abort the peer
             dist.destroy_process_group()
 
 
