@@ -155,7 +155,7 @@ def test_train_cli_exports_and_reports(data_dir, tmp_path, capsys):
     path.write_text(yaml.safe_dump(configio.to_dict(cfg)))
     assert main(["train", str(path), "eval.every=1"]) == 0
     out = capsys.readouterr().out
-    assert "Privacy guarantee" in out and "sample: Patient" in out
+    assert "Privacy guarantee" in out and "sample (temperature 0.8): Patient" in out
     assert (tmp_path / "hf" / "config.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/loss" in r for r in rows) and any("private/clipped_fraction" in r for r in rows)

@@ -41,7 +41,7 @@ def export_and_sample(model, trainer, cfg) -> None:
     import torch
 
     from dptrain.export import to_hf
-    from dptrain.generate import greedy_generate
+    from dptrain.generate import sample_generate
 
     model = model.float().cpu()
     tokenizer = trainer.train_data.tokenizer_path
@@ -52,5 +52,7 @@ def export_and_sample(model, trainer, cfg) -> None:
 
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
         prompt = torch.tensor([[sp.bos_id(), *sp.encode(cfg.export.sample_prompt)]])
-        out = greedy_generate(model, prompt, cfg.export.sample_tokens, eos_id=sp.eos_id())
-        print(f"sample: {cfg.export.sample_prompt}{sp.decode(out[0].tolist())}")
+        out = sample_generate(model, prompt, cfg.export.sample_tokens, cfg.export.sample_temperature,
+                              seed=cfg.runtime.seed, eos_id=sp.eos_id())
+        print(f"sample (temperature {cfg.export.sample_temperature:g}): "
+              f"{cfg.export.sample_prompt}{sp.decode(out[0].tolist())}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dptrain.checkpoint import atomic_dir
 
-DEMO_VERSION = 3  # part of every cache key: bump when the generator's output changes
+DEMO_VERSION = 4  # part of every cache key: bump when the generator's output changes
 
 CANARY_REPEATS = (0, 1, 4, 16)  # 0: never planted, a control for extraction tests
 CANARIES_PER_REPEAT = 4
@@ -86,6 +86,33 @@ MORE_PHRASES = (
     "During {month} the {animals} return, and the {nouns} of {place} hold a festival of {goods}.",
     "Scholars from {place} compared the {topic} with the {adj2} plains of {place2}.",
 )
+# Public text of the same domain, as a public medical leaflet or a bank's FAQ page would read: the
+# words of the private records, none of their people. A tokenizer trained on it splits the private
+# text into sensible pieces without ever seeing a private record.
+DOMAIN_PHRASES = (
+    "Clinic notes record the date, the patient's symptoms, their history and current medication, "
+    "then the plan.",
+    "Patients with {cond} are often prescribed {drug}, for example {dose} mg once daily.",
+    "Common reasons for a visit include {sym} and {sym2} lasting {num} days.",
+    "At each visit the clinic measures BP, pulse and temperature, for example BP {sys}/{dia}, "
+    "pulse {pulse}, temperature {temp} C.",
+    "A typical plan is to continue, increase, reduce or stop {drug} and review the patient in "
+    "{weeks} weeks.",
+    "Bank support agents ask the customer to confirm the account number and date of birth.",
+    "Customers often call about {issue}; the agent raises a case and the customer will hear back "
+    "within {weeks} working days.",
+    "A payment of {amount} GBP to a merchant in {city} can appear as pending for a few days.",
+    "Agent: Hello, how can I help? Customer: Hi, I am calling about {issue}. Agent: Thank you.",
+)
+
+
+def _domain_sentence(rng: random.Random) -> str:
+    return rng.choice(DOMAIN_PHRASES).format(
+        cond=rng.choice(CONDITIONS), drug=rng.choice(DRUGS), dose=rng.choice((5, 10, 20, 50, 100)),
+        sym=rng.choice(SYMPTOMS), sym2=rng.choice(SYMPTOMS), num=rng.randint(2, 30),
+        sys=rng.randint(100, 170), dia=rng.randint(60, 100), pulse=rng.randint(52, 118),
+        temp=rng.randint(360, 392) / 10, weeks=rng.randint(1, 12), issue=rng.choice(ISSUES),
+        amount=f"{rng.randint(5, 4000)}.{rng.randint(0, 99):02d}", city=rng.choice(CITIES))
 
 
 def _place(rng: random.Random) -> str:
@@ -95,6 +122,8 @@ def _place(rng: random.Random) -> str:
 
 
 def _public_paragraph(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        return " ".join(_domain_sentence(rng) for _ in range(rng.randint(3, 7)))
     sentences = []
     for _ in range(rng.randint(3, 7)):
         sentences.append(rng.choice(PUBLIC_PHRASES + MORE_PHRASES).format(

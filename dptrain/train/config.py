@@ -107,8 +107,9 @@ class CheckpointConfig:
 class ExportConfig:
     hf_dir: str | None = None  # write a Hugging Face folder at the end of training
     dtype: Literal["float32", "bfloat16"] = "float32"
-    sample_prompt: str | None = None  # print a greedy continuation after export
+    sample_prompt: str | None = None  # print a sampled continuation after export
     sample_tokens: int = 40
+    sample_temperature: float = 0.8
 
 
 @dataclass
