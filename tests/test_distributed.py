@@ -27,7 +27,7 @@ from dptrain.errors import UserError
 from dptrain.train.config import TrainConfig
 from dptrain.train.trainer import Trainer
 
-VOCAB = 320
+VOCAB = 384
 STEPS = 3
 SAVE_AT = 2  # runs asked to checkpoint do so after this many steps
 SIGMA, CLIP = 2.0, 0.5
