@@ -23,8 +23,10 @@ def run(args) -> int:
         report = trainer.fit()
         # Under runtime.parallel every rank trains; rank 0 alone gathers the weights and speaks.
         model = trainer.parallel.gathered_model(trainer.model) if cfg.export.hf_dir else None
-    finally:
-        trainer.parallel.shutdown()
+    except BaseException:
+        trainer.parallel.shutdown(clean=False)
+        raise
+    trainer.parallel.shutdown()
     if not trainer.parallel.is_main:
         return 0
     if trainer.eval_history:

@@ -111,10 +111,16 @@ class Parallel:
         if self.distributed:
             dist.barrier()
 
-    def shutdown(self) -> None:
-        """Leave the process group (at the end of a run)."""
+    def shutdown(self, clean: bool = True) -> None:
+        """Leave the process group (at the end of a run).
+
+        After a clean run every rank waits for the others first: a rank tearing Gloo down while a
+        peer is still inside a collective aborts that peer. After an error there is no waiting, since
+        the peers may be stuck in another collective and the launcher will stop them.
+        """
         if self.distributed and dist.is_initialized():
-            dist.barrier()  # a rank leaving while a peer is mid-collective would abort the peer
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
 
 
