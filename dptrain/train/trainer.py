@@ -64,7 +64,6 @@ def inputs_and_targets(data: PackedDataset, slots: np.ndarray, device) -> tuple[
 @dataclass
 class StepResult:
     batch_size: int
-    truncated: bool
     norms: torch.Tensor  # per-example gradient norms of the realised batch (private)
     losses: torch.Tensor  # per-example training losses (private)
 
@@ -114,6 +113,7 @@ class Trainer:
         self.batch_sizes: list[int] = []
         self.eval_history: list[tuple[int, float]] = []
         self.nonfinite_examples = 0
+        self._report: dict | None = None
         self._resume_if_possible()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -191,7 +191,6 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         p = self.cfg.privacy
-        truncated_before = self.sampler.truncated_steps
         indices = self.sampler.sample()
         self.engine.zero_grad()
         norms, losses = [], []
@@ -213,7 +212,7 @@ class Trainer:
         self.step += 1
         self.batch_sizes.append(len(indices))
         self.nonfinite_examples += self.parallel.total(self.engine.reset_stats().nonfinite)
-        return StepResult(len(indices), self.sampler.truncated_steps > truncated_before,
+        return StepResult(len(indices),
                           torch.cat(norms) if norms else torch.zeros(0),
                           torch.cat(losses) if losses else torch.zeros(0))
 
@@ -302,7 +301,10 @@ class Trainer:
             bar.write(f"step {self.step}: held-out loss {loss:.4f}")
 
     def report(self) -> dict:
-        return privacy_report(self)
+        """The privacy report at the current step; computed once per step (each accountant takes seconds)."""
+        if self._report is None or self._report["steps"] != self.step:
+            self._report = privacy_report(self)
+        return self._report
 
     # ---- checkpoints --------------------------------------------------------------------------
     @property
