@@ -9,17 +9,22 @@ from dptrain.errors import UserError
 from dptrain.model import Decoder
 
 
+def check_token_ids(model: Decoder, ids: torch.Tensor, what: str) -> torch.Tensor:
+    """`ids` as int64, or a UserError when one lies outside the model's vocabulary."""
+    if ids.numel() and (ids.min() < 0 or ids.max() >= model.cfg.vocab_size):
+        raise UserError(f"{what} token ids must lie in [0, {model.cfg.vocab_size})")
+    return ids.long()
+
+
 @torch.no_grad()
 def _extend(model: Decoder, prefix: torch.Tensor, num_tokens: int, eos_id: int | None,
             pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     if prefix.shape[1] + num_tokens > model.cfg.max_seq_len:
         raise UserError(f"prefix {prefix.shape[1]} + {num_tokens} new tokens exceed "
                         f"max_seq_len {model.cfg.max_seq_len}")
-    if prefix.numel() and (prefix.min() < 0 or prefix.max() >= model.cfg.vocab_size):
-        raise UserError(f"prefix token ids must lie in [0, {model.cfg.vocab_size})")
     was_training = model.training
     model.eval()
-    seq = prefix.long().to(next(model.parameters()).device)
+    seq = check_token_ids(model, prefix, "prefix").to(next(model.parameters()).device)
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
     for _ in range(num_tokens):
         next_token = pick(model(seq)[:, -1].float())

@@ -22,18 +22,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dptrain.errors import UserError
-from dptrain.generate import greedy_generate
+from dptrain.generate import check_token_ids, greedy_generate
 from dptrain.model import Decoder
-
-
-def _device(model: Decoder) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _check_ids(model: Decoder, ids: torch.Tensor, what: str) -> torch.Tensor:
-    if ids.numel() and (ids.min() < 0 or ids.max() >= model.cfg.vocab_size):
-        raise UserError(f"{what} token ids must lie in [0, {model.cfg.vocab_size})")
-    return ids.long()
 
 
 def edit_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -121,12 +111,12 @@ def memorization_test(model: Decoder, sequences: torch.Tensor, prefix_len: int =
 @torch.no_grad()
 def continuation_log_likelihood(model: Decoder, context: torch.Tensor, continuations: torch.Tensor) -> np.ndarray:
     """log P(continuation | context) in nats, for one context [C] and candidates [R, S] -> [R]."""
-    context = _check_ids(model, context.reshape(-1), "context")
-    continuations = _check_ids(model, continuations, "candidate")
+    context = check_token_ids(model, context.reshape(-1), "context")
+    continuations = check_token_ids(model, continuations, "candidate")
     if context.numel() == 0:
         raise UserError("exposure needs a non-empty context before the secret")
     c = context.numel()
-    rows = torch.cat([context.expand(continuations.shape[0], c), continuations], dim=1).to(_device(model))
+    rows = torch.cat([context.expand(continuations.shape[0], c), continuations], dim=1).to(next(model.parameters()).device)
     if rows.shape[1] > model.cfg.max_seq_len:
         raise UserError(f"context + secret of {rows.shape[1]} tokens exceed max_seq_len {model.cfg.max_seq_len}")
     logp = F.log_softmax(model(rows)[:, c - 1:-1].float(), dim=-1)
