@@ -246,7 +246,10 @@ def training_flops_per_token(cfg: DecoderConfig, seq_len: int | None = None) -> 
     The attention term is PaLM's 12·L·H·Dh·T: QKᵀ and AV, forward and backward, without discounting
     the causal mask (the kernels compute most of the masked half anyway).
     """
-    seq_len = seq_len or cfg.max_seq_len
-    counts = parameter_counts(cfg)
-    matmul_params = counts["non_embedding"] + cfg.vocab_size * cfg.hidden_size
-    return 6 * matmul_params + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    matmul_params = parameter_counts(cfg)["non_embedding"] + cfg.vocab_size * cfg.hidden_size
+    return 6 * matmul_params + attention_flops_per_token(cfg, seq_len)
+
+
+def attention_flops_per_token(cfg: DecoderConfig, seq_len: int | None = None) -> int:
+    """The attention term of `training_flops_per_token`: 12·L·H·Dh·T."""
+    return 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (seq_len or cfg.max_seq_len)

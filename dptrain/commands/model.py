@@ -24,7 +24,8 @@ def _gib(n_bytes: float) -> str:
 
 
 def run_info(args) -> int:
-    from dptrain.model import DecoderConfig, parameter_counts, training_flops_per_token
+    from dptrain.model import (DecoderConfig, attention_flops_per_token, parameter_counts,
+                               training_flops_per_token)
 
     cfg = DecoderConfig.from_yaml(args.config)
     counts = parameter_counts(cfg)
@@ -40,7 +41,7 @@ def run_info(args) -> int:
           f"{' tied with the output head' if cfg.tie_embeddings else ''}")
     print(f"  non-embedding   {_human(counts['non_embedding'])} ({counts['non_embedding']:,})")
     print(f"training flops    {_human(flops)} per token at seq-len {seq_len} "
-          f"(6N = {_human(flops - 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len)}"
+          f"(6N = {_human(flops - attention_flops_per_token(cfg, seq_len))}"
           f" + attention)")
     print(f"memory (weights)  float32 {_gib(4 * total)}, bfloat16 {_gib(2 * total)}")
     print(f"memory (training) {_gib(16 * total)}: float32 weights, gradients and two Adam moments "
