@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 
 from dptrain import configio
 from dptrain.checkpoint import load_model
-from dptrain.dist import DistEnv, Parallel
-from dptrain.dist.parallel import DataParallel, FullyShardedDP, make_parallel
+from dptrain.distributed import DistEnv, Parallel
+from dptrain.distributed.parallel import DataParallel, FullyShardedDP, make_parallel
 from dptrain.errors import UserError
 from dptrain.train.config import TrainConfig
 from dptrain.train.trainer import Trainer

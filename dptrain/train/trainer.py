@@ -21,8 +21,8 @@ from tqdm import tqdm
 from dptrain import configio
 from dptrain.checkpoint import atomic_dir, write_model
 from dptrain.data import PackedDataset, check_vocab
-from dptrain.dist import checkpoint as dist_checkpoint
-from dptrain.dist import make_parallel
+from dptrain.distributed import checkpoint as dist_checkpoint
+from dptrain.distributed import make_parallel
 from dptrain.dp import DPEngine
 from dptrain.errors import UserError
 from dptrain.model import Decoder, training_flops_per_token
@@ -322,7 +322,7 @@ class Trainer:
         return path
 
     def _save_distributed_checkpoint(self, path: Path) -> Path:
-        """Model + optimizer shards from every rank via DCP; the rest from rank 0 (see dptrain.dist)."""
+        """Model + optimizer shards from every rank via DCP; the rest from rank 0 (see dptrain.distributed)."""
         tmp = dist_checkpoint.staging_dir(path)
         if self.parallel.is_main:
             shutil.rmtree(tmp, ignore_errors=True)

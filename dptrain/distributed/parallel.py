@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dptrain.dist.runtime import DistEnv, init_distributed, main_first
+from dptrain.distributed.runtime import DistEnv, init_distributed, main_first
 from dptrain.dp import DPEngine
 from dptrain.dp.loss import per_example_loss
 from dptrain.errors import UserError
@@ -204,7 +204,7 @@ def make_parallel(mode: str, device: torch.device) -> Parallel:
     if mode not in MODES:
         raise UserError(f"runtime.parallel must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "none":
-        from dptrain.dist.runtime import env_from_torchrun
+        from dptrain.distributed.runtime import env_from_torchrun
 
         env = env_from_torchrun()
         if env is not None and env.world_size > 1:

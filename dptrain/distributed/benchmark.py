@@ -1,6 +1,6 @@
 """Throughput of a sharded private step against a sharded non-private one, in the same processes.
 
-    torchrun --standalone --nproc-per-node 8 -m dptrain.dist.benchmark \\
+    torchrun --standalone --nproc-per-node 8 -m dptrain.distributed.benchmark \\
         --config configs/model/vaultgemma-1b.yaml --seq-len 1024 --micro-batch 4 --dtype bfloat16
 
 Both methods run on the same FSDP2-sharded model and random tokens (no private data is read):
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dptrain.dist.parallel import DataParallel, make_parallel
+from dptrain.distributed.parallel import DataParallel, make_parallel
 from dptrain.dp import DPEngine
 from dptrain.model import Decoder, DecoderConfig
 from dptrain.privacy.noise import NoiseSource
