@@ -143,13 +143,40 @@ def write_yaml(obj: Any, path: str | Path) -> None:
 
 
 def load(cls: type[T], path: str | Path, overrides: list[str] = ()) -> T:
-    """Load `cls` from YAML, then apply dotted `key=value` overrides (values parsed as YAML)."""
+    """Load `cls` from YAML, then apply dotted `key=value` overrides.
+
+    A value is parsed as YAML, except for a string field, which takes the text as it is
+    (`export.sample_prompt=KING HENRY:` is a string, not a mapping).
+    """
     data = read_yaml(path)
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, cls)
     return from_dict(cls, data)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def _field_type(cls: Any, parts: list[str]) -> Any:
+    """The annotation of the dotted field `parts` of dataclass `cls`, or None where unknown."""
+    tp = cls
+    for part in parts:
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[Section]
+            inner = [t for t in typing.get_args(tp) if t is not type(None)]
+            if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+                tp = inner[0]
+    return tp
+
+
+def _takes_text(tp: Any) -> bool:
+    """True for a field typed str or Optional[str]: its override value is taken verbatim."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return set(typing.get_args(tp)) == {str, type(None)}
+    return False
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: Any = None) -> dict:
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key=value")
@@ -160,5 +187,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override '{key}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        tp = _field_type(cls, parts) if cls is not None else None
+        if _takes_text(tp) and not (raw in ("null", "~") and tp is not str):
+            node[parts[-1]] = raw
+            continue
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise UserError(f"override '{key}': value is not valid YAML "
+                            f"({str(err).splitlines()[0]})") from None
     return data
