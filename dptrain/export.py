@@ -90,11 +90,24 @@ def _write_json(obj: dict, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig) -> None:
+def check_tokenizer_exports(sp_model: str | Path) -> None:
+    """UserError unless `sp_model` becomes a Gemma tokenizer that encodes exactly as it does.
+
+    Run before training (by `data prepare`), so an incompatible tokenizer is refused before any
+    budget is spent on a model that could not be exported with it.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dptrain-tokenizer-check-") as tmp:
+        write_tokenizer(sp_model, Path(tmp))
+
+
+def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig | None = None) -> None:
     """Put a SentencePiece model into `folder` as a Gemma tokenizer `AutoTokenizer` can load.
 
     The `.model` is kept and `tokenizer.json` is converted from it once here, so loading needs
-    neither sentencepiece nor a conversion. Encodings are checked against sentencepiece.
+    neither sentencepiece nor a conversion. Encodings are checked against sentencepiece. Without
+    `cfg` the tokenizer is checked on its own (no model's vocabulary or context length).
     """
     import sentencepiece as spm
     from transformers import AutoTokenizer
@@ -112,7 +125,7 @@ def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig) -> N
         if got != want:
             raise UserError(f"tokenizer {sp_model}: {role} id is {got}, the model expects {want} "
                             "(pad 0, eos 1, bos 2, unk 3)")
-    if sp.get_piece_size() > cfg.vocab_size:
+    if cfg is not None and sp.get_piece_size() > cfg.vocab_size:
         raise UserError(f"tokenizer {sp_model} has {sp.get_piece_size()} pieces, "
                         f"more than the model's vocab_size {cfg.vocab_size}")
     shutil.copyfile(sp_model, folder / TOKENIZER_FILE)
@@ -125,7 +138,7 @@ def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig) -> N
         "mask_token": None,
         "add_bos_token": True,
         "add_eos_token": False,
-        "model_max_length": cfg.max_seq_len,
+        **({"model_max_length": cfg.max_seq_len} if cfg is not None else {}),
     }, folder / "tokenizer_config.json")
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
     # Drop what describes this machine (the temporary folder) rather than the tokenizer.
@@ -136,9 +149,10 @@ def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig) -> N
     _write_json(config, config_file)
     ours = AutoTokenizer.from_pretrained(folder)(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     if ours != sp.encode(TOKENIZER_PROBE):
-        raise UserError(f"tokenizer {sp_model} does not encode like a Gemma tokenizer; train it as "
-                        "Gemma's: model_type=bpe, add_dummy_prefix=false, "
-                        "remove_extra_whitespaces=false, normalization_rule_name=identity")
+        raise UserError(f"tokenizer {sp_model} does not encode like a Gemma tokenizer, so a model "
+                        "trained with it could not be exported; train it with `dptrain tokenizer "
+                        "train` (or as Gemma's: model_type=bpe, add_dummy_prefix=false, "
+                        "remove_extra_whitespaces=false, normalization_rule_name=identity)")
 
 
 def to_hf(model: Decoder, out_dir: str | Path, tokenizer_path: str | Path | None = None,

@@ -385,6 +385,29 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path, tokenizer):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
+def test_tokenizer_that_cannot_be_exported_is_refused_before_training(tmp_path, public_text):
+    # A unigram model with a dummy prefix: Hugging Face's Gemma tokenizer encodes it differently.
+    spm.SentencePieceTrainer.train(
+        input=str(public_text), model_prefix=str(tmp_path / "uni"), vocab_size=VOCAB, model_type="unigram",
+        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+    src = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
+    with pytest.raises(UserError, match="could not be exported"):
+        prepare([src], tmp_path / "uni.model", 16, tmp_path / "prep", progress=False)
+    assert not (tmp_path / "prep").exists()
+
+
+def test_cli_tokenizer_offers_only_what_exports(tmp_path, public_text, capsys):
+    out = tmp_path / "tok.model"
+    assert main(["tokenizer", "train", "--input", str(public_text), "--vocab-size", str(VOCAB),
+                 "--out", str(out), "--num-threads", "1"]) == 0
+    src = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
+    prepare([src], out, 16, tmp_path / "prep", progress=False)  # accepted: it exports
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "train", "--input", str(public_text), "--vocab-size", str(VOCAB),
+              "--out", str(out), "--model-type", "unigram"])
+    assert "unrecognized arguments: --model-type" in capsys.readouterr().err
+
+
 def test_open_errors(tmp_path):
     with pytest.raises(UserError, match="no manifest.json"):
         PackedDataset(tmp_path)

@@ -8,13 +8,12 @@ def register(sub) -> None:
     parser = sub.add_parser("tokenizer", help="train or inspect a SentencePiece tokenizer")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     train = actions.add_parser(
-        "train", help="train a byte-fallback SentencePiece model (pad 0, eos 1, bos 2, unk 3)",
+        "train", help="train a byte-fallback BPE SentencePiece model (pad 0, eos 1, bos 2, unk 3)",
         description="Train on PUBLIC text: a tokenizer trained on private data is outside the DP "
                     "guarantee. Text files hold one sentence per line.")
     train.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text files")
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--out", required=True, help="output .model path (a .vocab goes beside it)")
-    train.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     train.add_argument("--private", action="store_true",
                        help="the input is private data (warns; the result is not DP)")
     train.add_argument("--num-threads", type=int, default=None, help="default: all cores")
@@ -33,7 +32,7 @@ def run_train(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PrivateTokenizerWarning)
         out = train_tokenizer(args.input, args.vocab_size, args.out, private=args.private,
-                              model_type=args.model_type, num_threads=args.num_threads)
+                              num_threads=args.num_threads)
     for w in caught:
         print(f"dptrain tokenizer: warning: {w.message}", file=sys.stderr)
     print(f"wrote {out} (vocab {args.vocab_size})")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dptrain.checkpoint import atomic_dir
 from dptrain.data.sources import expand_inputs, load_documents
 from dptrain.data.tokenizer import load_tokenizer, sha256_file
+from dptrain.export import check_tokenizer_exports
 from dptrain.errors import UserError
 
 FORMAT = "dptrain-packed"
@@ -140,6 +141,7 @@ def prepare(
         raise UserError(f"{out} exists and is not a prepared data folder; refusing to overwrite it")
     tokenizer = Path(tokenizer)
     sp = load_tokenizer(tokenizer)
+    check_tokenizer_exports(tokenizer)  # refused now, not after a training run
     bos, eos = sp.bos_id(), sp.eos_id()
     sources = expand_inputs(inputs)
     num_threads = num_proc or os.cpu_count() or 1

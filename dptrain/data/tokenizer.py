@@ -68,12 +68,11 @@ def train_tokenizer(
     out: str | Path,
     *,
     private: bool = False,
-    model_type: str = "bpe",
     num_threads: int | None = None,
     max_sentences: int = 2_000_000,
     seed: int = 0,
 ) -> Path:
-    """Train a byte-fallback SentencePiece model on text files (one sentence per line).
+    """Train a byte-fallback BPE SentencePiece model on text files (one sentence per line).
 
     `out` is the `.model` path (a `.vocab` is written beside it). Warns with
     `PrivateTokenizerWarning` when `private` is set or an input looks private. With
@@ -109,7 +108,9 @@ def train_tokenizer(
                 input=[str(p) for p in inputs],
                 model_prefix=str(prefix),
                 vocab_size=vocab_size,
-                model_type=model_type,
+                # Gemma's tokenizer is BPE: Hugging Face's GemmaTokenizer encodes a unigram
+                # model differently, so a unigram model could never be exported.
+                model_type="bpe",
                 byte_fallback=True,
                 # Gemma's conventions, so the exported Hugging Face tokenizer encodes identically.
                 add_dummy_prefix=False,
