@@ -31,6 +31,9 @@ TOKENIZER_FILE = "tokenizer.model"  # SentencePiece model, in a checkpoint and i
 # Our config fields whose Hugging Face names differ, for error messages about a config.json.
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
             "num_kv_heads": "num_key_value_heads", "max_seq_len": "max_position_embeddings"}
+DEFAULT_SPECIAL_IDS = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID}
+# An imported model's own special-token ids, kept in its checkpoint so a re-export writes them back.
+SPECIAL_IDS_FILE = "special_tokens.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Text the tokenizer check encodes with both libraries: spaces, digits, accents, newlines.
 TOKENIZER_PROBE = "Hello  world!\nDifferential privacy, 2025: ε = 1.0 — café  ok\t done "
@@ -43,8 +46,12 @@ class ExportVerificationError(RuntimeError):
 # ----------------------------------------------------------------------------------- export
 
 
-def hf_config_dict(cfg: DecoderConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """`config.json` for `cfg`, every `VaultGemmaConfig` field set (its defaults are not ours)."""
+def hf_config_dict(cfg: DecoderConfig, dtype: torch.dtype = torch.float32,
+                   special_ids: dict | None = None) -> dict:
+    """`config.json` for `cfg`, every `VaultGemmaConfig` field set (its defaults are not ours).
+
+    `special_ids` (pad/eos/bos_token_id) default to dptrain's tokenizer's.
+    """
     if not float(cfg.query_pre_attn_scalar).is_integer():
         raise UserError(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} is not an integer, "
                         "which Hugging Face's VaultGemmaConfig requires")
@@ -63,9 +70,7 @@ def hf_config_dict(cfg: DecoderConfig, dtype: torch.dtype = torch.float32) -> di
         "initializer_range": cfg.initializer_range,
         "rms_norm_eps": cfg.rms_norm_eps,
         "use_cache": True,
-        "pad_token_id": PAD_ID,
-        "eos_token_id": EOS_ID,
-        "bos_token_id": BOS_ID,
+        **(special_ids or DEFAULT_SPECIAL_IDS),
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         "attention_bias": False,
@@ -156,18 +161,25 @@ def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig | Non
 
 
 def to_hf(model: Decoder, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-          dtype: str | torch.dtype | None = None, verify: bool = True) -> Path:
-    """Write `model` as a Hugging Face VaultGemma folder; with `verify`, check it reloads exactly."""
+          dtype: str | torch.dtype | None = None, verify: bool = True,
+          special_ids: dict | None = None) -> Path:
+    """Write `model` as a Hugging Face VaultGemma folder; with `verify`, check it reloads exactly.
+
+    `special_ids`: the pad/eos/bos token ids to declare, for a model imported with ids of its
+    own; its tokenizer is then copied as it came, not converted (conversion assumes Gemma's ids).
+    """
     dtype = _dtype(dtype)
     out_dir = Path(out_dir)
-    config = hf_config_dict(model.cfg, dtype)
+    special_ids = special_ids or DEFAULT_SPECIAL_IDS
+    config = hf_config_dict(model.cfg, dtype, special_ids)
     with atomic_dir(out_dir) as tmp:
         _write_json(config, tmp / "config.json")
-        _write_json({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID},
-                    tmp / "generation_config.json")
+        _write_json(special_ids, tmp / "generation_config.json")
         save_file(hf_state_dict(model, dtype), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        if tokenizer_path is not None:
+        if tokenizer_path is not None and special_ids == DEFAULT_SPECIAL_IDS:
             write_tokenizer(tokenizer_path, tmp, model.cfg)
+        elif tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         if verify:
             verify_export(model, tmp, dtype)
     return out_dir
@@ -218,9 +230,24 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint {checkpoint} is not a folder")
     model = load_model(checkpoint)
+    special_ids = read_special_ids(checkpoint)
     if tokenizer_path is None and (checkpoint / TOKENIZER_FILE).is_file():
         tokenizer_path = checkpoint / TOKENIZER_FILE
-    return to_hf(model, out_dir, tokenizer_path, dtype, verify)
+    return to_hf(model, out_dir, tokenizer_path, dtype, verify, special_ids)
+
+
+def read_special_ids(checkpoint: Path) -> dict | None:
+    """The special-token ids an imported checkpoint recorded, or None for dptrain's own."""
+    file = Path(checkpoint) / SPECIAL_IDS_FILE
+    if not file.is_file():
+        return None
+    try:
+        ids = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(ids, dict) or set(ids) != set(DEFAULT_SPECIAL_IDS):
+        raise UserError(f"{file} must hold exactly {', '.join(DEFAULT_SPECIAL_IDS)}")
+    return ids
 
 
 # ----------------------------------------------------------------------------------- import
@@ -265,10 +292,6 @@ def config_from_hf(hf) -> DecoderConfig:
         if kind != "full_attention" and not window_is_full:
             raise UserError(f"{where}: layer_types[{i}] is {kind!r} with sliding_window {hf.sliding_window}; "
                             "only full attention is supported")
-    for name, want in (("pad_token_id", PAD_ID), ("eos_token_id", EOS_ID), ("bos_token_id", BOS_ID)):
-        got = getattr(hf, name)
-        if got != want and not (isinstance(got, list) and want in got):
-            raise UserError(f"{where}: {name} is {got}, dptrain uses {want}")
     try:
         return DecoderConfig(
             vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
@@ -333,12 +356,24 @@ def from_hf(path: str | Path) -> Decoder:
     return model
 
 
+def special_ids_of(hf) -> dict:
+    """The pad/eos/bos token ids a Hugging Face config declares (an id may be a list or None)."""
+    return {name: getattr(hf, name, None) for name in DEFAULT_SPECIAL_IDS}
+
+
 def import_checkpoint(hf_dir: str | Path, checkpoint: str | Path) -> Path:
-    """Write a dptrain checkpoint from a Hugging Face folder, keeping its `tokenizer.model`."""
+    """Write a dptrain checkpoint from a Hugging Face folder, keeping its `tokenizer.model`.
+
+    Special-token ids do not change the logits, so any are accepted; ids other than dptrain's are
+    recorded in the checkpoint and written back on export.
+    """
     hf_dir = Path(hf_dir)
     model = from_hf(hf_dir)
+    special_ids = special_ids_of(_read_hf_config(hf_dir))
     with atomic_dir(checkpoint) as tmp:
         write_model(model, tmp)
+        if special_ids != DEFAULT_SPECIAL_IDS:
+            _write_json(special_ids, tmp / SPECIAL_IDS_FILE)
         if (hf_dir / TOKENIZER_FILE).is_file():
             shutil.copyfile(hf_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
     return Path(checkpoint)

@@ -211,6 +211,26 @@ def test_import_refuses_what_the_decoder_cannot_compute(tmp_path):
     assert from_hf(folder).cfg == tiny_config()
 
 
+def test_import_keeps_other_special_ids(tmp_path, capsys):
+    # transformers' VaultGemma test models declare bos 1, eos 2: the logits do not depend on it.
+    model = Decoder(tiny_config())
+    randomize(model, seed=9)
+    hf = to_hf(model, tmp_path / "hf", verify=False)
+    theirs = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": [2, 5]}
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **theirs}))
+
+    assert main(["import", str(hf), str(tmp_path / "ckpt")]) == 0
+    assert json.loads((tmp_path / "ckpt" / "special_tokens.json").read_text()) == theirs
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "again")]) == 0
+    assert "logits verified" in capsys.readouterr().out
+    exported = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert {k: exported[k] for k in theirs} == theirs
+    assert json.loads((tmp_path / "again" / "generation_config.json").read_text()) == theirs
+    again = load_hf(tmp_path / "again")
+    assert max_diff(model.eval(), again, random_ids(seed=4)) < ATOL
+
+
 def cli_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -247,7 +267,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         to_hf(Decoder(tiny_config()), tmp_path / "o", dtype="float16")
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "vaultgemma-1b"])
+@pytest.mark.parametrize("name", ["tiny", "small", "vaultgemma-1b", "vaultgemma-1b-released"])
 def test_shipped_configs_map_both_ways(name):
     cfg = DecoderConfig.from_yaml(f"configs/model/{name}.yaml")
     hf = transformers.VaultGemmaConfig(**hf_config_dict(cfg))  # strict: rejects wrong types
@@ -255,6 +275,18 @@ def test_shipped_configs_map_both_ways(name):
     # As published for VaultGemma 1B: full attention everywhere, an unused sliding_window of 512.
     published = transformers.VaultGemmaConfig(**{**hf_config_dict(cfg), "sliding_window": 512})
     assert config_from_hf(published) == cfg
+
+
+def test_released_config_is_the_published_model():
+    # The released VaultGemma 1B: 4 KV heads and about 1.04B parameters, counted by transformers.
+    from dptrain.model import parameter_counts
+
+    cfg = DecoderConfig.from_yaml("configs/model/vaultgemma-1b-released.yaml")
+    with torch.device("meta"):
+        hf_model = transformers.VaultGemmaForCausalLM(transformers.VaultGemmaConfig(**hf_config_dict(cfg)))
+    counted = sum(p.numel() for p in hf_model.parameters())
+    assert cfg.num_kv_heads == 4 and parameter_counts(cfg)["total"] == counted
+    assert 1.03e9 < counted < 1.05e9
 
 
 def test_fractional_query_scalar_cannot_be_exported(tmp_path):
