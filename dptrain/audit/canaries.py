@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain.errors import UserError
 from dptrain.model import Decoder
@@ -66,7 +66,7 @@ def loss_scores(model: Decoder, tokens: torch.Tensor, batch_size: int = 32,
     model.eval()
     try:
         out = [-sequence_losses(model, batch.to(device)).cpu()
-               for batch in tqdm(tokens.split(batch_size), desc="loss scores", disable=not progress)]
+               for batch in progress_bar(tokens.split(batch_size), desc="loss scores", disable=not progress)]
     finally:
         model.train(was_training)
     return torch.cat(out).double().numpy()
@@ -105,7 +105,7 @@ def gradient_alignment_scores(model: Decoder, tokens: torch.Tensor, delta: Mappi
     model.eval()
     scores = np.empty(tokens.shape[0])
     try:
-        for i in tqdm(range(tokens.shape[0]), desc="gradient scores", disable=not progress):
+        for i in progress_bar(range(tokens.shape[0]), desc="gradient scores", disable=not progress):
             loss = sequence_losses(model, tokens[i:i + 1].to(device)).sum()
             grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
             dot, sq = 0.0, 0.0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain import configio
 from dptrain.audit.memorization import (continuation_log_likelihood, exposure_from_log_likelihoods,
@@ -85,7 +85,7 @@ def secret_exposures(model, sp, canaries: list[dict], num_references: int = 1000
                      progress: bool = True) -> list[dict]:
     """Exposure and greedy extraction of each planted secret, against `num_references` candidates."""
     results = []
-    for canary in tqdm(canaries, desc="secret exposure", disable=not progress):
+    for canary in progress_bar(canaries, desc="secret exposure", disable=not progress):
         context, secret = _split_ids(sp, canary["prefix"], canary["secret"])
         ctx = torch.tensor(context)
         by_length: dict[int, list[list[int]]] = {}

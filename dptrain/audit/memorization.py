@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain.errors import UserError
 from dptrain.generate import check_token_ids, greedy_generate
@@ -94,7 +94,7 @@ def memorization_test(model: Decoder, sequences: torch.Tensor, prefix_len: int =
     model.eval()
     distances = []
     try:
-        for batch in tqdm(sequences.split(batch_size), desc="memorization", disable=not progress):
+        for batch in progress_bar(sequences.split(batch_size), desc="memorization", disable=not progress):
             generated = greedy_generate(model, batch[:, :prefix_len], suffix_len)
             distances.append(edit_distance(generated.numpy(), batch[:, prefix_len:].numpy()))
     finally:
@@ -161,7 +161,7 @@ def exposure(model: Decoder, context: torch.Tensor, secret: torch.Tensor,
         canary_ll = float(continuation_log_likelihood(model, context, secret[None])[0])
         it = iter(islice(references, num_references) if num_references is not None else references)
         scores = []
-        with tqdm(total=num_references, desc="exposure", disable=not progress) as bar:
+        with progress_bar(total=num_references, desc="exposure", disable=not progress) as bar:
             while chunk := [r.reshape(-1).long() for r in islice(it, batch_size)]:
                 if any(r.numel() != secret.numel() for r in chunk):
                     raise UserError(f"every reference must have the secret's {secret.numel()} tokens")

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain.checkpoint import atomic_dir
 from dptrain.data.sources import expand_inputs, load_documents
@@ -175,7 +175,7 @@ def prepare(
 
         starts = range(0, num_docs, batch_docs)
         with ThreadPoolExecutor(max_workers=1) as pool, \
-                tqdm(total=num_docs, unit="doc", desc="tokenize+pack", disable=not progress) as bar:
+                progress_bar(total=num_docs, unit="doc", desc="tokenize+pack", disable=not progress) as bar:
             # Encode the next batch (SentencePiece threads, GIL released) while packing this one.
             futures = [pool.submit(encode, s) for s in starts[:2]]
             for k in range(len(starts)):

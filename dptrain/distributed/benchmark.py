@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain.distributed.parallel import DataParallel, make_parallel
 from dptrain.dp import DPEngine
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
-    for _ in tqdm(range(args.steps), desc="timing", disable=not parallel.is_main):
+    for _ in progress_bar(range(args.steps), desc="timing", disable=not parallel.is_main):
         for name, fn in methods.items():
             parallel.barrier()
             if device.type == "cuda":

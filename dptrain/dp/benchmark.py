@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain.dp.engine import DPEngine
 from dptrain.dp.reference import naive_clipped_grad_sum
@@ -187,11 +187,11 @@ def run_benchmark(args) -> int:
     targets[:, -1] = -100
     methods, notes = build_methods(model, inputs, targets, args, device)
 
-    for step in tqdm(methods.values(), desc="warm-up", leave=False):
+    for step in progress_bar(methods.values(), desc="warm-up", leave=False):
         step()
     times = {name: [] for name in methods}
     cpu_times = {name: [] for name in methods}
-    for _ in tqdm(range(args.steps), desc="timing", leave=False):
+    for _ in progress_bar(range(args.steps), desc="timing", leave=False):
         for name, step in methods.items():
             _sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -204,7 +204,7 @@ def run_benchmark(args) -> int:
     if device.type == "cpu" and not _cpu_peak_tracking():
         notes.append("peak memory unavailable: /proc/self/clear_refs is not writable")
     else:
-        for name, step in tqdm(methods.items(), desc="memory", leave=False):
+        for name, step in progress_bar(methods.items(), desc="memory", leave=False):
             step()  # once more so lazily created state is already live
             memory[name] = peak_memory(step, device)
 

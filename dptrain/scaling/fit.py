@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from scipy.optimize import curve_fit, isotonic_regression, minimize
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain.errors import UserError
 from dptrain.scaling.law import (PARAMETRIC_NAMES, ParametricLaw, ScalingLaw, SemiParametricLaw,
@@ -197,7 +197,7 @@ def fit_all(runs: list[RunResult], holdout: str | None = "0.2", params_key: str 
     """Each method fitted on all runs; its `holdout` entry gives the errors, on the held-out runs,
     of the same method fitted without them."""
     laws = {}
-    for name in tqdm(methods, desc="fitting", unit="method", disable=None):
+    for name in progress_bar(methods, desc="fitting", unit="method", disable=None):
         fitter = FITTERS[name]
         law = fitter(runs, params_key)
         if holdout:

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from dptrain.progress import progress_bar  # noqa: E402
 
 from dptrain.errors import UserError  # noqa: E402
 from dptrain.scaling.law import ScalingLaw  # noqa: E402
@@ -19,7 +19,7 @@ from dptrain.scaling.plan import chinchilla_params, plan  # noqa: E402
 def optimum_curves(law: ScalingLaw, computes, epsilons, delta, data_size, seq_len):
     """{eps: (computes, best loss, optimal M)}; budgets with no feasible plan are left out."""
     curves = {}
-    for eps in tqdm(epsilons, desc="planning per epsilon", unit="eps", disable=None):
+    for eps in progress_bar(epsilons, desc="planning per epsilon", unit="eps", disable=None):
         rows = []
         for c in computes:
             try:

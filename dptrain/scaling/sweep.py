@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain import configio
 from dptrain.errors import UserError
@@ -163,7 +163,7 @@ def run_sweep(spec_path: str | Path, only: list[str] | None = None, dry_run: boo
         train_config(spec, run)
     if dry_run:
         return todo
-    bar = tqdm(total=sum(r.steps for r in todo), desc="sweep", unit="step", disable=not progress,
+    bar = progress_bar(total=sum(r.steps for r in todo), desc="sweep", unit="step", disable=not progress,
                dynamic_ncols=True)
     for i, run in enumerate(todo, start=1):
         bar.set_postfix_str(f"run {i}/{len(todo)} {run.run_id}")

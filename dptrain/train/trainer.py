@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from dptrain.progress import progress_bar
 
 from dptrain import configio
 from dptrain.checkpoint import atomic_dir, write_model
@@ -246,7 +246,7 @@ class Trainer:
         log = (MetricsLog(self.out_dir, cfg.logging, configio.to_dict(cfg), resume_step=self.step)
                if main else _NoLog())
         flops_per_token = training_flops_per_token(self.model_cfg, self.train_data.seq_len - 1)
-        bar = tqdm(total=p.steps, initial=self.step, desc="private training", unit="step",
+        bar = progress_bar(total=p.steps, initial=self.step, desc="private training", unit="step",
                    disable=not (cfg.logging.progress and main), dynamic_ncols=True)
         epsilon = self.ledger.epsilon(p.delta, p.accountant) if self.step else 0.0
         try:
