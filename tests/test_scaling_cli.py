@@ -33,7 +33,8 @@ def test_plan_json_config_and_plots(law_file, tmp_path, capsys):
     config, plots = tmp_path / "train.yaml", tmp_path / "plots"
     assert main(["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8",
                  "--data-size", "10000000", "--seq-len", "256", "--law", str(law_file), "--json",
-                 "--top", "3", "--write-config", str(config), "--plot-dir", str(plots)]) == 0
+                 "--top", "3", "--write-config", str(config), "--data-path", str(tmp_path / "data"),
+                 "--plot-dir", str(plots)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["plans"]) == 3 and out["nonprivate_params_chinchilla"] > out["plans"][0]["params"]
     written = yaml.safe_load(config.read_text())

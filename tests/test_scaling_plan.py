@@ -60,10 +60,11 @@ def test_top_rows_sorted_and_mapped_to_configs():
     rows = plan(LAW, 1e18, 2.0, top=5, configs=configs, **BUDGET)
     assert len(rows) == 5 and [r.loss for r in rows] == sorted(r.loss for r in rows)
     assert rows[0].nearest_config in configs
-    cfg = training_config(rows[0], 2.0, 1e-8, 256)
+    cfg = training_config(rows[0], 2.0, 1e-8, 256, "data/prepared")
     assert cfg["model"].endswith(f"configs/model/{rows[0].nearest_config}.yaml")
     assert cfg["privacy"]["expected_batch_size"] == rows[0].batch_size
     assert cfg["privacy"]["steps"] == rows[0].steps
+    assert cfg["data"] == {"path": "data/prepared", "source": "prepared"}
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -120,8 +120,9 @@ def test_plan_config_loads_and_trains(micro_data, tmp_path):
     trainer = Trainer(cfg, config_dir=config.parent)  # the model path is relative to the file
     report = trainer.fit()
     assert trainer.step == 2 and report["epsilon"]["rdp"] <= 8
-    # the default data is the demo corpus at the planned sequence length
-    assert main(["plan", "--compute", "2e10", "--epsilon", "8", "--delta", "1e-4", "--data-size", str(n),
-                 "--seq-len", "32", "--top", "1", "--write-config", str(config)]) == 0
-    demo = load_train_config(config)
-    assert demo.data.source == "demo" and demo.data.demo_seq_len == 32
+    # a config is written only for named data, and only for the data the plan was made for
+    base = ["plan", "--compute", "2e10", "--epsilon", "8", "--delta", "1e-4", "--seq-len", "32",
+            "--top", "1", "--write-config", str(tmp_path / "other.yaml")]
+    assert main([*base, "--data-size", str(n)]) == 2
+    assert main([*base, "--data-size", str(10 * n), "--data-path", str(data)]) == 2
+    assert not (tmp_path / "other.yaml").exists()

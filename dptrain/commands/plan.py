@@ -28,7 +28,8 @@ def register(sub) -> None:
     parser.add_argument("--write-config", metavar="FILE",
                         help="write a `dptrain train` config for the best plan")
     parser.add_argument("--data-path", metavar="DIR",
-                        help="prepared data folder for --write-config (default: the demo corpus)")
+                        help="prepared data folder for --write-config (needed with it; if it "
+                             "exists, its training split must hold --data-size sequences)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write planner figures (PNG) here")
     parser.set_defaults(func=run)
 
@@ -37,11 +38,16 @@ def run(args) -> int:
     from dptrain.errors import UserError
     from dptrain.scaling.law import load_law
     from dptrain.scaling.noise import confirm_pld
-    from dptrain.scaling.plan import (SATURATION_GAIN, SHIPPED_LAW, chinchilla_params, plan, replan_with_sigma,
-                                      saturation, write_training_config)
+    from dptrain.scaling.plan import (SATURATION_GAIN, SHIPPED_LAW, check_planned_data, chinchilla_params,
+                                      plan, replan_with_sigma, saturation, write_training_config)
 
     if args.top < 1:
         raise UserError("--top must be at least 1")
+    if args.write_config and args.data_path is None:
+        raise UserError("--write-config needs --data-path: the prepared data the plan's "
+                        f"{args.data_size:,} sequences are (its sampling rate depends on them)")
+    if args.write_config:
+        check_planned_data(args.data_path, args.data_size, args.seq_len)
     if args.law is None:
         if not SHIPPED_LAW.is_file():
             raise UserError("no scaling law ships with this version yet: fit one with "

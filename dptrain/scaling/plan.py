@@ -147,21 +147,33 @@ def saturation(law, compute, epsilon, delta, data_size, seq_len, factors=(0.1, 1
     return rows
 
 
-def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_path: str | None = None,
+def check_planned_data(data_path: str | Path, data_size: int, seq_len: int) -> None:
+    """UserError when an existing prepared folder is not the data the plan was made for.
+
+    A folder that does not exist yet is accepted: it is prepared after planning."""
+    from dptrain.data.packed import PackedDataset
+
+    if not (Path(data_path) / "manifest.json").is_file():
+        if Path(data_path).exists():
+            raise UserError(f"{data_path} is not a prepared data folder (no manifest.json)")
+        return
+    train = PackedDataset(Path(data_path), "train")
+    if len(train) != data_size or train.seq_len != seq_len:
+        raise UserError(f"{data_path} holds {len(train):,} training sequences of {train.seq_len} "
+                        f"tokens, but the plan is for --data-size {data_size:,} at --seq-len "
+                        f"{seq_len}; plan for the data you have")
+
+
+def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_path: str | Path,
                     base_dir: Path | None = None) -> dict:
     """A `dptrain train` config for a plan: the nearest shipped model config, the plan's batch,
     steps and sigma (rounded up, so the trainer's budget check at `target_epsilon` holds), and the
-    data: a prepared folder, or by default the demo corpus at the plan's sequence length.
+    prepared data folder the plan's data size describes.
 
     The model path is relative to `base_dir` (the config file's folder; the trainer resolves it
     from there), absolute without one."""
     model = (MODEL_CONFIG_DIR / f"{p.nearest_config}.yaml").resolve()
-    model_cfg = yaml.safe_load(model.read_text())
-    if data_path is not None:
-        data = {"path": str(data_path), "source": "prepared"}
-    else:
-        data = {"path": "runs/demo-data", "source": "demo", "demo_seq_len": seq_len,
-                "demo_vocab_size": model_cfg["vocab_size"]}
+    data = {"path": str(data_path), "source": "prepared"}
     return {
         "model": os.path.relpath(model, base_dir) if base_dir is not None else str(model),
         "out_dir": f"runs/plan-{p.nearest_config}",
@@ -173,7 +185,7 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
 
 
 def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: float, seq_len: int,
-                          data_path: str | None = None) -> None:
+                          data_path: str | Path) -> None:
     path = Path(path)
     cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent)
     path.write_text(f"# planned for {p.params:.3g} parameters (nearest config: {p.nearest_config}), "
