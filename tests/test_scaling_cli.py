@@ -16,7 +16,7 @@ def law_file(tmp_path_factory):
                           steps=(1000,))
     append_results(folder / "results.csv", runs)
     assert main(["fit", str(folder / "results.csv"), "--out", str(folder / "law.json"),
-                 "--holdout", "largest-model"]) == 0
+                 "--holdout", "largest-model", "--bootstrap", "5"]) == 0
     return folder / "law.json"
 
 
@@ -34,8 +34,16 @@ def test_plan_json_config_and_plots(law_file, tmp_path, capsys):
     assert main(["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8",
                  "--data-size", "10000000", "--seq-len", "256", "--law", str(law_file), "--json",
                  "--top", "3", "--write-config", str(config), "--data-path", str(tmp_path / "data"),
-                 "--plot-dir", str(plots)]) == 0
+                 "--plot-dir", str(plots), "--allow-extrapolation"]) == 0
     out = json.loads(capsys.readouterr().out)
+    best = out["plans"][0]
+    assert out["law_validity"]["T"] == [50, 1000] and best["steps"] > 1000
+    assert best["outside"]["T"] == pytest.approx(best["steps"] / 1000)
+    assert best["outside"]["M"] == 1.0 or best["params"] < 2e5 or best["params"] > 5e6
+    low, high = best["interval"]  # the parametric law of this file carries bootstrap refits
+    assert low <= high and low < best["loss"] * 1.5 and high > best["loss"] / 1.5
+    header = config.read_text().splitlines()[1]
+    assert "outside the fitted range: " in header and "90% bootstrap interval" in header
     assert len(out["plans"]) == 3 and out["nonprivate_params_chinchilla"] > out["plans"][0]["params"]
     written = yaml.safe_load(config.read_text())
     assert written["privacy"]["steps"] == out["plans"][0]["steps"]
@@ -45,11 +53,25 @@ def test_plan_json_config_and_plots(law_file, tmp_path, capsys):
 
 
 def test_plan_table(law_file, capsys):
-    assert main(["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8", "--data-size",
-                 "10000000", "--seq-len", "256", "--law", str(law_file), "--method", "semiparametric"]) == 0
+    argv = ["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8", "--data-size",
+            "10000000", "--seq-len", "256", "--law", str(law_file), "--method", "semiparametric"]
+    # its best plan runs 3.16x longer than the longest fitted run: refused unless allowed
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "T 3.16x" in err and "--allow-extrapolation" in err
+    assert main([*argv, "--allow-extrapolation"]) == 0
     out = capsys.readouterr().out
     assert "sigma_bar" in out and "non-private optimum (Chinchilla rule)" in out
-    assert "saturated" in out
+    assert "saturated" in out and "3.16x" in out and "no bootstrap interval" in out
+
+
+def test_search_bounds_are_options_and_flagged(law_file, capsys):
+    assert main(["plan", "--compute", "1e16", "--epsilon", "2", "--delta", "1e-8", "--data-size",
+                 "10000000", "--seq-len", "256", "--law", str(law_file), "--json", "--top", "3",
+                 "--max-steps", "1000", "--max-batch", "4096"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert all(p["steps"] <= 1000 and p["batch_size"] <= 4096 for p in plans)
+    assert any("steps max" in p["edges"] or "batch max" in p["edges"] for p in plans)
 
 
 @pytest.mark.parametrize("argv, message", [

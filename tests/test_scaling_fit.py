@@ -19,7 +19,7 @@ def runs():
 
 @pytest.fixture(scope="module")
 def laws(runs):
-    return fit_all(runs, holdout="0.2")
+    return fit_all(runs, holdout="0.2", bootstrap=5)
 
 
 def _inside_grid(law):
@@ -36,6 +36,18 @@ def test_parametric_recovers_the_law(laws):
     assert rel.max() < 0.02
     for name in ("alpha", "beta", "gamma2"):
         assert law.params[name] == pytest.approx(TRUE.params[name], abs=0.05)
+
+
+def test_bootstrap_interval_brackets_the_fit(laws):
+    law = laws["parametric"]
+    assert len(law.bootstrap) == 5 and laws["semiparametric"].interval(1e6, 500, 1e-4) is None
+    m, t, sb = _inside_grid(law)
+    for point in list(zip(m, t, sb))[::25]:
+        low, high = law.interval(*point)
+        assert low < high and low <= law.predict(*point) * 1.001 and high >= law.predict(*point) * 0.999
+    v = law.validity
+    assert law.outside_factors(v["M"][1] * 4, v["T"][0], v["sigma_bar"][0] / 2) == {
+        "M": pytest.approx(4.0), "T": 1.0, "sigma_bar": pytest.approx(2.0)}
 
 
 def test_semiparametric_recovers_the_law(laws):

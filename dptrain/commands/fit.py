@@ -13,17 +13,23 @@ def register(sub) -> None:
                         help="which parameter count M means (default total)")
     parser.add_argument("--default", choices=["parametric", "semiparametric"], default=None,
                         help="method the planner uses by default (default: lower holdout error)")
+    parser.add_argument("--bootstrap", type=int, default=100, metavar="N",
+                        help="parametric refits on resampled runs, for prediction intervals "
+                             "(default 100; 0 for none)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from dptrain.errors import UserError
     from dptrain.scaling.fit import fit_all
     from dptrain.scaling.law import save_laws
     from dptrain.scaling.results import read_results
 
     runs = read_results(args.results)
     holdout = None if args.holdout == "none" else args.holdout
-    laws = fit_all(runs, holdout, args.params)
+    if args.bootstrap < 0:
+        raise UserError("--bootstrap must be 0 or more")
+    laws = fit_all(runs, holdout, args.params, bootstrap=args.bootstrap)
     default = args.default or min(
         laws, key=lambda k: laws[k].holdout.get("mean_abs_rel_error", 0 if k == "parametric" else 1))
     save_laws(args.out, laws, default)

@@ -22,6 +22,12 @@ def register(sub) -> None:
     parser.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
     parser.add_argument("--min-params", type=float, default=1e5)
     parser.add_argument("--max-params", type=float, default=1e12)
+    parser.add_argument("--max-steps", type=float, default=1e7, help="largest T searched (default 1e7)")
+    parser.add_argument("--max-batch", type=float, default=None,
+                        help="largest expected batch B searched (default: the data size)")
+    parser.add_argument("--allow-extrapolation", action="store_true",
+                        help="show a best plan lying more than 3x outside the law's fitted range "
+                             "(refused by default: its loss is a guess)")
     parser.add_argument("--confirm-pld", action="store_true",
                         help="recalibrate the best plan's sigma with the PLD accountant (slow)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -38,8 +44,9 @@ def run(args) -> int:
     from dptrain.errors import UserError
     from dptrain.scaling.law import load_law
     from dptrain.scaling.noise import confirm_pld
-    from dptrain.scaling.plan import (SATURATION_GAIN, SHIPPED_LAW, check_planned_data, chinchilla_params,
-                                      plan, replan_with_sigma, saturation, write_training_config)
+    from dptrain.scaling.plan import (MAX_EXTRAPOLATION, SATURATION_GAIN, SHIPPED_LAW, check_planned_data,
+                                      chinchilla_params, describe_extrapolation, plan, replan_with_sigma,
+                                      saturation, write_training_config)
 
     if args.top < 1:
         raise UserError("--top must be at least 1")
@@ -56,24 +63,33 @@ def run(args) -> int:
     law = load_law(args.law, args.method)
     bounds = {"min_params": args.min_params, "max_params": args.max_params}
     budget = (args.epsilon, args.delta, args.data_size, args.seq_len)
-    plans = plan(law, args.compute, *budget, top=args.top, **bounds)
+    if args.max_steps < 10 or (args.max_batch is not None and args.max_batch < 16):
+        raise UserError("--max-steps must be at least 10 and --max-batch at least 16")
+    search = {"max_steps": int(args.max_steps),
+              "max_batch": None if args.max_batch is None else int(args.max_batch)}
+    plans = plan(law, args.compute, *budget, top=args.top, **search, **bounds)
+    v = law.validity
+    fitted = (f"M {v['M'][0]:.3g}..{v['M'][1]:.3g}, T {v['T'][0]:.3g}..{v['T'][1]:.3g}, sigma_bar "
+              f"{v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}")
+    if plans[0].extrapolation > MAX_EXTRAPOLATION and not args.allow_extrapolation:
+        raise UserError(f"the best plan lies outside the law's fitted range ({fitted}) by up to "
+                        f"{plans[0].extrapolation:.3g}x ({describe_extrapolation(plans[0])}); its loss "
+                        "is a guess. Fit a law on runs nearer this budget, or pass --allow-extrapolation")
     if args.confirm_pld:
         best = plans[0]
         sigma = confirm_pld(args.epsilon, args.delta, best.batch_size / args.data_size, best.steps)
         plans[0] = replan_with_sigma(law, best, sigma, args.seq_len, "pld")
     best = plans[0]
-    outside = [p for p in plans if not law.in_range(p.params, p.steps, p.sigma_bar)]
+    outside = [p for p in plans if p.extrapolation > 1]
     if outside:
-        v = law.validity
         print(f"warning: {len(outside)} of {len(plans)} plans lie outside the law's fitted range "
-              f"(M {v['M'][0]:.3g}..{v['M'][1]:.3g}, T {v['T'][0]:.3g}..{v['T'][1]:.3g}, sigma_bar "
-              f"{v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}): their losses are extrapolated",
-              file=sys.stderr)
-    sat = saturation(law, args.compute, *budget, **bounds)
+              f"({fitted}): their losses are extrapolated", file=sys.stderr)
+    sat = saturation(law, args.compute, *budget, **search, **bounds)
     nonprivate = chinchilla_params(args.compute)
 
     if args.json:
         json.dump({"plans": [asdict(p) for p in plans], "law_method": law.method,
+                   "law_validity": law.validity,
                    "saturation": [{"compute": c, "best_loss": l, "gain": None if math.isnan(g) else g}
                                   for c, l, g in sat],
                    "nonprivate_params_chinchilla": nonprivate}, sys.stdout, indent=1)
@@ -82,12 +98,18 @@ def run(args) -> int:
         print(f"compute {args.compute:.3g} FLOPs, eps {args.epsilon:g}, delta {args.delta:g}, "
               f"N {args.data_size:,}, seq len {args.seq_len}; law: {law.method} ({args.law})")
         head = (f"{'params M':>10} {'config':>14} {'batch':>9} {'steps':>9} {'sigma':>8} "
-                f"{'sigma_bar':>10} {'tok/param':>10} {'compute':>9} {'loss':>7}")
+                f"{'sigma_bar':>10} {'tok/param':>10} {'compute':>9} {'loss':>7} {'90% interval':>15} "
+                f"{'outside':>8}")
         print(head)
         for p in plans:
             print(f"{p.params:10.3g} {p.nearest_config + f' ({p.nearest_params:.2g})':>14} "
                   f"{p.batch_size:9d} {p.steps:9d} {p.sigma:8.4g} {p.sigma_bar:10.3g} "
-                  f"{p.tokens_per_param:10.3g} {p.compute:9.3g} {p.loss:7.4f}")
+                  f"{p.tokens_per_param:10.3g} {p.compute:9.3g} {p.loss:7.4f} "
+                  f"{(f'{p.interval[0]:.3f}..{p.interval[1]:.3f}' if p.interval else '-'):>15} "
+                  f"{(f'{p.extrapolation:.3g}x' if p.extrapolation > 1 else 'inside'):>8}"
+                  + (f"  [on bound: {', '.join(p.edges)}]" if p.edges else ""))
+        print(f"best: {describe_extrapolation(best)}")
+        print(f"law fitted on {fitted}")
         print(f"sigma from the {best.accountant.upper()} accountant"
               + ("" if best.accountant == "pld" else " (an upper bound; --confirm-pld tightens it)"))
         print(f"non-private optimum (Chinchilla rule): {nonprivate:.3g} params, "

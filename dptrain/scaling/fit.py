@@ -154,6 +154,22 @@ def fit_parametric(runs: list[RunResult], params_key: str = "total") -> Parametr
 
 
 FITTERS = {"parametric": fit_parametric, "semiparametric": fit_semiparametric}
+BOOTSTRAP_RESAMPLES = 100
+
+
+def bootstrap_parametric(runs: list[RunResult], params_key: str = "total",
+                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[dict[str, float]]:
+    """Parametric coefficients refitted on `resamples` draws of the runs with replacement (a draw
+    with too few model sizes or lengths to fit is skipped)."""
+    rng = np.random.default_rng(seed)
+    fits = []
+    for _ in progress_bar(range(resamples), desc="bootstrap", unit="fit", disable=None):
+        draw = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
+        try:
+            fits.append(fit_parametric(draw, params_key).params)
+        except UserError:
+            continue
+    return fits
 
 
 def split_holdout(runs: list[RunResult], rule: str, seed: int = 0) -> tuple[list, list]:
@@ -193,9 +209,9 @@ def holdout_error(law: ScalingLaw, held: list[RunResult]) -> dict:
 
 
 def fit_all(runs: list[RunResult], holdout: str | None = "0.2", params_key: str = "total",
-            methods=tuple(FITTERS)) -> dict[str, ScalingLaw]:
+            methods=tuple(FITTERS), bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, ScalingLaw]:
     """Each method fitted on all runs; its `holdout` entry gives the errors, on the held-out runs,
-    of the same method fitted without them."""
+    of the same method fitted without them. The parametric law also gets `bootstrap` refits."""
     laws = {}
     for name in progress_bar(methods, desc="fitting", unit="method", disable=None):
         fitter = FITTERS[name]
@@ -204,5 +220,7 @@ def fit_all(runs: list[RunResult], holdout: str | None = "0.2", params_key: str 
             train, held = split_holdout(runs, holdout)
             law.holdout = {"rule": holdout, "fitted_on": "the other runs",
                            **holdout_error(fitter(train, params_key), held)}
+        if name == "parametric" and bootstrap:
+            law.bootstrap = bootstrap_parametric(runs, params_key, bootstrap)
         laws[name] = law
     return laws

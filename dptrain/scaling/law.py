@@ -7,6 +7,7 @@ predictions outside it still work but raise an `ExtrapolationWarning`.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,22 @@ class ScalingLaw:
             ok &= (np.asarray(value) >= lo * (1 - 1e-9)) & (np.asarray(value) <= hi * (1 + 1e-9))
         return ok
 
+    def outside_factors(self, M: float, T: float, sigma_bar: float) -> dict[str, float]:
+        """How far each coordinate lies outside the fitted range, as a factor: 1 inside, 3 when
+        three times below the lowest or above the highest value fitted (inf for sigma_bar = 0
+        against a range of noisy runs)."""
+        factors = {}
+        for name, value in (("M", M), ("T", T), ("sigma_bar", sigma_bar)):
+            lo, hi = self.validity[name]
+            value = float(value)
+            below = lo / value if value > 0 else (math.inf if lo > 0 else 1.0)
+            factors[name] = max(1.0, below, value / hi)
+        return factors
+
+    def interval(self, M: float, T: float, sigma_bar: float, level: float = 0.9) -> tuple | None:
+        """A `level` interval of the predicted loss from the law's bootstrap refits, or None."""
+        return None
+
     def predict(self, M, T, sigma_bar, warn: bool = True) -> np.ndarray:
         M, T, sigma_bar = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(M, T, sigma_bar))
         if warn and not self.in_range(M, T, sigma_bar).all():
@@ -66,8 +83,21 @@ class ScalingLaw:
 
 @dataclass
 class ParametricLaw(ScalingLaw):
-    """L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2 (coefficients kept as logs)."""
+    """L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2 (coefficients kept as logs).
+
+    `bootstrap`: the coefficients refitted on resamples of the runs (drawn with replacement), whose
+    spread gives each prediction an interval: the uncertainty that comes from which runs were
+    measured, not a seed-to-seed spread of a single run's loss."""
     params: dict[str, float] = field(default_factory=dict)
+    bootstrap: list[dict[str, float]] = field(default_factory=list)
+
+    def interval(self, M: float, T: float, sigma_bar: float, level: float = 0.9) -> tuple | None:
+        if not self.bootstrap:
+            return None
+        preds = [ParametricLaw(self.method, self.params_key, self.validity, params=p)._predict(
+            *(np.asarray(x, dtype=float) for x in (M, T, sigma_bar))) for p in self.bootstrap]
+        lo, hi = np.quantile(np.asarray(preds, dtype=float), [(1 - level) / 2, (1 + level) / 2])
+        return float(lo), float(hi)
 
     def log_terms(self, M, T, sigma_bar) -> np.ndarray:
         p = self.params
@@ -84,7 +114,8 @@ class ParametricLaw(ScalingLaw):
         return np.exp(self.log_terms(M, T, sigma_bar)).sum(axis=0)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "params": self.params}
+        return {**super().to_dict(), "params": self.params,
+                **({"bootstrap": self.bootstrap} if self.bootstrap else {})}
 
 
 @dataclass

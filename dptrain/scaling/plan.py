@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ from dptrain.scaling.noise import calibrate_rdp
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 SHIPPED_LAW = Path(__file__).resolve().parents[1] / "assets" / "scaling_law.json"  # from a real sweep
 SATURATION_GAIN = 0.01  # 10x more compute improving the loss by less than this: saturated
+MAX_EXTRAPOLATION = 3.0  # a plan further outside the fitted range is refused unless allowed
+MAX_STEPS = 10**7
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,17 @@ class Plan:
     nearest_config: str  # closest shipped model config, by log parameter count
     nearest_params: int
     accountant: str = "rdp"
+    # How far M, T and sigma_bar lie outside the law's fitted range (1 = inside).
+    outside: dict[str, float] = field(default_factory=dict)
+    # Bounds of the search this plan sits on ("batch max", "steps min", ...): the optimum may lie
+    # beyond them.
+    edges: tuple[str, ...] = ()
+    interval: tuple[float, float] | None = None  # bootstrap 90% interval of the predicted loss
+
+    @property
+    def extrapolation(self) -> float:
+        """The largest factor by which a coordinate lies outside the fitted range."""
+        return max(self.outside.values(), default=1.0)
 
 
 @dataclass(frozen=True)
@@ -54,13 +67,18 @@ def log_grid(lo: float, hi: float, per_decade: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def noise_grid(epsilon: float, delta: float, data_size: int, min_batch: int = 16,
-               min_steps: int = 10, max_steps: int = 10**7, per_decade: int = 4) -> Grid:
+               min_steps: int = 10, max_steps: int = MAX_STEPS, per_decade: int = 4,
+               max_batch: int | None = None) -> Grid:
     """sigma for every (B, T) on log grids (cached: planning at many compute budgets reuses it)."""
     if not (epsilon > 0 and 0 < delta < 1):
         raise UserError(f"need epsilon > 0 and 0 < delta < 1, got epsilon={epsilon}, delta={delta}")
     if data_size < min_batch:
         raise UserError(f"data size {data_size} is below the smallest batch size {min_batch}")
-    batches = log_grid(min_batch, data_size, per_decade)
+    max_batch = min(data_size, max_batch or data_size)
+    if max_batch < min_batch or max_steps < min_steps:
+        raise UserError(f"the largest batch ({max_batch}) and step count ({max_steps}) must be at "
+                        f"least {min_batch} and {min_steps}")
+    batches = log_grid(min_batch, max_batch, per_decade)
     steps = log_grid(min_steps, max_steps, per_decade)
     b, t = np.meshgrid(batches, steps, indexing="ij")
     sigma = calibrate_rdp(epsilon, delta, b / data_size, t).reshape(b.shape)
@@ -97,11 +115,14 @@ def candidates(law: ScalingLaw, compute: float, grid: Grid, seq_len: int,
 
 
 def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_size: int,
-         seq_len: int, top: int = 5, configs: dict[str, int] | None = None, **bounds) -> list[Plan]:
-    """The `top` configurations of lowest predicted loss, best first."""
+         seq_len: int, top: int = 5, configs: dict[str, int] | None = None,
+         max_steps: int = MAX_STEPS, max_batch: int | None = None, **bounds) -> list[Plan]:
+    """The `top` configurations of lowest predicted loss, best first, each with how far it lies
+    outside the law's fitted range and which search bounds it touches."""
     if compute <= 0 or seq_len <= 0:
         raise UserError("compute and sequence length must be positive")
-    grid = noise_grid(float(epsilon), float(delta), int(data_size))
+    grid = noise_grid(float(epsilon), float(delta), int(data_size), max_steps=int(max_steps),
+                      max_batch=None if max_batch is None else int(max_batch))
     c = candidates(law, compute, grid, seq_len, **bounds)
     finite = np.isfinite(c["loss"])
     if not finite.any():
@@ -109,8 +130,12 @@ def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_siz
                         f"{data_size} examples (model size out of range or budget unreachable)")
     configs = configs if configs is not None else model_configs(params_key=law.params_key)
     order = np.argsort(np.where(finite, c["loss"], np.inf))[:top]
-    return [_make_plan(c["M"][i], int(c["B"][i]), int(c["T"][i]), c["sigma"][i], c["loss"][i],
-                       seq_len, configs) for i in order if finite[i]]
+    limits = {"batch": (grid.batch_sizes[0], grid.batch_sizes[-1]),
+              "steps": (grid.steps[0], grid.steps[-1]),
+              "params": (bounds.get("min_params", 1e5), bounds.get("max_params", 1e12))}
+    plans = [_make_plan(c["M"][i], int(c["B"][i]), int(c["T"][i]), c["sigma"][i], c["loss"][i],
+                        seq_len, configs) for i in order if finite[i]]
+    return [_with_honesty(law, p, limits) for p in plans]
 
 
 def _make_plan(m, b, t, sigma, loss, seq_len, configs, accountant="rdp") -> Plan:
@@ -120,10 +145,35 @@ def _make_plan(m, b, t, sigma, loss, seq_len, configs, accountant="rdp") -> Plan
                 float(6 * m * b * seq_len * t), float(b * t * seq_len / m), name, int(size), accountant)
 
 
+def _with_honesty(law: ScalingLaw, p: Plan, limits: dict | None = None) -> Plan:
+    """`p` with its distance outside the fitted range, its interval and the bounds it touches."""
+    edges = list(p.edges)
+    for name, value in (("batch", p.batch_size), ("steps", p.steps), ("params", p.params)):
+        lo, hi = (limits or {}).get(name, (None, None))
+        # the step grid is log-spaced, a quarter decade apart: within a step of a bound is on it
+        if lo is not None and value <= lo * 10 ** 0.25:
+            edges.append(f"{name} min")
+        if hi is not None and value >= hi / 10 ** 0.25:
+            edges.append(f"{name} max")
+    return Plan(**{**asdict(p), "outside": law.outside_factors(p.params, p.steps, p.sigma_bar),
+                   "interval": law.interval(p.params, p.steps, p.sigma_bar),
+                   "edges": tuple(dict.fromkeys(edges))})
+
+
+def describe_extrapolation(p: Plan) -> str:
+    """One line: where the plan lies against the law's fitted range, and its interval."""
+    far = [f"{name} {factor:.3g}x" for name, factor in p.outside.items() if factor > 1]
+    where = ("outside the fitted range: " + ", ".join(far)) if far else "inside the fitted range"
+    interval = (f"; 90% bootstrap interval {p.interval[0]:.4f}..{p.interval[1]:.4f}"
+                if p.interval else "; no bootstrap interval in this law")
+    edges = f"; on the search bound: {', '.join(p.edges)}" if p.edges else ""
+    return f"predicted loss {p.loss:.4f}, {where}{interval}{edges}"
+
+
 def replan_with_sigma(law: ScalingLaw, p: Plan, sigma: float, seq_len: int, accountant: str) -> Plan:
     loss = float(law.predict(p.params, p.steps, sigma / p.batch_size, warn=False))
-    return Plan(**{**asdict(p), "sigma": sigma, "sigma_bar": sigma / p.batch_size, "loss": loss,
-                   "accountant": accountant})
+    return _with_honesty(law, Plan(**{**asdict(p), "sigma": sigma, "sigma_bar": sigma / p.batch_size,
+                                       "loss": loss, "accountant": accountant}))
 
 
 def best_loss(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_size: int,
@@ -188,5 +238,5 @@ def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: floa
                           data_path: str | Path) -> None:
     path = Path(path)
     cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent)
-    path.write_text(f"# planned for {p.params:.3g} parameters (nearest config: {p.nearest_config}), "
-                    f"predicted loss {p.loss:.4f}\n" + yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(f"# planned for {p.params:.3g} parameters (nearest config: {p.nearest_config})\n"
+                    f"# {describe_extrapolation(p)}\n" + yaml.safe_dump(cfg, sort_keys=False))
