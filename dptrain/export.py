@@ -152,7 +152,9 @@ def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig | Non
     for key in ("vocab_file", "is_local", "local_files_only"):
         config.pop(key, None)
     _write_json(config, config_file)
-    ours = AutoTokenizer.from_pretrained(folder)(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    # verbose=False: a probe longer than a small model's context is fine here, it is never run.
+    ours = AutoTokenizer.from_pretrained(folder)(TOKENIZER_PROBE, add_special_tokens=False,
+                                                 verbose=False)["input_ids"]
     if ours != sp.encode(TOKENIZER_PROBE):
         raise UserError(f"tokenizer {sp_model} does not encode like a Gemma tokenizer, so a model "
                         "trained with it could not be exported; train it with `dptrain tokenizer "
@@ -208,7 +210,9 @@ def verify_export(model: Decoder, folder: Path, dtype: torch.dtype = torch.float
     were stored, so a bfloat16 export is judged on the export, not on the rounding.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per tensor file, for a check that takes seconds
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     reference = Decoder(model.cfg)
     reference.load_unique_state_dict({name: t.detach().to("cpu", dtype).float()
