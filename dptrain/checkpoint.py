@@ -60,7 +60,11 @@ def save_model(model: Decoder, path: str | Path) -> Path:
 def load_config(path: str | Path) -> DecoderConfig:
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"{path} is not a dptrain checkpoint (no {CONFIG_FILE})")
+        # a run folder or its checkpoints/ folder given instead of one checkpoint: name the latest
+        inside = sorted(p for pattern in ("*/", "checkpoints/*/") for p in path.glob(pattern)
+                        if (p / CONFIG_FILE).is_file()) if path.is_dir() else []
+        hint = f"; the latest checkpoint in it is {inside[-1]}" if inside else ""
+        raise UserError(f"{path} is not a dptrain checkpoint (no {CONFIG_FILE}){hint}")
     return DecoderConfig.from_yaml(path / CONFIG_FILE)
 
 

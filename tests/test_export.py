@@ -307,3 +307,11 @@ def test_export_of_a_cuda_model(tmp_path, model_dtype):
     back = from_hf(out)
     for name, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor.cpu().to(torch.bfloat16).float()), name
+
+
+def test_a_run_folder_given_for_a_checkpoint_names_the_latest(tmp_path, capsys):
+    for step in (5, 10):
+        save_model(Decoder(tiny_config()), tmp_path / "run" / "checkpoints" / f"step-{step:08d}")
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        err = cli_error(capsys, ["export", str(given), str(tmp_path / "out")])
+        assert err.endswith(f"the latest checkpoint in it is {tmp_path / 'run' / 'checkpoints' / 'step-00000010'}")
