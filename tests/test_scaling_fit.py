@@ -50,6 +50,29 @@ def test_bootstrap_interval_brackets_the_fit(laws):
         "M": pytest.approx(4.0), "T": 1.0, "sigma_bar": pytest.approx(2.0)}
 
 
+def test_irreducible_loss_comes_from_noise_free_runs():
+    noise_free = synthetic_runs(TRUE, sigma_bars=(0.0, 1e-5, 1e-4, 1e-3), seed=1)
+    law = fit_all(noise_free, holdout=None, methods=("parametric",), bootstrap=0)["parametric"]
+    assert law.irreducible_from == "noise-free runs"
+    assert np.exp(law.params["log_E"]) == pytest.approx(np.exp(TRUE.params["log_E"]), rel=0.05)
+    # the noise term is fitted, not fixed, and still costs something at the smallest ratio fitted
+    m, t = 1e6, 4000
+    assert law.predict(m, t, 1e-5) > law.predict(m, t, 0.0) * 1.0005
+    joint = fit_all(synthetic_runs(TRUE, seed=1), holdout=None, methods=("parametric",),
+                    bootstrap=0)["parametric"]
+    assert joint.irreducible_from == "joint fit"
+
+
+def test_law_files_without_a_fitted_squash_still_load(laws, tmp_path):
+    doc = laws["parametric"].to_dict()
+    old = {**doc, "params": {k: v for k, v in doc["params"].items() if k not in ("center", "log_width")}}
+    del old["irreducible_from"]
+    from dptrain.scaling.law import FIXED_SQUASH, law_from_dict
+
+    law = law_from_dict(old)
+    assert {k: law.params[k] for k in FIXED_SQUASH} == FIXED_SQUASH
+
+
 def test_semiparametric_recovers_the_law(laws):
     law = laws["semiparametric"]
     m, t, sb = _inside_grid(law)

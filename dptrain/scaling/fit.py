@@ -5,8 +5,10 @@ extrapolation in T with L = E + A / T^alpha; then isotonic regression across run
 (non-decreasing in sigma_bar) and linear interpolation of log-loss over (log M, log T, log sigma_bar).
 Isotonic regression is scipy's (`scipy.optimize.isotonic_regression`, pool-adjacent-violators).
 
-Parametric: L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2, Huber loss on log-loss
-residuals, L-BFGS from a grid of starting points, best end point kept.
+Parametric: L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2 with
+sigma_bar' = sigmoid((log sigma_bar - center) / width), centre and width fitted; Huber loss on
+log-loss residuals, bounded L-BFGS from a grid of starting points, best end point kept. E comes from
+the noise-free runs when the sweep has them.
 """
 from __future__ import annotations
 
@@ -20,8 +22,7 @@ from threadpoolctl import threadpool_limits
 from dptrain.progress import progress_bar
 
 from dptrain.errors import UserError
-from dptrain.scaling.law import (PARAMETRIC_NAMES, ParametricLaw, ScalingLaw, SemiParametricLaw,
-                                 squashed_noise)
+from dptrain.scaling.law import PARAMETRIC_NAMES, ParametricLaw, ScalingLaw, SemiParametricLaw
 from dptrain.scaling.results import RunResult
 
 HUBER_DELTA = 1e-3
@@ -107,17 +108,37 @@ def fit_semiparametric(runs: list[RunResult], params_key: str = "total",
         raise UserError(f"semi-parametric fit failed: runs do not span (M, T, sigma_bar) ({err})") from None
 
 
-def _parametric_objective(theta, log_m, log_t, log_s, log_loss):
-    t = np.stack([np.full_like(log_m, theta[0]), theta[1] - theta[2] * log_m,
-                  theta[3] - theta[4] * log_t, theta[5] + theta[6] * log_s - theta[7] * log_m])
+# Bounds of the parametric coefficients (PARAMETRIC_NAMES order). gamma and the sigmoid's width
+# are bounded so that the noise term cannot turn into a step that switches off below some ratio
+# (gamma = 12 with a fixed sigmoid did that: no noise cost at all below sigma_bar ~ 5e-4).
+PARAMETRIC_BOUNDS = {"log_E": (-10.0, 5.0), "log_A": (-10.0, 30.0), "alpha": (0.0, 3.0),
+                     "log_B": (-10.0, 30.0), "beta": (0.0, 3.0), "log_C": (-20.0, 20.0),
+                     "gamma": (0.25, 4.0), "gamma2": (-2.0, 2.0),
+                     "center": (math.log(1e-7), math.log(1.0)),
+                     "log_width": (math.log(0.3), math.log(5.0))}
+
+
+def _parametric_objective(theta, log_m, log_t, log_sb, log_loss):
+    """Huber loss of the predicted log-loss, and its gradient in theta (PARAMETRIC_NAMES order)."""
+    log_e, log_a, alpha, log_b, beta, log_c, gamma, gamma2, center, log_width = theta
+    finite = np.isfinite(log_sb)  # sigma_bar = 0: no noise term at all
+    z = np.where(finite, (np.where(finite, log_sb, 0.0) - center) / math.exp(log_width), -np.inf)
+    log_s = -np.logaddexp(0.0, -z)  # log sigmoid(z); -inf where sigma_bar = 0
+    t = np.stack([np.full_like(log_m, log_e), log_a - alpha * log_m, log_b - beta * log_t,
+                  log_c + gamma * log_s - gamma2 * log_m])
     top = t.max(axis=0)
     pred = top + np.log(np.exp(t - top).sum(axis=0))
-    w = np.exp(t - pred)  # d pred / d t_k
+    w = np.exp(t - pred)  # d pred / d t_k; the noise term's weight is 0 where sigma_bar = 0
     r = pred - log_loss
     huber = np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
     psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA)
-    w3_log_s = np.where(w[3] > 0, w[3] * np.where(np.isfinite(log_s), log_s, 0.0), 0.0)
-    jac = np.stack([w[0], w[1], -w[1] * log_m, w[2], -w[2] * log_t, w[3], w3_log_s, -w[3] * log_m])
+    dlog_s_dz = np.where(finite, 1.0 / (1.0 + np.exp(np.where(finite, z, 0.0))), 0.0)  # sigmoid(-z)
+    w3 = np.where(finite, w[3], 0.0)
+    z0 = np.where(finite, z, 0.0)
+    jac = np.stack([w[0], w[1], -w[1] * log_m, w[2], -w[2] * log_t, w3,
+                    w3 * np.where(finite, log_s, 0.0), -w3 * log_m,
+                    w3 * gamma * dlog_s_dz * (-1.0 / math.exp(log_width)),
+                    w3 * gamma * dlog_s_dz * (-z0)])
     return huber.sum(), jac @ psi
 
 
@@ -131,26 +152,51 @@ def parametric_points(runs: list[RunResult], params_key: str, min_fraction: floa
     return np.array(rows, dtype=float).T
 
 
-def fit_parametric(runs: list[RunResult], params_key: str = "total") -> ParametricLaw:
-    m, t, sb, loss = parametric_points(runs, params_key)
-    if len(set(m)) < 2 or len(set(t)) < 2:
-        raise UserError("the parametric fit needs runs of at least two model sizes and lengths")
-    with np.errstate(divide="ignore"):
-        data = (np.log(m), np.log(t), np.log(squashed_noise(sb)), np.log(loss))
-    log_floor = math.log(loss.min())
+def _minimize(data, starts, bounds) -> np.ndarray:
+    """The best L-BFGS-B end point over `starts` (arrays in PARAMETRIC_NAMES order)."""
     best = None
-    grid = itertools.product([0.2, 0.5], [0.2, 0.5], [0.5, 1.5], [-0.3, 0.3], [0.0, 5.0])
-    for alpha, beta, gamma, gamma2, log_c in grid:
-        theta0 = np.array([log_floor - 0.5, 3.0, alpha, 3.0, beta, log_c, gamma, gamma2])
+    for theta0 in starts:
+        theta0 = np.clip(theta0, [lo for lo, _ in bounds], [hi for _, hi in bounds])
         # one BLAS thread: L-BFGS-B's tiny vector ops run many times slower with thread hand-offs
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", RuntimeWarning)
             res = minimize(_parametric_objective, theta0, args=data, jac=True, method="L-BFGS-B",
-                           options={"maxiter": 2000})
+                           bounds=bounds, options={"maxiter": 2000})
         if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
             best = res
-    params = dict(zip(PARAMETRIC_NAMES, map(float, best.x)))
-    return ParametricLaw("parametric", params_key, validity_range(runs, params_key), params=params)
+    return best.x
+
+
+def fit_parametric(runs: list[RunResult], params_key: str = "total") -> ParametricLaw:
+    """The parametric law. With noise-free runs (sigma_bar = 0) among them, E, A, alpha, B and
+    beta are first fitted on those alone, where the noise term is zero, and E is then held at that
+    value while the rest is fitted on every run: the irreducible loss comes from runs that can
+    measure it. Without noise-free runs everything is fitted jointly (`irreducible_from` says so)."""
+    m, t, sb, loss = parametric_points(runs, params_key)
+    if len(set(m)) < 2 or len(set(t)) < 2:
+        raise UserError("the parametric fit needs runs of at least two model sizes and lengths")
+    with np.errstate(divide="ignore"):
+        data = (np.log(m), np.log(t), np.log(sb), np.log(loss))
+    bounds = [PARAMETRIC_BOUNDS[name] for name in PARAMETRIC_NAMES]
+    log_floor = math.log(loss.min())
+    grid = list(itertools.product([0.2, 0.5], [0.2, 0.5], [0.5, 1.5], [-0.3, 0.3], [0.0, 5.0]))
+    center0 = float(np.log(np.median(sb[sb > 0]))) if (sb > 0).any() else -8.0
+    noise_free = sb == 0
+    irreducible_from = "joint fit"
+    if noise_free.any() and len(set(m[noise_free])) >= 2 and len(set(t[noise_free])) >= 2:
+        clean = tuple(d[noise_free] for d in data)
+        fixed_noise = [(-20.0, -20.0), (1.0, 1.0), (0.0, 0.0), (center0, center0), (0.0, 0.0)]
+        starts = [np.array([log_floor - 0.5, 3.0, a, 3.0, b, -20.0, 1.0, 0.0, center0, 0.0])
+                  for a, b in itertools.product([0.2, 0.5], [0.2, 0.5])]
+        stage1 = _minimize(clean, starts, bounds[:5] + fixed_noise)
+        bounds[0] = (float(stage1[0]), float(stage1[0]))
+        log_floor = float(stage1[0]) + 0.5
+        irreducible_from = "noise-free runs"
+    starts = [np.array([log_floor - 0.5, 3.0, alpha, 3.0, beta, log_c, gamma, gamma2, center0, 0.0])
+              for alpha, beta, gamma, gamma2, log_c in grid]
+    params = dict(zip(PARAMETRIC_NAMES, map(float, _minimize(data, starts, bounds))))
+    return ParametricLaw("parametric", params_key, validity_range(runs, params_key), params=params,
+                         irreducible_from=irreducible_from)
 
 
 FITTERS = {"parametric": fit_parametric, "semiparametric": fit_semiparametric}

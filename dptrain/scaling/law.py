@@ -18,18 +18,23 @@ from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
 from dptrain.errors import UserError
 
 FORMAT = "dptrain-scaling-law/1"
-PARAMETRIC_NAMES = ("log_E", "log_A", "alpha", "log_B", "beta", "log_C", "gamma", "gamma2")
+PARAMETRIC_NAMES = ("log_E", "log_A", "alpha", "log_B", "beta", "log_C", "gamma", "gamma2",
+                    "center", "log_width")
+# The squashing sigmoid of McKenna et al. (centre -8, width 1.6 in log sigma_bar): what a law
+# file written before the centre and width were fitted used.
+FIXED_SQUASH = {"center": -8.0, "log_width": math.log(1.6)}
 
 
 class ExtrapolationWarning(UserWarning):
     """A law was queried outside the range of the runs it was fitted on."""
 
 
-def squashed_noise(sigma_bar: np.ndarray) -> np.ndarray:
-    """sigma_bar' = sigmoid((log sigma_bar + 8) / 1.6); 0 at sigma_bar = 0 (no noise)."""
-    with np.errstate(divide="ignore"):
-        z = (np.log(sigma_bar) + 8.0) / 1.6
-    return 1.0 / (1.0 + np.exp(-z))
+def squashed_noise(sigma_bar: np.ndarray, center: float = FIXED_SQUASH["center"],
+                   log_width: float = FIXED_SQUASH["log_width"]) -> np.ndarray:
+    """sigma_bar' = sigmoid((log sigma_bar - center) / width); 0 at sigma_bar = 0 (no noise)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        z = (np.log(sigma_bar) - center) / math.exp(log_width)
+        return 1.0 / (1.0 + np.exp(-z))
 
 
 @dataclass
@@ -83,13 +88,21 @@ class ScalingLaw:
 
 @dataclass
 class ParametricLaw(ScalingLaw):
-    """L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2 (coefficients kept as logs).
+    """L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2 (coefficients kept as logs),
+    sigma_bar' = sigmoid((log sigma_bar - center) / width).
 
     `bootstrap`: the coefficients refitted on resamples of the runs (drawn with replacement), whose
     spread gives each prediction an interval: the uncertainty that comes from which runs were
     measured, not a seed-to-seed spread of a single run's loss."""
     params: dict[str, float] = field(default_factory=dict)
     bootstrap: list[dict[str, float]] = field(default_factory=list)
+    # Where E came from: "noise-free runs" (fitted on sigma_bar = 0 runs alone, then held) or
+    # "joint fit" (no noise-free runs: E is whatever fits the noisy runs best, poorly identified).
+    irreducible_from: str = "joint fit"
+
+    def __post_init__(self):
+        self.params = {**FIXED_SQUASH, **self.params}
+        self.bootstrap = [{**FIXED_SQUASH, **p} for p in self.bootstrap]
 
     def interval(self, M: float, T: float, sigma_bar: float, level: float = 0.9) -> tuple | None:
         if not self.bootstrap:
@@ -102,7 +115,7 @@ class ParametricLaw(ScalingLaw):
     def log_terms(self, M, T, sigma_bar) -> np.ndarray:
         p = self.params
         with np.errstate(divide="ignore"):
-            log_s = np.log(squashed_noise(sigma_bar))
+            log_s = np.log(squashed_noise(sigma_bar, p["center"], p["log_width"]))
         log_m, log_t = np.log(M), np.log(T)
         return np.stack(np.broadcast_arrays(
             np.full_like(log_m, p["log_E"]),
@@ -114,7 +127,7 @@ class ParametricLaw(ScalingLaw):
         return np.exp(self.log_terms(M, T, sigma_bar)).sum(axis=0)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "params": self.params,
+        return {**super().to_dict(), "params": self.params, "irreducible_from": self.irreducible_from,
                 **({"bootstrap": self.bootstrap} if self.bootstrap else {})}
 
 
