@@ -130,12 +130,7 @@ def _worker(rank, world, mode, data_dir, out_dir, result_file, save, resume_dir,
 
 def _peek(trainer, state) -> np.ndarray:
     """The next global batch, without moving the trainer's sampler."""
-    from dptrain.privacy.sampling import PoissonSampler
-
-    s = PoissonSampler(state["num_examples"], state["expected_batch_size"], state["seed"],
-                       state["max_batch_size"])
-    s.load_state_dict(state)
-    return s.sample()
+    return trainer.sampler.batch_at(state["steps_taken"])[0]
 
 
 @pytest.fixture(scope="module")

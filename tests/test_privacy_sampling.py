@@ -12,10 +12,15 @@ from dptrain.privacy.sampling import PoissonSampler, shard
 N, B, DRAWS = 40, 8, 4000  # q = 0.2
 
 
-@pytest.fixture(scope="module")
-def membership() -> np.ndarray:
-    """DRAWS x N indicator matrix of batch membership."""
-    sampler = PoissonSampler(N, B, seed=7)
+def make(num, batch, secure, **kw):
+    """A keyed sampler (seed 7) or a secure one (OS CSPRNG)."""
+    return PoissonSampler(num, batch, None if secure else 7, secure=secure, **kw)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["keyed", "secure"])
+def membership(request) -> np.ndarray:
+    """DRAWS x N indicator matrix of batch membership, keyed and secure samplers alike."""
+    sampler = make(N, B, request.param)
     rows = np.zeros((DRAWS, N), dtype=bool)
     for i in range(DRAWS):
         batch = sampler.sample()
@@ -70,12 +75,15 @@ def test_seed_determinism_and_exact_resume():
     other = PoissonSampler(1000, 50, seed=4)
     assert not all([np.array_equal(a.sample(), other.sample()) for _ in range(3)])
 
-    state = json.loads(json.dumps(a.state_dict()))  # JSON-able
+    state = json.loads(json.dumps(a.state_dict()))  # JSON-able, and holds no randomness
+    assert set(state) == {"num_examples", "expected_batch_size", "max_batch_size", "secure", "steps_taken",
+                          "truncated_steps"}
     expected = [a.sample() for _ in range(5)]
     resumed = PoissonSampler(1000, 50, seed=3)
     resumed.load_state_dict(state)
     assert all(np.array_equal(x, resumed.sample()) for x in expected)
     assert resumed.steps_taken == a.steps_taken == 13
+    assert np.array_equal(PoissonSampler(1000, 50, seed=3).batch_at(10)[0], expected[2])  # step 10
 
     with pytest.raises(UserError, match="resuming would change q"):
         PoissonSampler(1000, 60, seed=3).load_state_dict(state)
@@ -90,8 +98,9 @@ def test_truncation_is_counted_and_bounded():
     assert sampler.steps_taken == 400
 
 
-def test_truncated_batches_are_uniform_subsets():
-    sampler = PoissonSampler(20, 18, seed=5, max_batch_size=10)
+@pytest.mark.parametrize("secure", [False, True])
+def test_truncated_batches_are_uniform_subsets(secure):
+    sampler = make(20, 18, secure, max_batch_size=10)
     counts = np.zeros(20)
     for _ in range(3000):
         counts[sampler.sample()] += 1
@@ -129,3 +138,16 @@ def test_no_shuffle_based_sampling():
 def test_rejects_negative_seed():
     with pytest.raises(UserError):
         PoissonSampler(10, 2, seed=-1)
+
+
+def test_secure_batches_cannot_be_replayed():
+    """Two secure samplers built alike draw different batches; nothing of theirs can be saved to replay."""
+    a, b = make(10_000, 100, True), make(10_000, 100, True)
+    assert not any(np.array_equal(a.sample(), b.sample()) for _ in range(3))
+    assert a.streams is None and "rng" not in a.state_dict()
+
+
+def test_secure_batch_size_of_a_huge_dataset_is_binomial():
+    sampler = make(10**10, 500, True)
+    sizes = [len(sampler.sample()) for _ in range(100)]
+    assert abs(np.mean(sizes) - 500) < 4 * np.sqrt(500 / 100)
