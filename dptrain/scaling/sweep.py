@@ -98,7 +98,7 @@ def train_config(spec: SweepSpec, run: SweepRun) -> TrainConfig:
     """The base config with this run's model, batch, steps, noise and output folder."""
     raw = _merge(spec.base, {
         "model": str(run.model_path),
-        # nothing is written there; a run folder of its own keeps the trainer from resuming another
+        # only the privacy journal is written there; a folder of its own keeps runs from resuming another
         "out_dir": str(Path(spec.base.get("out_dir", "runs/sweep")) / run.run_id),
         "privacy": {"expected_batch_size": run.batch_size, "steps": run.steps,
                     "noise_multiplier": run.sigma, "target_epsilon": None},

@@ -360,7 +360,7 @@ class Trainer:
                     self._log_eval(log, bar)
                 if self.step % cfg.logging.every == 0 or last:
                     log.log(self.step, metrics)
-                bar.set_postfix(eps=f"{epsilon:.3g}", s_step=f"{seconds:.3g}",
+                bar.set_postfix(eps=f"{epsilon:.3g}", tok_s=f"{metrics['expected_tokens_per_second']:.3g}",
                                 eval=f"{self.eval_history[-1][1]:.3f}" if self.eval_history else "-")
                 bar.update(1)
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
