@@ -330,9 +330,10 @@ def test_every_logged_step_carries_the_epsilon_spent_up_to_it(data_dir, tmp_path
     logged = {r["step"]: r["epsilon"] for r in rows if "epsilon" in r}
     q = BATCH / trainer.num_examples
     assert sorted(logged) == [1, 2, 3, 4]
-    for step, eps in logged.items():  # against Opacus's RDP accountant through the public API
-        assert eps == pytest.approx(epsilon_of_runs([make_run(SIGMA, q, step)], DELTA, "rdp"), rel=1e-9)
-    assert logged[4] >= report["epsilon"]["pld"]  # a fast upper bound; the report holds the exact one
+    for step, eps in logged.items():  # a fast upper bound between the exact PLD and the looser RDP
+        runs = [make_run(SIGMA, q, step)]
+        assert epsilon_of_runs(runs, DELTA, "pld") <= eps <= epsilon_of_runs(runs, DELTA, "rdp")
+    assert logged[4] >= report["epsilon"]["pld"] and all(logged[s] < logged[s + 1] for s in (1, 2, 3))
 
 
 def test_the_fast_bound_covers_truncated_sampling():
@@ -340,4 +341,5 @@ def test_the_fast_bound_covers_truncated_sampling():
 
     for steps in (1, 30):
         runs = [make_run(0.9, 0.012, steps, 10_000, 150)]
-        assert running_epsilon(runs, DELTA) >= epsilon_of_runs(runs, DELTA, "pld")
+        exact = epsilon_of_runs(runs, DELTA, "pld")
+        assert exact <= running_epsilon(runs, DELTA) <= 1.05 * exact
