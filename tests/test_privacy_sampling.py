@@ -10,6 +10,9 @@ from dptrain.privacy import sampling
 from dptrain.privacy.sampling import PoissonSampler, shard
 
 N, B, DRAWS = 40, 8, 4000  # q = 0.2
+# The secure sampler is not reproducible, so every statistical check runs afresh: each keeps its
+# false-alarm rate near 1e-4.
+ALPHA = 1e-4
 
 
 def make(num, batch, secure, **kw):
@@ -33,7 +36,7 @@ def test_inclusion_frequency_is_q(membership):
     q = B / N
     for count in membership.sum(axis=0):
         # per-example two-sided binomial test, Bonferroni over the N examples
-        assert stats.binomtest(int(count), DRAWS, q).pvalue > 1e-3 / N
+        assert stats.binomtest(int(count), DRAWS, q).pvalue > ALPHA / N
 
 
 def test_pairwise_independence(membership):
@@ -43,7 +46,7 @@ def test_pairwise_independence(membership):
     i, j = np.triu_indices(N, 1)
     # under independence each pair's joint frequency has mean q^2, sd sqrt(q^2 (1 - q^2) / DRAWS)
     z = (joint[i, j] - q * q) / np.sqrt(q * q * (1 - q * q) / DRAWS)
-    assert np.abs(z).max() < 4.5  # ~780 pairs: P(max |z| > 4.5) < 0.01 under independence
+    assert np.abs(z).max() < 5.3  # ~780 pairs: P(max |z| > 5.3) < 1e-4 under independence
     assert abs(z.mean()) < 4.5 / np.sqrt(len(z)) * 3
 
 
@@ -56,7 +59,7 @@ def test_batch_size_distribution_is_binomial(membership):
     lo, hi = np.argmax(keep), len(keep) - np.argmax(keep[::-1]) - 1
     exp_bins = np.r_[expected[:lo + 1].sum(), expected[lo + 1:hi], expected[hi:].sum()]
     obs_bins = np.r_[observed[:lo + 1].sum(), observed[lo + 1:hi], observed[hi:].sum()]
-    assert stats.chisquare(obs_bins, exp_bins * obs_bins.sum() / exp_bins.sum()).pvalue > 1e-3
+    assert stats.chisquare(obs_bins, exp_bins * obs_bins.sum() / exp_bins.sum()).pvalue > ALPHA
 
 
 def test_huge_dataset_is_cheap_and_unbiased():
@@ -105,7 +108,7 @@ def test_truncated_batches_are_uniform_subsets(secure):
     for _ in range(3000):
         counts[sampler.sample()] += 1
     assert sampler.truncated_steps == 3000
-    assert stats.chisquare(counts).pvalue > 1e-3  # every example equally likely to survive
+    assert stats.chisquare(counts).pvalue > ALPHA  # every example equally likely to survive
 
 
 def test_empty_batch_is_a_valid_draw():
