@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
         "data": {"path": str(root / "demo"), "source": "demo", "demo_seq_len": 32, "demo_vocab_size": VOCAB},
         "privacy": {"noise_multiplier": 1.0, "delta": 1e-5, "expected_batch_size": 16, "steps": 3},
         "out_dir": str(root / "run"),
-        "runtime": {"micro_batch_size": 16, "device": "cpu"},
+        "runtime": {"micro_batch_size": 16, "device": "cpu", "seed": 0},  # a reproducible test run
         "eval": {"every": 0, "max_sequences": 8},
         "logging": {"wandb": "disabled", "progress": False},
         "checkpoint": {"every": 0, "keep_last": 1},

@@ -41,7 +41,7 @@ def make_config(data_dir, out_dir, **privacy) -> TrainConfig:
         "privacy": {"delta": 1e-6, "expected_batch_size": 32, "steps": 24, **privacy},
         "optimizer": {"lr": 2e-2},
         "out_dir": str(out_dir),
-        "runtime": {"micro_batch_size": 32, "device": "cpu"},
+        "runtime": {"micro_batch_size": 32, "device": "cpu", "seed": 0},  # a reproducible test run
         "eval": {"every": 0},
         "logging": {"wandb": "disabled", "progress": False},
         "checkpoint": {"every": 0, "keep_last": 1},

@@ -130,12 +130,7 @@ def _worker(rank, world, mode, data_dir, out_dir, result_file, save, resume_dir,
 
 def _peek(trainer, state) -> np.ndarray:
     """The next global batch, without moving the trainer's sampler."""
-    from dptrain.privacy.sampling import PoissonSampler
-
-    s = PoissonSampler(state["num_examples"], state["expected_batch_size"], state["seed"],
-                       state["max_batch_size"])
-    s.load_state_dict(state)
-    return s.sample()
+    return trainer.sampler.batch_at(state["steps_taken"])[0]
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +266,33 @@ def test_torchrun_cli_trains_with_fsdp_and_only_rank_zero_writes(data_dir, tmp_p
     assert [r["step"] for r in rows if "eval/loss" in r] == [0, 2]
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "dcp" / ".metadata").is_file()
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def _secure_worker(rank, world, data_dir, out_dir, result_file):
+    cfg = make_config(data_dir, out_dir, "ddp")
+    cfg.runtime.seed, cfg.privacy.secure_randomness = None, True
+    trainer = Trainer(cfg)
+    seen, cut = [], trainer.parallel.micro_batches
+
+    def recording(indices, size):
+        seen.append(indices.tolist())
+        return cut(indices, size)
+
+    trainer.parallel.micro_batches = recording
+    for _ in range(STEPS):
+        trainer.train_step()
+    every = [None] * world
+    dist.all_gather_object(every, seen)
+    if rank == 0:
+        torch.save(every, result_file)
+
+
+@pytest.mark.slow
+def test_secure_randomness_gives_every_rank_rank_zeros_batch(data_dir, tmp_path):
+    """OS draws differ per process: rank 0 draws the batch and every rank trains on that one."""
+    run_distributed(_secure_worker, 2, data_dir, tmp_path / "run", tmp_path / "batches.pt")
+    ranks = torch.load(tmp_path / "batches.pt")
+    assert len(ranks[0]) == STEPS and ranks[0] == ranks[1]  # two own OS draws would differ
 
 
 # ---- without processes --------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_sweep_appends_rows_and_skips_finished_runs(micro_data, tmp_path, capsys
         assert row.seq_len == 31 and row.tokens == 8 * 31 * 3
         assert [s for s, _ in row.eval_curve] == [0, 2, 3]  # every 2 steps, and the last
         assert row.params_total > row.params_nonembed > 0 and row.wall_time_s > 0
-    # Different noise, same seed: the curves differ after step 0 and agree before training.
+    # Same initial weights (the spec's seed), independent noise: the curves agree only before training.
     assert rows[0].eval_curve[0] == rows[1].eval_curve[0]
     assert rows[0].eval_curve[-1] != rows[1].eval_curve[-1]
     text = (tmp_path / "results.csv").read_text()

@@ -40,6 +40,8 @@ def run(args) -> int:
 
 
 def export_and_sample(model, trainer, cfg) -> None:
+    import secrets
+
     import torch
 
     from dptrain.export import to_hf
@@ -55,6 +57,7 @@ def export_and_sample(model, trainer, cfg) -> None:
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
         prompt = torch.tensor([[sp.bos_id(), *sp.encode(cfg.export.sample_prompt)]])
         out = sample_generate(model, prompt, cfg.export.sample_tokens, cfg.export.sample_temperature,
-                              seed=cfg.runtime.seed, eos_id=sp.eos_id())
+                              seed=cfg.runtime.seed if cfg.runtime.seed is not None else secrets.randbits(63),
+                              eos_id=sp.eos_id())
         print(f"sample (temperature {cfg.export.sample_temperature:g}): "
               f"{cfg.export.sample_prompt}{sp.decode(out[0].tolist())}")

@@ -21,7 +21,7 @@ from dptrain.progress import progress_bar
 
 from dptrain.checkpoint import atomic_dir
 from dptrain.data.sources import expand_inputs, load_documents
-from dptrain.data.tokenizer import load_tokenizer, sha256_file
+from dptrain.data.tokenizer import load_tokenizer, sha256_file, tokenizer_provenance
 from dptrain.export import check_tokenizer_exports
 from dptrain.errors import UserError
 
@@ -144,6 +144,8 @@ def prepare(
     check_tokenizer_exports(tokenizer)  # refused now, not after a training run
     bos, eos = sp.bos_id(), sp.eos_id()
     sources = expand_inputs(inputs)
+    described = [_describe(s) for s in sources]
+    provenance = _check_tokenizer_is_not_trained_on(tokenizer, described)
     num_threads = num_proc or os.cpu_count() or 1
 
     with atomic_dir(out) as tmp:
@@ -216,8 +218,9 @@ def prepare(
             "token_dtype": "uint32",
             "tokenizer": {"file": TOKENIZER_FILE, "source_path": str(tokenizer.resolve()),
                           "sha256": sha256_file(tokenizer), "bos_id": bos, "eos_id": eos,
-                          "pad_id": sp.pad_id()},
-            "sources": [_describe(s) for s in sources],
+                          "pad_id": sp.pad_id(),
+                          "provenance": provenance or "unknown: the model records no training inputs"},
+            "sources": described,
             "text_column": text_column,
             "group_column": group_column,
             "groups_file": GROUPS_FILE if group_values is not None else None,
@@ -239,6 +242,20 @@ def prepare(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def _check_tokenizer_is_not_trained_on(tokenizer: Path, sources: list[dict]) -> dict | None:
+    """The tokenizer's recorded training inputs; UserError when one of them is being prepared here
+    (same content), since its vocabulary would leak that private data outside the guarantee."""
+    provenance = tokenizer_provenance(tokenizer)
+    if provenance is not None:
+        private = {s["sha256"]: s["path"] for s in sources if "sha256" in s}
+        for entry in provenance["trained_on"]:
+            if entry["sha256"] in private:
+                raise UserError(f"tokenizer {tokenizer} was trained on {private[entry['sha256']]}, which is being "
+                                "prepared as private data: its vocabulary is outside the DP guarantee; train "
+                                "the tokenizer on public text")
+    return provenance
 
 
 def _describe(source: Path | str) -> dict:

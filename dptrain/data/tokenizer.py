@@ -2,7 +2,9 @@
 
 A tokenizer is part of what a model reveals: one trained on the private corpus can leak rare
 strings through its vocabulary, outside any DP guarantee. Train it on public text; `train_tokenizer`
-warns when its input looks private (see `looks_private`).
+warns when its input looks private (see `looks_private`), and records the content hash of every
+input in the model itself (`tokenizer_provenance`), so `prepare` can refuse a tokenizer trained on
+the very files it is asked to prepare as private data, whatever their names.
 """
 from __future__ import annotations
 
@@ -134,14 +136,35 @@ def train_tokenizer(
     return out
 
 
+PROVENANCE_TAG = " sha256:"
+
+
 def _scrub_paths(model: Path, name: str, inputs: list[Path]) -> None:
-    """Keep only file names in the model's recorded training spec: no temporary or local paths,
-    so the same training gives the same bytes wherever it runs."""
+    """Keep only file names and content hashes in the model's recorded training spec ("name
+    sha256:HEX" per input): no temporary or local paths, so the same training gives the same bytes
+    wherever it runs, and the hashes travel with the model."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.read_bytes())
     proto.trainer_spec.model_prefix = name
     del proto.trainer_spec.input[:]
-    proto.trainer_spec.input.extend(p.name for p in inputs)
+    proto.trainer_spec.input.extend(f"{p.name}{PROVENANCE_TAG}{sha256_file(p)}" for p in inputs)
     model.write_bytes(proto.SerializeToString())
+
+
+def tokenizer_provenance(path: str | Path) -> dict | None:
+    """{"trained_on": [{"name", "sha256"}, ...]} as recorded by `train_tokenizer`; None when the
+    model holds no such record (trained elsewhere)."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(path).read_bytes())
+    except (OSError, DecodeError):
+        return None
+    recorded = [entry.rpartition(PROVENANCE_TAG) for entry in proto.trainer_spec.input]
+    if not recorded or not all(tag for _, tag, _ in recorded):
+        return None
+    return {"trained_on": [{"name": name, "sha256": digest} for name, _, digest in recorded]}

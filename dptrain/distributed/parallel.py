@@ -1,6 +1,6 @@
 """How one private step is split over processes: `none`, `ddp` or `fsdp` (runtime.parallel).
 
-The global Poisson batch is drawn on every rank from the same seed (so every rank knows it), then
+The global Poisson batch is drawn on every rank from the same stream (so every rank knows it), then
 cut into contiguous shares; no rank samples on its own, so the single-process guarantee holds
 whatever the world size. Each rank clips its own examples; the clipped sums are summed over ranks;
 the Gaussian noise enters that sum exactly once per element:
@@ -17,9 +17,9 @@ the Gaussian noise enters that sum exactly once per element:
   backward of sum_i c_i L_i, c_i = w_i min(1, C / ||g_i||), whose gradient IS the clipped sum,
   lets FSDP reduce-scatter it (SUM, not mean) into the sharded grads. Cost: a second forward and
   backward per micro-batch, about 2x the compute of the single-pass engine. Each rank then noises
-  only its own slice, from a stream keyed by (noise seed, step, rank): no two slices and no two
-  steps share a stream, and the stream needs no saved state, so a resume on another world size
-  stays fresh.
+  only its own slice, from the stream ("noise", step, rank) of the run's 128-bit Philox key (see
+  dptrain.privacy.randomness): no two slices and no two steps share a stream, and the stream needs
+  no saved state. Secure randomness: every rank reads the OS CSPRNG.
 
 Micro-batches: every rank runs the same number of them (from the largest share, known to all),
 padding with weight-0 slots, because FSDP's all-gathers and reduce-scatters happen inside every
@@ -43,7 +43,6 @@ from dptrain.errors import UserError
 from dptrain.model import Decoder
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import shard
-from dptrain.privacy.seeds import derive_seed
 
 MODES = ("none", "ddp", "fsdp")
 
@@ -88,8 +87,16 @@ class Parallel:
         return engine.clipped_grad_sum(inputs, targets, weights=weights)
 
     def privatize(self, engine: DPEngine, noise_multiplier: float, expected_batch_size: float,
-                  noise, step: int) -> None:
-        engine.privatize(noise_multiplier, expected_batch_size, noise)
+                  noise: NoiseSource, step: int) -> None:
+        engine.privatize(noise_multiplier, expected_batch_size, noise.for_step(step))
+
+    def from_main(self, value):
+        """`value` as rank 0 has it (a collective): for draws only rank 0 can make (OS entropy)."""
+        if not self.distributed:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
 
     def total(self, count: int) -> int:
         """A count summed over ranks."""
@@ -131,8 +138,8 @@ class DataParallel(Parallel):
         for p in engine.parameters:
             if p.grad is None:  # no local example touched it: it still joins the sum
                 p.grad = torch.zeros_like(p)
-        if self.is_main:
-            engine.add_noise(noise_multiplier, noise)
+        if self.is_main:  # rank 0's stream is the one-process stream
+            engine.add_noise(noise_multiplier, noise.for_step(step))
         for p in engine.parameters:  # one tensor at a time: no flat copy of all gradients
             dist.all_reduce(p.grad)
         engine.normalize(expected_batch_size)
@@ -173,8 +180,7 @@ class FullyShardedDP(Parallel):
             raise UserError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
         if not isinstance(noise, NoiseSource):
             raise TypeError("fsdp derives its per-shard streams from the run's NoiseSource")
-        seed = derive_seed(noise.seed, f"fsdp-noise/step-{step}/rank-{self.env.rank}")
-        shard_noise = NoiseSource(seed, secure=noise.secure)
+        shard_noise = noise.for_step(step, rank=self.env.rank)
         std = noise_multiplier * engine.max_grad_norm
         with torch.no_grad():
             for p in engine.parameters:

@@ -1,79 +1,73 @@
-"""Sources of i.i.d. standard normal noise for DP-SGD.
+"""Sources of i.i.d. standard normal noise for DP-SGD, one stream per (step, rank, shard).
 
-Default: a seeded torch CPU generator; noise is drawn in float32 on the CPU, then moved and cast
-to the requested device and dtype. The stream is therefore the same on every device and for every
-dtype, and the generator state can be saved and restored for a bit-exact resume. Its seed is
-derived from the user seed under its own name, so it never coincides with the sampler's stream.
+Keyed (default): step t's noise on rank r comes from the Philox stream ("noise", t, r) of the run's
+`Streams` (see `randomness`): a pure function of (secret, step, rank), so a resume replays it
+bit-for-bit with no saved generator state, and no two steps or ranks share a stream. Noise is drawn
+in float32 on the CPU, then moved and cast, so the stream is the same on every device and dtype.
 
 Secure (`secure=True`): bits from the operating system's CSPRNG and a sampler hardened against the
-floating-point attack on Gaussian noise (see `_secure_normal`). It cannot be replayed, so it
-cannot resume bit-for-bit; its state_dict holds no stream.
+floating-point attack on Gaussian noise (see `_secure_normal`). Nothing can replay it.
 """
 from __future__ import annotations
 
 import math
-import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from dptrain.errors import UserError
-from dptrain.privacy.seeds import derive_seed
+from dptrain.privacy.randomness import Streams, os_uniform
 
 # Gaussians summed per secure output; see `_secure_normal`.
 SECURE_SUMMANDS = 4
 SECURE_CHUNK = 1 << 20
 
+Noise = Callable[..., torch.Tensor]  # noise(shape, device="cpu", dtype=torch.float32)
+
 
 class NoiseSource:
-    """`noise(shape, device, dtype)` returns a tensor of i.i.d. N(0, 1) draws."""
+    """`for_step(step, rank)` returns the noise function of one step on one rank: successive calls
+    `noise(shape, device, dtype)` give successive i.i.d. N(0, 1) tensors of that step's stream.
 
-    def __init__(self, seed: int, secure: bool = False) -> None:
-        self.seed = int(seed)
+    Calling the source itself draws from the stream of step 0 (one stream, for standalone use).
+    A secure source ignores `seed`.
+    """
+
+    def __init__(self, seed: int | Streams | None = None, secure: bool = False) -> None:
+        if not secure and seed is None:
+            raise ValueError("keyed noise needs a seed (or Streams); or use secure=True")
         self.secure = bool(secure)
-        self._generator: torch.Generator | None = None
-        if not self.secure:
-            self._generator = torch.Generator(device="cpu")
-            self._generator.manual_seed(derive_seed(self.seed, "gaussian-noise"))
+        self.streams = None if secure else (seed if isinstance(seed, Streams) else Streams(seed))
+        self._single: Noise | None = None
 
     def __call__(self, shape: Sequence[int] | torch.Size, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        shape = tuple(shape)
+        if self._single is None:
+            self._single = self.for_step(0)
+        return self._single(shape, device, dtype)
+
+    def for_step(self, step: int, rank: int = 0) -> Noise:
         if self.secure:
-            # float64 in chunks, so the working memory stays bounded for billion-element tensors
-            out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            sample = torch.empty(math.prod(shape), dtype=out_dtype)
-            for start in range(0, sample.numel(), SECURE_CHUNK):
-                chunk = sample[start:start + SECURE_CHUNK]
-                chunk.copy_(torch.from_numpy(_secure_normal(chunk.numel())))
-            sample = sample.reshape(shape)
-        else:
-            sample = torch.randn(shape, generator=self._generator, dtype=torch.float32)
-        return sample.to(device=device, dtype=dtype)
+            return _secure_tensor
+        rng = self.streams.generator("noise", step, rank)
 
-    def state_dict(self) -> dict:
-        """JSON-able state; restoring it continues the default stream exactly."""
-        state = {"seed": self.seed, "secure": self.secure}
-        if self._generator is not None:
-            state["generator"] = self._generator.get_state().tolist()
-        return state
+        def noise(shape: Sequence[int] | torch.Size, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            sample = torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
+            return sample.to(device=device, dtype=dtype)
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("secure") != self.secure or state.get("seed") != self.seed:
-            raise UserError(f"noise state is for seed {state.get('seed')} secure "
-                            f"{state.get('secure')}, not seed {self.seed} secure {self.secure}")
-        if self._generator is not None:
-            try:
-                self._generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-            except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                raise UserError(f"corrupt noise generator state: {e!r}") from None
+        return noise
 
 
-def _secure_uniform(n: int) -> np.ndarray:
-    """n uniforms on (0, 1] with 53 random bits each, from the OS CSPRNG."""
-    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
-    return (bits.astype(np.float64) + 1.0) * 2.0**-53
+def _secure_tensor(shape: Sequence[int] | torch.Size, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # float64 in chunks, so the working memory stays bounded for billion-element tensors
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    sample = torch.empty(math.prod(tuple(shape)), dtype=out_dtype)
+    for start in range(0, sample.numel(), SECURE_CHUNK):
+        chunk = sample[start:start + SECURE_CHUNK]
+        chunk.copy_(torch.from_numpy(_secure_normal(chunk.numel())))
+    return sample.reshape(tuple(shape)).to(device=device, dtype=dtype)
 
 
 def _secure_normal(n: int) -> np.ndarray:
@@ -92,7 +86,7 @@ def _secure_normal(n: int) -> np.ndarray:
     total = np.zeros(n, dtype=np.float64)
     pairs = (n + 1) // 2
     for _ in range(SECURE_SUMMANDS):
-        u1, u2 = _secure_uniform(pairs), _secure_uniform(pairs)
+        u1, u2 = os_uniform(pairs), os_uniform(pairs)
         radius = np.sqrt(-2.0 * np.log(u1))
         angle = 2.0 * np.pi * u2
         z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]

@@ -3,15 +3,19 @@
 This is the sampling the accountants analyse. Shuffling into fixed-size batches is a different
 mechanism whose epsilon can be several times larger; nothing here shuffles.
 
-Data parallelism: every rank builds a sampler from the same seed, so all ranks draw the same global
-batch, then `shard` hands each rank its part. No rank samples on its own.
+Randomness (see `randomness`): a keyed sampler draws step t's batch from its own stream
+("sampling", t), so it is a pure function of (secret, step), replayed exactly on resume and equal on
+every rank; data parallelism then cuts it with `shard`, no rank samples on its own. A secure
+sampler reads the OS CSPRNG: nobody, the run included, can replay it (it is single-process only).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from scipy import stats
+
 from dptrain.errors import UserError
-from dptrain.privacy.seeds import derive_seed
+from dptrain.privacy.randomness import Streams, os_below, os_uniform
 
 
 class PoissonSampler:
@@ -20,10 +24,11 @@ class PoissonSampler:
     `max_batch_size` truncates: a batch drawn larger is cut to a uniformly random subset of that
     size (as in VaultGemma; accounted by `accounting` with the dataset size and max batch size).
     An empty batch is a valid draw: the step must still happen, adding noise only.
+    `seed` is an int or the run's `Streams`; a secure sampler ignores it.
     """
 
-    def __init__(self, num_examples: int, expected_batch_size: int | float, seed: int,
-                 max_batch_size: int | None = None) -> None:
+    def __init__(self, num_examples: int, expected_batch_size: int | float, seed: int | Streams | None,
+                 max_batch_size: int | None = None, *, secure: bool = False) -> None:
         if int(num_examples) != num_examples or num_examples <= 0:
             raise UserError(f"the data set needs at least one example, got {num_examples}")
         if not 0 < expected_batch_size <= num_examples:
@@ -35,8 +40,10 @@ class PoissonSampler:
         self.num_examples = int(num_examples)
         self.expected_batch_size = expected_batch_size
         self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
-        self.seed = int(seed)
-        self._rng = np.random.default_rng(derive_seed(self.seed, "poisson-sampling"))
+        if not secure and seed is None:
+            raise ValueError("a keyed sampler needs a seed (or Streams); or use secure=True")
+        self.secure = bool(secure)
+        self.streams = None if secure else (seed if isinstance(seed, Streams) else Streams(seed))
         self.steps_taken = 0
         self.truncated_steps = 0
 
@@ -46,43 +53,79 @@ class PoissonSampler:
 
     def sample(self) -> np.ndarray:
         """Sorted int64 indices of the next batch."""
+        indices, truncated = self.batch_at(self.steps_taken)
+        self.truncated_steps += truncated
+        self.steps_taken += 1
+        return indices
+
+    def batch_at(self, step: int) -> tuple[np.ndarray, bool]:
+        """Step `step`'s batch (sorted int64) and whether it was truncated; moves nothing.
+        Secure: a fresh CSPRNG draw at every call."""
+        draw = _OsDraws() if self.secure else _KeyedDraws(self.streams.generator("sampling", step))
         # N independent Bernoulli(q) draws pick a subset whose size is Binomial(N, q) and which,
         # given its size k, is uniform over all k-subsets (every subset of size k has probability
         # q^k (1-q)^(N-k)). Drawing k first, then k distinct uniform indices, is the same
         # distribution in O(k) time and memory instead of O(N), which matters for N ~ 1e10.
-        k = int(self._rng.binomial(self.num_examples, self.sampling_rate))
-        indices = self._distinct(self.num_examples, k)
-        if self.max_batch_size is not None and k > self.max_batch_size:
-            indices = indices[self._distinct(k, self.max_batch_size)]
-            self.truncated_steps += 1
-        self.steps_taken += 1
-        return np.sort(indices)
-
-    def _distinct(self, n: int, k: int) -> np.ndarray:
-        """k distinct indices uniform in [0, n). numpy's choice without replacement uses a
-        set-based method (O(k)) when k is small relative to n."""
-        return self._rng.choice(n, size=k, replace=False, shuffle=False).astype(np.int64)
+        k = draw.binomial(self.num_examples, self.sampling_rate)
+        indices = draw.distinct(self.num_examples, k)
+        truncated = self.max_batch_size is not None and k > self.max_batch_size
+        if truncated:
+            indices = indices[draw.distinct(k, self.max_batch_size)]
+        return np.sort(indices), truncated
 
     def state_dict(self) -> dict:
-        """JSON-able state for an exact resume (same configuration, same future batches)."""
+        """JSON-able state: where the run is, never the randomness (the stream key is the run's)."""
         return {"num_examples": self.num_examples, "expected_batch_size": self.expected_batch_size,
-                "max_batch_size": self.max_batch_size, "seed": self.seed,
-                "steps_taken": self.steps_taken, "truncated_steps": self.truncated_steps,
-                "rng": self._rng.bit_generator.state}
+                "max_batch_size": self.max_batch_size, "secure": self.secure,
+                "steps_taken": self.steps_taken, "truncated_steps": self.truncated_steps}
 
     def load_state_dict(self, state: dict) -> None:
         try:
             saved = (state["num_examples"], state["expected_batch_size"], state["max_batch_size"],
-                     state["seed"])
-            mine = (self.num_examples, self.expected_batch_size, self.max_batch_size, self.seed)
+                     state["secure"])
+            mine = (self.num_examples, self.expected_batch_size, self.max_batch_size, self.secure)
             if saved != mine:
                 raise UserError("the sampler state was saved for (examples, expected batch, max "
-                                f"batch, seed) = {saved}, not {mine}; resuming would change q")
-            self._rng.bit_generator.state = state["rng"]
+                                f"batch, secure) = {saved}, not {mine}; resuming would change q")
             self.steps_taken = int(state["steps_taken"])
             self.truncated_steps = int(state["truncated_steps"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"corrupt sampler state: {e!r}") from None
+
+
+class _KeyedDraws:
+    """Binomial and distinct indices from one step's keyed stream."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def binomial(self, n: int, p: float) -> int:
+        return int(self.rng.binomial(n, p))
+
+    def distinct(self, n: int, k: int) -> np.ndarray:
+        """k distinct indices uniform in [0, n). numpy's choice without replacement uses a
+        set-based method (O(k)) when k is small relative to n."""
+        return self.rng.choice(n, size=k, replace=False, shuffle=False).astype(np.int64)
+
+
+class _OsDraws:
+    """The same two draws from the OS CSPRNG."""
+
+    @staticmethod
+    def binomial(n: int, p: float) -> int:
+        # Inversion: the smallest k with CDF(k) >= u, for a 53-bit uniform u.
+        return int(stats.binom.ppf(os_uniform(1)[0], n, p))
+
+    @staticmethod
+    def distinct(n: int, k: int) -> np.ndarray:
+        """k distinct indices uniform in [0, n): the first k distinct values of an i.i.d. uniform
+        sequence form a uniform k-subset (by symmetry), found in O(k log k)."""
+        seen = np.empty(0, dtype=np.int64)
+        while len(seen) < k:
+            draws = np.concatenate([seen, os_below(n, 2 * (k - len(seen)) + 16)])
+            values, first = np.unique(draws, return_index=True)
+            seen = draws[np.sort(first)]  # distinct values, in order of first appearance
+        return seen[:k]
 
 
 def shard(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:

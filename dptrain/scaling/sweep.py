@@ -98,11 +98,13 @@ def train_config(spec: SweepSpec, run: SweepRun) -> TrainConfig:
     """The base config with this run's model, batch, steps, noise and output folder."""
     raw = _merge(spec.base, {
         "model": str(run.model_path),
-        # nothing is written there; a run folder of its own keeps the trainer from resuming another
+        # only the privacy journal is written there; a folder of its own keeps runs from resuming another
         "out_dir": str(Path(spec.base.get("out_dir", "runs/sweep")) / run.run_id),
         "privacy": {"expected_batch_size": run.batch_size, "steps": run.steps,
                     "noise_multiplier": run.sigma, "target_epsilon": None},
-        "runtime": {"seed": run.seed},
+        # No runtime.seed: each run draws its own secret, so runs at different σ never share noise or
+        # batches; the spec's seed fixes only the (public) initial weights, shared across the grid.
+        "runtime": {"seed": None, "init_seed": run.seed},
         "logging": {"run_name": run.run_id, "progress": False},
     })
     return configio.from_dict(TrainConfig, raw, "base")

@@ -32,7 +32,8 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: Literal["pld", "rdp", "prv"] = "pld"
     max_batch_size: int | None = None  # truncated Poisson: larger draws are cut, and accounted
-    secure_noise: bool = False
+    # Sampling and noise straight from the OS CSPRNG: no seed, nothing replayable, no bit-exact resume.
+    secure_randomness: bool = False
 
     def __post_init__(self):
         if self.expected_batch_size <= 0:
@@ -75,7 +76,11 @@ class RuntimeConfig:
     device: str = "auto"  # auto = cuda when available
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast, float32 master weights
     compile: bool = False  # torch.compile the parameter-free parts of each layer
-    seed: int = 0
+    # None (default): a fresh 256-bit secret, kept only in the private train_state.pt. A seed makes
+    # runs reproducible, and the guarantee then holds only while the seed stays secret.
+    seed: int | None = None
+    # The model's initial weights only (public, not part of the guarantee): None = from the run's randomness.
+    init_seed: int | None = None
     threads: int | None = None  # CPU threads; None keeps torch's default
     # Several processes (torchrun): ddp = replicated weights, fsdp = sharded (see docs/distributed.md).
     parallel: Literal["none", "ddp", "fsdp"] = "none"
@@ -95,6 +100,9 @@ class LoggingConfig:
     run_name: str | None = None
     progress: bool = True
     every: int = 1
+    # Statistics of private batches (training loss, clipping, gradient norms, batch sizes) are
+    # released without noise, outside the guarantee: off unless asked for.
+    private_metrics: bool = False
 
 
 @dataclass
@@ -118,7 +126,8 @@ class TrainConfig:
     data: DataConfig
     privacy: PrivacyConfig
     out_dir: str = "runs/train"
-    init_from: str | None = None  # a dptrain checkpoint or Hugging Face folder to start from
+    # A dptrain checkpoint (its ledger carries over) or public Hugging Face weights (a fresh ledger).
+    init_from: str | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -126,6 +135,10 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self):
+        if self.privacy.secure_randomness and self.runtime.seed is not None:
+            raise ValueError("privacy.secure_randomness draws from the OS and takes no runtime.seed")
 
     def model_config(self, base_dir: Path | None = None) -> DecoderConfig:
         if isinstance(self.model, DecoderConfig):

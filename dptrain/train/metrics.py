@@ -1,8 +1,8 @@
 """Where training metrics go: a local JSONL file always, wandb when enabled.
 
 Metrics computed on private batches (training loss, gradient norms, clipping rates) are released
-without noise, so they fall outside the (ε, δ) guarantee; each such key is prefixed `private/` so
-nobody mistakes them for protected output.
+without noise, so they fall outside the (ε, δ) guarantee: they are logged only with
+`logging.private_metrics`, each key prefixed `private/` so nobody mistakes them for protected output.
 """
 from __future__ import annotations
 

@@ -6,22 +6,29 @@ from pathlib import Path
 
 import numpy as np
 
+from dptrain.privacy.group import sequences_per_unit, unit_guarantees
+
 NOT_COVERED = [
     "the tokenizer, when it was trained on the private data (train it on public text)",
     "hyper-parameter search: every run tried on the private data spends budget of its own",
-    "metrics computed on private batches (keys prefixed 'private/' in the logs) and any metric "
-    "logged without noise",
     "the held-out evaluation split, which is not trained on but is read for the evaluation loss",
     "text duplicated across many sequences: the unit is one sequence, so a secret repeated in k "
-    "sequences is protected only at group privacy k·ε",
+    "sequences is protected only at group privacy (see 'units')",
+    "the run's private state (train_state.pt in each checkpoint): it holds the run's secret",
 ]
+RANDOMNESS = {
+    "secret": "a fresh 256-bit secret from the OS, kept only in the private train_state.pt",
+    "seed": "an explicit runtime.seed: the guarantee holds only while that seed stays secret",
+    "secure": "sampling and noise from the OS CSPRNG; nothing can replay them",
+}
+PRIVATE_STATISTICS = ("realised_batch_size", "truncated_steps", "nonfinite_examples")
 
 
 def privacy_report(trainer) -> dict:
     p = trainer.cfg.privacy
     sizes = np.asarray(trainer.batch_sizes, dtype=np.int64)
-    epsilons = trainer.ledger.epsilons(p.delta) if trainer.step else {}
-    return {
+    epsilons = trainer.ledger.epsilons(p.delta) if trainer.ledger.steps else {}
+    report = {
         "guarantee": f"({epsilons.get(p.accountant, 0.0):.4g}, {p.delta:g})-DP"
                      f" with respect to one training sequence",
         "epsilon": epsilons,
@@ -34,6 +41,13 @@ def privacy_report(trainer) -> dict:
         "sampling": "Poisson" + (f", truncated at {p.max_batch_size}" if p.max_batch_size else ""),
         "steps": trainer.step,
         "planned_steps": p.steps,
+        # Every noisy step that touched the data: this run's, its parents', and any a crash lost.
+        "accounted_steps": trainer.ledger.steps,
+        "crash_released_steps": trainer.crash_released_steps,
+        "randomness": {"mode": trainer.randomness["mode"], "means": RANDOMNESS[trainer.randomness["mode"]]},
+        "initialization": trainer.initialization or {"source": None, "kind": "random"},
+        "lineage": trainer.lineage,
+        "tokenizer": trainer.train_data.manifest["tokenizer"].get("provenance", "unknown"),
         "dataset_size": trainer.num_examples,
         "expected_batch_size": p.expected_batch_size,
         "realised_batch_size": {
@@ -45,15 +59,31 @@ def privacy_report(trainer) -> dict:
         # Zeroed, never skipped: a count from private data, released un-noised like the logs.
         "nonfinite_examples": trainer.nonfinite_examples,
         "clip_norm": p.max_grad_norm,
-        "secure_noise": p.secure_noise,
+        "secure_randomness": p.secure_randomness,
         "privacy_unit": f"one packed sequence of {trainer.train_data.seq_len} tokens",
+        "units": unit_guarantees(epsilons.get(p.accountant, 0.0), p.delta, _units(trainer)),
         "not_covered": NOT_COVERED,
     }
+    if trainer.cfg.logging.private_metrics:
+        report["released_outside_guarantee"] = [
+            "per-step metrics prefixed 'private/' (training loss, clipped fraction, median gradient "
+            "norm, drawn batch size)", *PRIVATE_STATISTICS]
+    else:  # statistics of the private batches stay in the private state
+        for key in PRIVATE_STATISTICS:
+            del report[key]
+    return report
+
+
+def _units(trainer) -> dict:
+    """Sequences per document and group (computed once per run)."""
+    if getattr(trainer, "_unit_counts", None) is None:
+        trainer._unit_counts = sequences_per_unit(trainer.train_data)
+    return trainer._unit_counts
 
 
 def summary(report: dict) -> str:
     eps = ", ".join(f"{name} {value:.4g}" for name, value in report["epsilon"].items()) or "none spent"
-    sizes = report["realised_batch_size"]
+    sizes = report.get("realised_batch_size") or {}
     lines = [
         f"Privacy guarantee: {report['guarantee']}",
         f"  epsilon at delta={report['delta']:g}: {eps}",
@@ -61,14 +91,36 @@ def summary(report: dict) -> str:
         f"sampling rate {report['sampling_rate']:.4g} ({report['sampling']})",
         f"  steps {report['steps']} of {report['planned_steps']}, dataset {report['dataset_size']} "
         f"sequences, expected batch {report['expected_batch_size']}"
-        + (f", realised {sizes['mean']:.1f} on average ({sizes['min']}-{sizes['max']})" if sizes["mean"] else ""),
-        f"  truncated steps: {report['truncated_steps']}",
+        + (f", realised {sizes['mean']:.1f} on average ({sizes['min']}-{sizes['max']})" if sizes.get("mean") else ""),
+        *_context_lines(report),
         f"  privacy unit: {report['privacy_unit']}",
+        *[f"  per {unit}: up to {u['sequences_max']} sequences (mean {u['sequences_mean']:g}); the largest is "
+          f"protected at ({u['epsilon_of_largest']:.4g}, {u['delta_of_largest']:.3g})"
+          for unit, u in report.get("units", {}).items()],
         "  not covered:",
         *[f"    - {item}" for item in report["not_covered"]],
+        *[f"  released outside the guarantee: {item}" for item in report.get("released_outside_guarantee", [])],
         *measured_lines(report),
     ]
     return "\n".join(lines)
+
+
+def _context_lines(report: dict) -> list[str]:
+    lines = []
+    if "truncated_steps" in report:
+        lines.append(f"  truncated steps: {report['truncated_steps']}")
+    if report.get("accounted_steps", report["steps"]) != report["steps"]:
+        lines.append(f"  accounted steps: {report['accounted_steps']} (earlier runs of the lineage and "
+                     f"{report.get('crash_released_steps', 0)} released before a crash included)")
+    if randomness := report.get("randomness"):
+        lines.append(f"  randomness: {randomness['means']}")
+    if (init := report.get("initialization")) and init.get("source"):
+        lines.append(f"  initialized from {init['source']} ({init['kind']})")
+    if tokenizer := report.get("tokenizer"):
+        source = tokenizer if isinstance(tokenizer, str) else ", ".join(
+            f"{t['name']} ({t['sha256'][:12]})" for t in tokenizer.get("trained_on", [])) or "unknown"
+        lines.append(f"  tokenizer trained on: {source}")
+    return lines
 
 
 def measured_lines(report: dict) -> list[str]:

@@ -3,13 +3,17 @@
 One logical step: draw a Poisson batch over the whole private set, cut it into fixed-size
 micro-batches padded with weight-0 examples, accumulate clipped per-sequence gradients, add the
 Gaussian noise once, divide by the expected batch size, and let Adam take the step. The ledger
-records every step's (σ, q), and the run refuses to start when its plan exceeds the budget.
+records every step's (σ, q), journaled before anything of the step leaves the process, and the run
+refuses to start when its plan exceeds the budget. Randomness: see dptrain.privacy.randomness.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +31,11 @@ from dptrain.dp import DPEngine
 from dptrain.errors import UserError
 from dptrain.model import Decoder, training_flops_per_token
 from dptrain.privacy.accounting import PrivacyLedger, calibrate_noise
+from dptrain.privacy.journal import JOURNAL_FILE, LedgerJournal, record_entries
 from dptrain.privacy.noise import NoiseSource
+from dptrain.privacy.randomness import Streams, fresh_secret
+from dptrain.privacy.running import running_epsilon
 from dptrain.privacy.sampling import PoissonSampler
-from dptrain.privacy.seeds import derive_seed
 from dptrain.train.config import TrainConfig
 from dptrain.train.metrics import MetricsLog
 from dptrain.train.report import privacy_report, write_report
@@ -92,10 +98,21 @@ class Trainer:
         # Truncated Poisson is accounted with the dataset size and the cap; plain Poisson needs neither.
         self.truncation = (dict(dataset_size=self.num_examples, max_batch_size=p.max_batch_size)
                            if p.max_batch_size else {})
-        self.noise_multiplier = self._plan_noise()
+        self.initialization, self.lineage, parent_ledger = self._parent()
+        self.noise_multiplier = self._plan_noise(parent_ledger)
+        checkpoint, state = self._latest_state()
+        self.randomness = self._randomness(state)
+        streams = (None if p.secure_randomness else
+                   Streams(self.randomness["secret"], generation=self.randomness["generation"]))
+        if self.randomness["mode"] == "seed" and self.parallel.is_main:
+            print(f"dptrain: runtime.seed is set: the (ε, δ) guarantee holds only while the seed "
+                  f"{cfg.runtime.seed} stays secret", file=sys.stderr)
 
-        # The sampler and the noise derive their own streams from the same seed.
-        torch.manual_seed(derive_seed(cfg.runtime.seed, "model-init"))
+        # Model init is public (runtime.init_seed), or else comes from the run's randomness.
+        init_seed = cfg.runtime.init_seed
+        if init_seed is None:
+            init_seed = streams.torch_seed("model-init") if streams else fresh_secret() >> 193
+        torch.manual_seed(init_seed)
         model = self._build_model().to(self.device)
         if cfg.runtime.compile:
             model.compile_mixers()
@@ -104,17 +121,20 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, p.steps, cfg.schedule))
-        self.sampler = PoissonSampler(self.num_examples, p.expected_batch_size,
-                                      seed=cfg.runtime.seed,
-                                      max_batch_size=p.max_batch_size)
-        self.noise = NoiseSource(cfg.runtime.seed, secure=p.secure_noise)
-        self.ledger = PrivacyLedger()
+        self.sampler = PoissonSampler(self.num_examples, p.expected_batch_size, streams,
+                                      max_batch_size=p.max_batch_size, secure=p.secure_randomness)
+        self.noise = NoiseSource(streams, secure=p.secure_randomness)
+        self.ledger = parent_ledger
+        self.journal = LedgerJournal(self.out_dir / JOURNAL_FILE)  # every rank reads it; rank 0 writes
         self.step = 0
         self.batch_sizes: list[int] = []
         self.eval_history: list[tuple[int, float]] = []
         self.nonfinite_examples = 0
+        self.crash_released_steps = 0  # journaled steps a crash lost and this run does not replay
         self._report: dict | None = None
-        self._resume_if_possible()
+        if checkpoint is not None:
+            self._resume(checkpoint, state)
+        self._count_unreplayed_steps()
 
     # ---- set-up -------------------------------------------------------------------------------
     def _open_data(self) -> tuple[PackedDataset, PackedDataset | None]:
@@ -142,22 +162,85 @@ class Trainer:
             raise UserError(f"sequences of {self.train_data.seq_len} tokens exceed "
                             f"model.max_seq_len {self.model_cfg.max_seq_len} + 1")
 
-    def _plan_noise(self) -> float:
-        """σ from the budget (calibrated) or the config (checked against the budget if one is given)."""
+    def _plan_noise(self, parent: PrivacyLedger) -> float:
+        """σ from the budget (calibrated) or the config (checked against the budget if one is given).
+        A continuation's budget covers its parent's steps too."""
         p = self.cfg.privacy
         truncation = self.truncation
         sigma = p.noise_multiplier
         if sigma is None:
+            if parent.steps:
+                raise UserError(f"init_from {self.cfg.init_from} already spent {parent.steps} steps: give "
+                                "privacy.noise_multiplier, and target_epsilon as the budget of the whole lineage")
             sigma = calibrate_noise(p.target_epsilon, p.delta, self.sampling_rate, p.steps,
                                     accountant=p.accountant, **truncation)
         planned = PrivacyLedger()
+        planned.load_state_dict(parent.state_dict())
         planned.record(sigma, self.sampling_rate, count=p.steps, **truncation)
         eps = planned.epsilon(p.delta, p.accountant)
         if p.target_epsilon is not None and eps > p.target_epsilon:
-            raise UserError(f"the plan (σ={sigma:.4g}, q={self.sampling_rate:.4g}, {p.steps} steps) spends "
-                            f"ε={eps:.4g} > privacy.target_epsilon {p.target_epsilon:g} at δ={p.delta:g}")
+            lineage = f" after the {parent.steps} steps of init_from" if parent.steps else ""
+            raise UserError(f"the plan (σ={sigma:.4g}, q={self.sampling_rate:.4g}, {p.steps} steps{lineage}) "
+                            f"spends ε={eps:.4g} > privacy.target_epsilon {p.target_epsilon:g} at δ={p.delta:g}")
         self.planned_epsilon = eps
         return sigma
+
+    def _parent(self) -> tuple[dict | None, list[dict], PrivacyLedger]:
+        """Where the weights come from, the runs before this one, and the steps they spent.
+
+        A dptrain checkpoint has seen private data: its ledger (plus any steps its run released
+        after it) carries into this run. Hugging Face weights are taken as public: a fresh ledger,
+        and the report names them.
+        """
+        ledger = PrivacyLedger()
+        if self.cfg.init_from is None:
+            return None, [], ledger
+        source = Path(self.cfg.init_from)
+        if (source / "config.json").is_file():
+            return {"source": str(source), "kind": "public weights (Hugging Face folder), fresh ledger"}, [], ledger
+        if not (source / STATE_FILE).is_file():
+            raise UserError(f"init_from {source} has no {STATE_FILE}, so the steps it spent on private data are "
+                            "unknown: continue from a checkpoint folder of its run")
+        state = _load_state(source / STATE_FILE)
+        ledger.load_state_dict(state["ledger"])
+        if source.parent.name == "checkpoints":  # its run may have gone on past this checkpoint
+            record_entries(ledger, LedgerJournal(source.parent.parent / JOURNAL_FILE).released_after(state["step"]))
+        lineage = [*state.get("lineage", []),
+                   {"checkpoint": str(source.resolve()), "steps": state["step"], "ledger_steps": ledger.steps}]
+        return {"source": str(source), "kind": "dptrain checkpoint, its ledger continues"}, lineage, ledger
+
+    def _randomness(self, state: dict | None) -> dict:
+        """The run's randomness: the checkpoint's on resume, else a fresh secret, the explicit seed, or
+        the OS (secure). `draw` names one draw of randomness in the journal; it reveals nothing of it."""
+        generation = len(self.lineage)  # a continuation never replays its parent's streams
+        if self.cfg.privacy.secure_randomness:
+            return {"mode": "secure", "secret": None, "draw": uuid.uuid4().hex, "generation": generation}
+        if state is not None:
+            if "randomness" not in state:
+                raise UserError("the checkpoint was written by an older dptrain (no run randomness): use a new out_dir")
+            saved = state["randomness"]
+            return {**saved, "secret": int(saved["secret"], 16)}
+        seed = self.cfg.runtime.seed
+        if seed is not None:  # the seed is in the config anyway; its draw id is reproducible too
+            draw = hashlib.sha256(f"dptrain-seed:{seed}:{generation}".encode()).hexdigest()[:32]
+            return {"mode": "seed", "secret": seed, "draw": draw, "generation": generation}
+        return {"mode": "secret", "secret": fresh_secret(), "draw": uuid.uuid4().hex, "generation": generation}
+
+    def _journal_fields(self) -> dict:
+        """What makes a step's release what it is: a journaled step with the same fields is replayed
+        exactly (same batch, same noise), so it is not spent twice."""
+        layout = f"fsdp-{self.parallel.env.world_size}" if self.parallel.mode == "fsdp" else "one-stream"
+        return {"draw": self.randomness["draw"], "layout": layout, "noise_multiplier": self.noise_multiplier,
+                "sampling_rate": self.sampling_rate, "dataset_size": self.truncation.get("dataset_size"),
+                "max_batch_size": self.truncation.get("max_batch_size")}
+
+    def _count_unreplayed_steps(self) -> None:
+        """Steps journaled past the checkpoint that this run will not replay exactly: their outputs may
+        have been seen (metrics, eval), so they are spent."""
+        replays = None if self.cfg.privacy.secure_randomness else self._journal_fields()
+        lost = self.journal.released_after(self.step, replayed_by=replays)
+        record_entries(self.ledger, lost)
+        self.crash_released_steps += len(lost)
 
     def _build_model(self) -> Decoder:
         if self.cfg.init_from is None:
@@ -192,6 +275,8 @@ class Trainer:
     def train_step(self) -> StepResult:
         p = self.cfg.privacy
         indices = self.sampler.sample()
+        if p.secure_randomness:  # an OS draw only rank 0 made; every rank needs the same batch
+            indices = self.parallel.from_main(indices)
         self.engine.zero_grad()
         norms, losses = [], []
         # This rank's share of the global batch (all of it in a single process).
@@ -210,6 +295,8 @@ class Trainer:
         self.scheduler.step()
         self.ledger.record(self.noise_multiplier, self.sampling_rate, **self.truncation)
         self.step += 1
+        if self.parallel.is_main:  # durable before the step's metrics or checkpoint leave
+            self.journal.append(self.step, self._journal_fields())
         self.batch_sizes.append(len(indices))
         self.nonfinite_examples += self.parallel.total(self.engine.reset_stats().nonfinite)
         return StepResult(len(indices),
@@ -246,9 +333,10 @@ class Trainer:
         log = (MetricsLog(self.out_dir, cfg.logging, configio.to_dict(cfg), resume_step=self.step)
                if main else _NoLog())
         flops_per_token = training_flops_per_token(self.model_cfg, self.train_data.seq_len - 1)
+        # The expected batch, not the drawn one: the drawn size is a statistic of the private data.
+        expected_tokens = p.expected_batch_size * (self.train_data.seq_len - 1)
         bar = progress_bar(total=p.steps, initial=self.step, desc="private training", unit="step",
                    disable=not (cfg.logging.progress and main), dynamic_ncols=True)
-        epsilon = self.ledger.epsilon(p.delta, p.accountant) if self.step else 0.0
         try:
             if self.step == 0:
                 self._log_eval(log, bar)
@@ -256,29 +344,23 @@ class Trainer:
                 start = time.perf_counter()
                 result = self.train_step()
                 seconds = time.perf_counter() - start
-                tokens = result.batch_size * (self.train_data.seq_len - 1)
+                epsilon = running_epsilon(self.ledger.runs, p.delta)  # fast bound; the report is exact
                 metrics = {
                     "lr": self.scheduler.get_last_lr()[0],
-                    "batch_size": result.batch_size,
-                    "tokens_per_second": tokens / seconds,
+                    "epsilon": epsilon,
                     "step_seconds": seconds,
-                    "private/clipped_fraction": float((result.norms > p.max_grad_norm).float().mean())
-                    if len(result.norms) else 0.0,
-                    "private/grad_norm_median": float(result.norms.median()) if len(result.norms) else 0.0,
-                    "private/train_loss": float(result.losses.mean()) if len(result.losses) else None,
+                    "expected_tokens_per_second": expected_tokens / seconds,
                 }
                 if self.device.type == "cuda":
-                    metrics["mfu"] = mfu(tokens / seconds * flops_per_token, self.device)
+                    metrics["mfu"] = mfu(expected_tokens / seconds * flops_per_token, self.device)
+                if cfg.logging.private_metrics:
+                    metrics.update(private_metrics(result, p.max_grad_norm))
                 last = self.step == p.steps
                 if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
-                    epsilon = self.ledger.epsilon(p.delta, p.accountant)
                     self._log_eval(log, bar)
-                metrics["epsilon"] = epsilon
                 if self.step % cfg.logging.every == 0 or last:
                     log.log(self.step, metrics)
-                train_loss = metrics["private/train_loss"]
-                bar.set_postfix(loss="-" if train_loss is None else f"{train_loss:.3f}",
-                                eps=f"{epsilon:.3g}", tok_s=f"{metrics['tokens_per_second']:.3g}",
+                bar.set_postfix(eps=f"{epsilon:.3g}", tok_s=f"{metrics['expected_tokens_per_second']:.3g}",
                                 eval=f"{self.eval_history[-1][1]:.3f}" if self.eval_history else "-")
                 bar.update(1)
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
@@ -286,6 +368,7 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+            self.journal.close()
         report = self.report()
         if main:
             write_report(report, self.out_dir)
@@ -340,13 +423,17 @@ class Trainer:
 
     def _write_run_state(self, tmp: Path, optimizer: bool) -> None:
         configio.write_yaml(self.cfg, tmp / TRAIN_CONFIG_FILE)
+        # The private state: never to be shared (it holds the run's secret and private statistics).
         torch.save({
             "step": self.step,
+            "randomness": {**self.randomness, "secret": None if self.randomness["secret"] is None
+                           else format(self.randomness["secret"], "x")},
+            "lineage": self.lineage,
+            "crash_released_steps": self.crash_released_steps,
             "noise_multiplier": self.noise_multiplier,
             **({"optimizer": self.optimizer.state_dict()} if optimizer else {}),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "noise": self.noise.state_dict(),
             "ledger": self.ledger.state_dict(),
             "batch_sizes": list(self.batch_sizes),
             "eval_history": list(self.eval_history),
@@ -364,10 +451,11 @@ class Trainer:
         done = sorted(c for c in self.checkpoint_root.glob("step-*") if (c / STATE_FILE).is_file())
         return done[-1] if done else None
 
-    def _resume_if_possible(self) -> None:
+    def _latest_state(self) -> tuple[Path | None, dict | None]:
+        """The latest checkpoint and its private state, once checked against this config."""
         path = self.latest_checkpoint()
         if path is None:
-            return
+            return None, None
         saved = configio.read_yaml(path / TRAIN_CONFIG_FILE)
         current = configio.to_dict(self.cfg)
         for section in FIXED_ON_RESUME:
@@ -376,10 +464,9 @@ class Trainer:
                                 f"out_dir, or restore the config it was trained with")
         if saved["runtime"]["seed"] != current["runtime"]["seed"]:
             raise UserError(f"{path} was written with runtime.seed {saved['runtime']['seed']}")
-        try:
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
-            raise UserError(f"{path / STATE_FILE} is corrupt ({type(err).__name__})") from None
+        return path, _load_state(path / STATE_FILE)
+
+    def _resume(self, path: Path, state: dict) -> None:
         if dist_checkpoint.has_dcp(path):  # written by ddp / fsdp: DCP reshards to this world
             dist_checkpoint.load_sharded(self.model, self.optimizer, path)
         elif self.parallel.mode == "fsdp":
@@ -392,8 +479,10 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        self.noise.load_state_dict(state["noise"])
+        self.ledger = PrivacyLedger()  # the checkpoint's ledger already holds the parent's steps
         self.ledger.load_state_dict(state["ledger"])
+        self.lineage = list(state["lineage"])
+        self.crash_released_steps = state["crash_released_steps"]
         self.noise_multiplier = state["noise_multiplier"]
         self.step = state["step"]
         self.batch_sizes = list(state["batch_sizes"])
@@ -401,6 +490,23 @@ class Trainer:
         self.nonfinite_examples = state["nonfinite_examples"]
         if self.parallel.is_main:
             print(f"resuming from {path} at step {self.step}")
+
+
+def _load_state(file: Path) -> dict:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
+        raise UserError(f"{file} is corrupt ({type(err).__name__})") from None
+
+
+def private_metrics(result: StepResult, clip: float) -> dict:
+    """Un-noised statistics of the private batch: outside the guarantee (logging.private_metrics)."""
+    return {
+        "private/batch_size": result.batch_size,
+        "private/clipped_fraction": float((result.norms > clip).float().mean()) if len(result.norms) else 0.0,
+        "private/grad_norm_median": float(result.norms.median()) if len(result.norms) else 0.0,
+        "private/train_loss": float(result.losses.mean()) if len(result.losses) else None,
+    }
 
 
 class _NoLog:
