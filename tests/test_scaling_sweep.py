@@ -1,5 +1,6 @@
 """The sweep runner (real trainer, rows appended, reruns skipped), plan configs the trainer accepts,
 and the shipped law."""
+import json
 import warnings
 
 import pytest
@@ -72,12 +73,23 @@ def test_sweep_appends_rows_and_skips_finished_runs(micro_data, tmp_path, capsys
     assert len(read_results(tmp_path / "results.csv")) == 3
 
 
+def test_noise_free_runs_are_clipped_without_noise(micro_data, tmp_path):
+    spec = write_spec(tmp_path, micro_data, [0.0])
+    (run,) = run_sweep(spec, progress=False)
+    (row,) = read_results(tmp_path / "results.csv")
+    assert run.run_id == row.run_id == "micro-B8-sb0-T3-s0" and row.sigma == 0 and row.sigma_bar == 0
+    # its journal records sigma = 0: the run is not private, and its ledger says so
+    journal = [json.loads(line) for line in (tmp_path / "runs" / run.run_id / "privacy_journal.jsonl")
+               .read_text().splitlines()]
+    assert len(journal) == 3 and all(entry["noise_multiplier"] == 0 for entry in journal)
+
+
 def test_spec_errors_are_one_line(micro_data, tmp_path, capsys):
     spec = write_spec(tmp_path, micro_data, [0.1])
     raw = yaml.safe_load(open(spec))
     assert [r.run_id for r in expand(load_spec(spec), tmp_path)] == ["micro-B8-sb0.1-T3-s0"]
     for change, message in [({"models": ["missing.yaml"]}, "not found"),
-                            ({"sigma_bars": [0.0]}, "sigma_bars"),
+                            ({"sigma_bars": [-0.1]}, "sigma_bars"),
                             ({"stepz": [3]}, "stepz"),
                             ({"base": {**raw["base"], "privacy": {"delta": 2.0}}}, "delta")]:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**raw, **change}))

@@ -31,7 +31,7 @@ class SweepSpec:
     base: dict[str, Any]  # training config shared by every run; `model` and the noise are set per run
     models: list[str]  # model YAML paths, relative to the spec's folder
     batch_sizes: list[int]
-    sigma_bars: list[float]  # noise-batch ratios sigma / B
+    sigma_bars: list[float]  # noise-batch ratios sigma / B; 0 = a noise-free (not private) run
     steps: list[int]
     seeds: list[int] = field(default_factory=lambda: [0])
     results: str = "results.csv"  # relative to the spec's folder
@@ -42,8 +42,9 @@ class SweepSpec:
                 raise ValueError(f"{name} must not be empty")
         if any(b <= 0 for b in self.batch_sizes) or any(t <= 0 for t in self.steps):
             raise ValueError("batch sizes and step counts must be positive")
-        if any(not s > 0 for s in self.sigma_bars):
-            raise ValueError("sigma_bars must be positive: sigma = 0 gives no privacy")
+        if any(not s >= 0 for s in self.sigma_bars):
+            raise ValueError("sigma_bars must be >= 0 (0: a noise-free run, which measures the "
+                             "irreducible loss and is not private)")
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ def train_config(spec: SweepSpec, run: SweepRun) -> TrainConfig:
         "model": str(run.model_path),
         # only the privacy journal is written there; a folder of its own keeps runs from resuming another
         "out_dir": str(Path(spec.base.get("out_dir", "runs/sweep")) / run.run_id),
+        # A training config cannot ask for sigma = 0; a noise-free run sets it after construction.
         "privacy": {"expected_batch_size": run.batch_size, "steps": run.steps,
-                    "noise_multiplier": run.sigma, "target_epsilon": None},
+                    "noise_multiplier": run.sigma or 1.0, "target_epsilon": None},
         # No runtime.seed: each run draws its own secret, so runs at different σ never share noise or
         # batches; the spec's seed fixes only the (public) initial weights, shared across the grid.
         "runtime": {"seed": None, "init_seed": run.seed},
@@ -125,6 +127,10 @@ def execute(spec: SweepSpec, run: SweepRun, on_step=None) -> RunResult:
     cfg = train_config(spec, run)
     start = time.perf_counter()
     trainer = Trainer(cfg)
+    if run.sigma_bar == 0:
+        # Clipped, normalised by the expected batch as always, and no noise: the scaling law's
+        # sigma_bar = 0 point. Its ledger records sigma = 0, so its epsilon is infinite, as it is.
+        trainer.noise_multiplier = 0.0
     if trainer.eval_data is None:
         raise UserError("sweep runs need held-out data: the prepared data has no eval split")
     every = cfg.eval.every or run.steps
