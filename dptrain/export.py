@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from dptrain.checkpoint import WEIGHTS_FILE, atomic_dir, load_model, write_model
 from dptrain.errors import UserError
 from dptrain.model import Decoder, DecoderConfig
+from dptrain.privacy.lineage import copy_spent, mark_public, read_spent, write_spent
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 HF_MODEL_TYPE = "vaultgemma"
@@ -164,11 +165,13 @@ def write_tokenizer(sp_model: str | Path, folder: Path, cfg: DecoderConfig | Non
 
 def to_hf(model: Decoder, out_dir: str | Path, tokenizer_path: str | Path | None = None,
           dtype: str | torch.dtype | None = None, verify: bool = True,
-          special_ids: dict | None = None) -> Path:
+          special_ids: dict | None = None, spent: tuple | None = None) -> Path:
     """Write `model` as a Hugging Face VaultGemma folder; with `verify`, check it reloads exactly.
 
     `special_ids`: the pad/eos/bos token ids to declare, for a model imported with ids of its
     own; its tokenizer is then copied as it came, not converted (conversion assumes Gemma's ids).
+    `spent`: (ledger, lineage) of the private training behind the weights, written beside them
+    (`dptrain.privacy.lineage`) so that training further from the export continues the ledger.
     """
     dtype = _dtype(dtype)
     out_dir = Path(out_dir)
@@ -178,6 +181,8 @@ def to_hf(model: Decoder, out_dir: str | Path, tokenizer_path: str | Path | None
         _write_json(config, tmp / "config.json")
         _write_json(special_ids, tmp / "generation_config.json")
         save_file(hf_state_dict(model, dtype), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        if spent is not None:
+            write_spent(tmp, *spent)
         if tokenizer_path is not None and special_ids == DEFAULT_SPECIAL_IDS:
             write_tokenizer(tokenizer_path, tmp, model.cfg)
         elif tokenizer_path is not None:
@@ -237,7 +242,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
     special_ids = read_special_ids(checkpoint)
     if tokenizer_path is None and (checkpoint / TOKENIZER_FILE).is_file():
         tokenizer_path = checkpoint / TOKENIZER_FILE
-    return to_hf(model, out_dir, tokenizer_path, dtype, verify, special_ids)
+    return to_hf(model, out_dir, tokenizer_path, dtype, verify, special_ids, read_spent(checkpoint))
 
 
 def read_special_ids(checkpoint: Path) -> dict | None:
@@ -378,6 +383,8 @@ def import_checkpoint(hf_dir: str | Path, checkpoint: str | Path) -> Path:
         write_model(model, tmp)
         if special_ids != DEFAULT_SPECIAL_IDS:
             _write_json(special_ids, tmp / SPECIAL_IDS_FILE)
+        if not copy_spent(hf_dir, tmp):  # no record of private training behind these weights
+            mark_public(tmp, str(hf_dir))
         if (hf_dir / TOKENIZER_FILE).is_file():
             shutil.copyfile(hf_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
     return Path(checkpoint)

@@ -168,9 +168,24 @@ def test_continuation_carries_the_ledger_and_draws_fresh_randomness(data_dir, tm
         Trainer(make_config(data_dir, tmp_path / "c2", init_from=str(checkpoint),
                             privacy={"noise_multiplier": None, "target_epsilon": 50.0}))
     bare = tmp_path / "bare"
-    shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns(STATE_FILE))
+    shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns(STATE_FILE, "privacy_ledger.json"))
     with pytest.raises(UserError, match="unknown"):
         Trainer(make_config(data_dir, tmp_path / "c3", init_from=str(bare)))
+
+
+def test_exports_and_imports_of_a_private_run_carry_its_ledger(data_dir, tmp_path):
+    from dptrain.cli import main
+
+    parent = Trainer(make_config(data_dir, tmp_path / "parent"))
+    parent.fit()
+    (checkpoint,) = (tmp_path / "parent" / "checkpoints").glob("step-*")
+    assert main(["export", str(checkpoint), str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    for source in (tmp_path / "hf", tmp_path / "imported"):
+        child = Trainer(make_config(data_dir, tmp_path / f"child-{source.name}", init_from=str(source),
+                                    privacy={"steps": 2}))
+        report = child.fit()
+        assert report["accounted_steps"] == 5 and "ledger continues" in report["initialization"]["kind"]
 
 
 def test_public_weights_start_a_fresh_ledger_that_names_them(data_dir, tmp_path):
@@ -181,6 +196,12 @@ def test_public_weights_start_a_fresh_ledger_that_names_them(data_dir, tmp_path)
     report = trainer.fit()
     assert report["accounted_steps"] == 1 and report["lineage"] == []
     assert report["initialization"]["source"] == str(public) and "public" in report["initialization"]["kind"]
+    # imported into a checkpoint, the same public weights still start a fresh ledger
+    from dptrain.export import import_checkpoint
+
+    imported = import_checkpoint(public, tmp_path / "imported")
+    trainer = Trainer(make_config(data_dir, tmp_path / "run2", init_from=str(imported), privacy={"steps": 1}))
+    assert trainer.fit()["accounted_steps"] == 1
 
 
 def test_sweep_runs_draw_their_own_randomness(tmp_path):

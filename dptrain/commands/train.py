@@ -49,7 +49,8 @@ def export_and_sample(model, trainer, cfg) -> None:
 
     model = model.float().cpu()
     tokenizer = trainer.train_data.tokenizer_path
-    to_hf(model, cfg.export.hf_dir, tokenizer_path=tokenizer, dtype=cfg.export.dtype)
+    to_hf(model, cfg.export.hf_dir, tokenizer_path=tokenizer, dtype=cfg.export.dtype,
+          spent=(trainer.ledger, trainer.lineage))
     print(f"exported a Hugging Face model to {cfg.export.hf_dir}")
     if cfg.export.sample_prompt and tokenizer is not None:
         import sentencepiece as spm

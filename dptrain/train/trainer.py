@@ -32,6 +32,7 @@ from dptrain.errors import UserError
 from dptrain.model import Decoder, training_flops_per_token
 from dptrain.privacy.accounting import PrivacyLedger, calibrate_noise
 from dptrain.privacy.journal import JOURNAL_FILE, LedgerJournal, record_entries
+from dptrain.privacy.lineage import is_public, read_spent, write_spent
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.randomness import Streams, fresh_secret
 from dptrain.privacy.running import running_epsilon
@@ -189,16 +190,23 @@ class Trainer:
         """Where the weights come from, the runs before this one, and the steps they spent.
 
         A dptrain checkpoint has seen private data: its ledger (plus any steps its run released
-        after it) carries into this run. Hugging Face weights are taken as public: a fresh ledger,
-        and the report names them.
+        after it) carries into this run, as does the ledger file an export or an imported copy of one
+        carries. Weights with no such record (a Hugging Face folder, a `dptrain import` of one) are
+        taken as public: a fresh ledger, and the report names them.
         """
         ledger = PrivacyLedger()
         if self.cfg.init_from is None:
             return None, [], ledger
         source = Path(self.cfg.init_from)
-        if (source / "config.json").is_file():
-            return {"source": str(source), "kind": "public weights (Hugging Face folder), fresh ledger"}, [], ledger
         if not (source / STATE_FILE).is_file():
+            spent = read_spent(source)  # an export, or an imported copy of one: the ledger travels with it
+            if spent is not None:
+                ledger, lineage = spent
+                lineage = [*lineage, {"weights": str(source.resolve()), "ledger_steps": ledger.steps}]
+                return {"source": str(source), "kind": "weights of a dptrain run, its ledger continues"}, lineage, ledger
+            if (source / "config.json").is_file() or is_public(source):
+                return {"source": str(source), "kind": "public weights (no record of private training), "
+                                                       "fresh ledger"}, [], ledger
             raise UserError(f"init_from {source} has no {STATE_FILE}, so the steps it spent on private data are "
                             "unknown: continue from a checkpoint folder of its run")
         state = _load_state(source / STATE_FILE)
@@ -439,6 +447,7 @@ class Trainer:
             "eval_history": list(self.eval_history),
             "nonfinite_examples": self.nonfinite_examples,
         }, tmp / STATE_FILE)
+        write_spent(tmp, self.ledger, self.lineage)  # public: travels with the weights into exports
         write_report(self.report(), tmp)
         if self.train_data.tokenizer_path is not None:
             shutil.copy(self.train_data.tokenizer_path, tmp / "tokenizer.model")
