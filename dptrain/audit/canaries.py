@@ -12,10 +12,10 @@ from typing import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dptrain.progress import progress_bar
 
 from dptrain.errors import UserError
 from dptrain.model import Decoder
+from dptrain.progress import progress_bar
 
 
 def draw_inclusion(num_canaries: int, seed: int | None = None) -> np.ndarray:

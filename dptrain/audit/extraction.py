@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dptrain.progress import progress_bar
 
 from dptrain import configio
 from dptrain.audit.memorization import (continuation_log_likelihood, exposure_from_log_likelihoods,
@@ -25,6 +24,7 @@ from dptrain.checkpoint import load_model
 from dptrain.data.packed import PackedDataset
 from dptrain.errors import UserError
 from dptrain.generate import greedy_generate
+from dptrain.progress import progress_bar
 from dptrain.train.report import add_section
 
 REPORT_FILE = "memorization.json"

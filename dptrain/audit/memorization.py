@@ -19,11 +19,11 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dptrain.progress import progress_bar
 
 from dptrain.errors import UserError
 from dptrain.generate import check_token_ids, greedy_generate
 from dptrain.model import Decoder
+from dptrain.progress import progress_bar
 
 
 def edit_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:

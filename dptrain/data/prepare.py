@@ -17,13 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from dptrain.progress import progress_bar
 
 from dptrain.checkpoint import atomic_dir
 from dptrain.data.sources import expand_inputs, load_documents
 from dptrain.data.tokenizer import load_tokenizer, sha256_file, tokenizer_provenance
 from dptrain.export import check_tokenizer_exports
 from dptrain.errors import UserError
+from dptrain.progress import progress_bar
 
 FORMAT = "dptrain-packed"
 FORMAT_VERSION = 1

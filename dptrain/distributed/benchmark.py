@@ -19,12 +19,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from dptrain.progress import progress_bar
 
 from dptrain.distributed.parallel import DataParallel, make_parallel
 from dptrain.dp import DPEngine
 from dptrain.model import Decoder, DecoderConfig
 from dptrain.privacy.noise import NoiseSource
+from dptrain.progress import progress_bar
 
 
 def parse_args(argv=None) -> argparse.Namespace:

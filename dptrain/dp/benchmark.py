@@ -16,12 +16,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from dptrain.progress import progress_bar
 
 from dptrain.dp.engine import DPEngine
 from dptrain.dp.reference import naive_clipped_grad_sum
 from dptrain.errors import UserError
 from dptrain.model import Decoder, DecoderConfig
+from dptrain.progress import progress_bar
 
 OPACUS_NOTE = ("Opacus runs on an untied copy (lm_head gets its own copy of the embedding matrix: "
                "Opacus refuses shared parameters), so its norms omit the tied cross term; its "

@@ -19,9 +19,9 @@ import warnings
 import numpy as np
 from scipy.optimize import curve_fit, isotonic_regression, minimize
 from threadpoolctl import threadpool_limits
-from dptrain.progress import progress_bar
 
 from dptrain.errors import UserError
+from dptrain.progress import progress_bar
 from dptrain.scaling.law import PARAMETRIC_NAMES, ParametricLaw, ScalingLaw, SemiParametricLaw
 from dptrain.scaling.results import RunResult
 

@@ -12,9 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from dptrain.progress import progress_bar  # noqa: E402
 
 from dptrain.errors import UserError  # noqa: E402
+from dptrain.progress import progress_bar  # noqa: E402
 from dptrain.scaling.law import ScalingLaw  # noqa: E402
 from dptrain.scaling.plan import chinchilla_params, plan  # noqa: E402
 

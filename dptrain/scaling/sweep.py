@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dptrain.progress import progress_bar
 
 from dptrain import configio
 from dptrain.errors import UserError
 from dptrain.model import parameter_counts
+from dptrain.progress import progress_bar
 from dptrain.scaling.results import RunResult, append_results, read_results
 from dptrain.train.config import TrainConfig
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dptrain.progress import progress_bar
 
 from dptrain import configio
 from dptrain.checkpoint import atomic_dir, write_model
@@ -37,6 +36,7 @@ from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.randomness import Streams, fresh_secret
 from dptrain.privacy.running import running_epsilon
 from dptrain.privacy.sampling import PoissonSampler
+from dptrain.progress import progress_bar
 from dptrain.train.config import TrainConfig
 from dptrain.train.metrics import MetricsLog
 from dptrain.train.report import privacy_report, write_report
