@@ -66,6 +66,7 @@ class DPEngine:
         self._groups = _build_groups(model)
         self._calls: dict[nn.Module, list[layers.Call]] = {}
         self._capturing = False
+        self._round_inputs: torch.dtype | None = None
         self._noised = False
         self._normalized = False
         self._counts = torch.zeros(3, dtype=torch.long)
@@ -106,10 +107,12 @@ class DPEngine:
         batch = _check_batch(inputs, targets, weights)
         if not torch.is_grad_enabled():
             raise RuntimeError("clipped_grad_sum needs autograd enabled (it was called under no_grad)")
-        acc_dtype = torch.float64 if any(g.param.dtype == torch.float64 for g in self._groups) else torch.float32
         device = self._groups[0].param.device
+        prec = _precision(self._groups, device)
+        acc_dtype = prec.acc
 
         self._calls = {}
+        self._round_inputs = prec.operand if prec.mixed else None
         self._capturing = True
         try:
             logits = self.model(inputs)
@@ -134,29 +137,30 @@ class DPEngine:
                 c.grad = torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             del grads
 
+            # Autocast off: every matmul below states its precision (`layers.Precision`).
             with torch.autocast(device.type, enabled=False):
-                built = [self._build(g, acc_dtype) for g in self._groups]
+                built = [self._build(g, prec) for g in self._groups]
                 cache = layers.GramCache()
                 sq = torch.zeros(batch, dtype=acc_dtype, device=device)
                 for i, (group, data) in enumerate(zip(self._groups, built)):
-                    sq = sq + self._sq_norms(group, data, acc_dtype, cache)
+                    sq = sq + self._sq_norms(group, data, prec, cache)
                     cache.keep_only([f.right for later in built[i + 1:]
                                      if isinstance(later, list) for f in later])
                 del cache
-            norms = sq.sqrt()
-            w = (torch.ones(batch, dtype=acc_dtype, device=device) if weights is None
-                 else weights.to(device=device, dtype=acc_dtype))
-            finite = torch.isfinite(norms) & torch.isfinite(losses.detach().to(acc_dtype))
-            coef = torch.where(finite, w * torch.clamp(self.max_grad_norm / norms, max=1.0),
-                               torch.zeros((), dtype=acc_dtype, device=device))
-            bad = None if bool(finite.all()) else ~finite
-            for group, data in zip(self._groups, built if accumulate else ()):
-                if data is None or (isinstance(data, list) and not data):
-                    continue  # not used in this forward: no gradient to add
-                if group.form == "outer":
-                    layers.add_outer_clipped_sum(group.param, data, coef, bad)
-                else:
-                    layers.add_vector_clipped_sum(group.param, data, coef, bad)
+                norms = sq.sqrt()
+                w = (torch.ones(batch, dtype=acc_dtype, device=device) if weights is None
+                     else weights.to(device=device, dtype=acc_dtype))
+                finite = torch.isfinite(norms) & torch.isfinite(losses.detach().to(acc_dtype))
+                coef = torch.where(finite, w * torch.clamp(self.max_grad_norm / norms, max=1.0),
+                                   torch.zeros((), dtype=acc_dtype, device=device))
+                bad = None if bool(finite.all()) else ~finite
+                for group, data in zip(self._groups, built if accumulate else ()):
+                    if data is None or (isinstance(data, list) and not data):
+                        continue  # not used in this forward: no gradient to add
+                    if group.form == "outer":
+                        layers.add_outer_clipped_sum(group.param, data, coef, bad, prec)
+                    else:
+                        layers.add_vector_clipped_sum(group.param, data, coef, bad)
 
             self.last_losses = losses.detach()
             real = w > 0
@@ -224,16 +228,24 @@ class DPEngine:
             return
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise RuntimeError(f"hooked module {type(module).__name__} produced an output without grad")
-        self._calls.setdefault(module, []).append(layers.Call(inp=args[0].detach(), out=output))
+        inp = args[0].detach()
+        if self._round_inputs is not None and isinstance(module, nn.Linear) and inp.is_floating_point():
+            # Autocast feeds a Linear the bf16 rounding of its input: keep that, not a float32 copy.
+            inp = inp.to(self._round_inputs)
+        self._calls.setdefault(module, []).append(layers.Call(inp=inp, out=output))
 
-    def _build(self, group: _Group, dtype):
+    def _build(self, group: _Group, prec: layers.Precision):
         items = [(m, fn) for m, fn in group.uses if m in self._calls]
         if group.form == "outer":
-            return [fn(m, self._calls[m]) for m, fn in items]
-        vectors = [fn(m, self._calls[m], dtype) for m, fn in items]
+            factors = [fn(m, self._calls[m]) for m, fn in items]
+            if prec.mixed:  # round once, so the norms and the clipped sum see the same operands
+                factors = [layers.Factor(f.left if f.onehot else f.left.to(prec.operand),
+                                         f.right.to(prec.operand), f.onehot) for f in factors]
+            return factors
+        vectors = [fn(m, self._calls[m], prec.acc) for m, fn in items]
         return sum(vectors) if vectors else None
 
-    def _sq_norms(self, group: _Group, data, dtype, cache) -> torch.Tensor | float:
+    def _sq_norms(self, group: _Group, data, prec, cache) -> torch.Tensor | float:
         if data is None or (isinstance(data, list) and not data):  # not used in this forward
             return 0.0
         if group.form == "vector":
@@ -241,8 +253,20 @@ class DPEngine:
         ghost = {"auto": layers.use_ghost(data, group.param.shape), "ghost": True,
                  "instantiate": any(f.onehot for f in data)}[self.norm_method]
         if ghost:
-            return layers.ghost_sq_norms(data, dtype, cache)
-        return layers.instantiated_sq_norms(data, dtype)
+            return layers.ghost_sq_norms(data, prec, cache)
+        return layers.instantiated_sq_norms(data, prec)
+
+
+def _precision(groups: list[_Group], device: torch.device) -> layers.Precision:
+    """float64 / float32 models: exact in their dtype. bf16 / fp16 (autocast or weights): those
+    operands, float32 sums."""
+    dtypes = {g.param.dtype for g in groups}
+    if torch.float64 in dtypes:
+        return layers.Precision(torch.float64, torch.float64)
+    low = dtypes & {torch.bfloat16, torch.float16}
+    if torch.is_autocast_enabled(device.type):
+        low = {torch.get_autocast_dtype(device.type)}
+    return layers.Precision(low.pop() if low else torch.float32, torch.float32)
 
 
 def _check_batch(inputs, targets, weights) -> int:
