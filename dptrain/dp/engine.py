@@ -22,6 +22,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from dptrain.dp import layers
+from dptrain.dp.phases import phase
 from dptrain.dp.loss import IGNORE_INDEX, per_example_loss
 from dptrain.errors import UserError
 
@@ -104,7 +105,8 @@ class DPEngine:
         if self._noised or self._normalized:
             raise RuntimeError("gradients of this step were already noised or normalized; "
                                "call zero_grad() before accumulating the next step")
-        batch = _check_batch(inputs, targets, weights)
+        fake = layers.is_fake(inputs)
+        batch = _check_batch(inputs, targets, weights, check_values=not fake)
         if not torch.is_grad_enabled():
             raise RuntimeError("clipped_grad_sum needs autograd enabled (it was called under no_grad)")
         device = self._groups[0].param.device
@@ -115,11 +117,13 @@ class DPEngine:
         self._round_inputs = prec.operand if prec.mixed else None
         self._capturing = True
         try:
-            logits = self.model(inputs)
+            with phase("forward"):
+                logits = self.model(inputs)
         finally:
             self._capturing = False
         try:
-            losses = per_example_loss(logits, targets)
+            with phase("forward"):
+                losses = per_example_loss(logits, targets)
             calls = [c for cs in self._calls.values() for c in cs]
             for c in calls:
                 if c.inp.shape[0] != batch:
@@ -131,7 +135,8 @@ class DPEngine:
             for c in calls:
                 c.out = None
             del logits
-            grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+            with phase("backward"):
+                grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
             del edges
             for c, g, (shape, dtype) in zip(calls, grads, shapes):
                 c.grad = torch.zeros(shape, dtype=dtype, device=device) if g is None else g
@@ -139,11 +144,13 @@ class DPEngine:
 
             # Autocast off: every matmul below states its precision (`layers.Precision`).
             with torch.autocast(device.type, enabled=False):
-                built = [self._build(g, prec) for g in self._groups]
+                with phase("norms"):
+                    built = [self._build(g, prec) for g in self._groups]
                 cache = layers.GramCache()
                 sq = torch.zeros(batch, dtype=acc_dtype, device=device)
                 for i, (group, data) in enumerate(zip(self._groups, built)):
-                    sq = sq + self._sq_norms(group, data, prec, cache)
+                    with phase(f"norms:{group.name}"):
+                        sq = sq + self._sq_norms(group, data, prec, cache)
                     cache.keep_only([f.right for later in built[i + 1:]
                                      if isinstance(later, list) for f in later])
                 del cache
@@ -153,19 +160,22 @@ class DPEngine:
                 finite = torch.isfinite(norms) & torch.isfinite(losses.detach().to(acc_dtype))
                 coef = torch.where(finite, w * torch.clamp(self.max_grad_norm / norms, max=1.0),
                                    torch.zeros((), dtype=acc_dtype, device=device))
-                bad = None if bool(finite.all()) else ~finite
+                # Fake tensors (`dptrain cost`) hold no values: take the all-finite path.
+                bad = None if fake or bool(finite.all()) else ~finite
                 for group, data in zip(self._groups, built if accumulate else ()):
                     if data is None or (isinstance(data, list) and not data):
                         continue  # not used in this forward: no gradient to add
-                    if group.form == "outer":
-                        layers.add_outer_clipped_sum(group.param, data, coef, bad, prec)
-                    else:
-                        layers.add_vector_clipped_sum(group.param, data, coef, bad)
+                    with phase("clipped sum"):
+                        if group.form == "outer":
+                            layers.add_outer_clipped_sum(group.param, data, coef, bad, prec)
+                        else:
+                            layers.add_vector_clipped_sum(group.param, data, coef, bad)
 
             self.last_losses = losses.detach()
-            real = w > 0
-            self._counts += torch.stack([real.sum(), (real & finite & (norms > self.max_grad_norm)).sum(),
-                                         (real & ~finite).sum()]).cpu()
+            if not fake:
+                real = w > 0
+                self._counts += torch.stack([real.sum(), (real & finite & (norms > self.max_grad_norm)).sum(),
+                                             (real & ~finite).sum()]).cpu()
             return norms.detach().to(acc_dtype)
         finally:
             self._calls = {}
@@ -269,19 +279,19 @@ def _precision(groups: list[_Group], device: torch.device) -> layers.Precision:
     return layers.Precision(low.pop() if low else torch.float32, torch.float32)
 
 
-def _check_batch(inputs, targets, weights) -> int:
+def _check_batch(inputs, targets, weights, check_values: bool = True) -> int:
     if inputs.dim() != 2 or targets.shape != inputs.shape:
         raise UserError(f"inputs and targets must both be [B, T]; got {tuple(inputs.shape)} "
                         f"and {tuple(targets.shape)}")
     if inputs.dtype != torch.long or targets.dtype != torch.long:
         raise UserError("inputs and targets must be integer (torch.long) tensors")
-    if ((targets < 0) & (targets != IGNORE_INDEX)).any():
+    if check_values and ((targets < 0) & (targets != IGNORE_INDEX)).any():
         raise UserError(f"targets must be token ids or {IGNORE_INDEX} (ignored position)")
     batch = inputs.shape[0]
     if weights is not None:
         if weights.shape != (batch,):
             raise UserError(f"weights must have shape [{batch}], got {tuple(weights.shape)}")
-        if not (torch.isfinite(weights).all() and (weights >= 0).all()):
+        if check_values and not (torch.isfinite(weights).all() and (weights >= 0).all()):
             raise UserError("weights must be finite and >= 0")
     return batch
 

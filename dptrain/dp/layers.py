@@ -54,6 +54,11 @@ def mixed_matmul(a: torch.Tensor, b: torch.Tensor, prec: Precision) -> torch.Ten
     return torch.matmul(a.to(prec.acc), b.to(prec.acc))
 
 
+def is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (shapes only, as `dptrain cost` runs the engine): no value can be read."""
+    return isinstance(t, FakeTensor)
+
+
 @dataclass
 class Call:
     """One forward call of a hooked module: its input (activations or token ids) and output."""
@@ -96,7 +101,8 @@ class GramCache:
 
 
 def _key(x: torch.Tensor):
-    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+    # The storage's identity (not data_ptr, which fake tensors lack) and where x sits in it.
+    return (x.untyped_storage()._cdata, x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
 
 
 def zero_rows(x: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
@@ -248,6 +254,10 @@ def _add_per_example(grad: torch.Tensor, f: Factor, coef: torch.Tensor, prec: Pr
 
     Same flops as one batched matmul; examples with coef 0 (padding, non-finite) are skipped.
     """
+    if is_fake(coef):  # no values to skip on: count every example's matmul
+        for i in range(coef.shape[0]):
+            grad.add_(mixed_matmul(f.left[i].T, f.right[i], prec).mul_(coef[i]))
+        return
     for i, c in enumerate(coef.tolist()):
         if c != 0.0:
             grad.add_(mixed_matmul(f.left[i].T, f.right[i], prec), alpha=c)
