@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dptrain.dp.engine import DPEngine
+from dptrain.dp.head import model_head_loss
 from dptrain.dp.reference import naive_clipped_grad_sum
 from dptrain.errors import UserError
 from dptrain.model import Decoder, DecoderConfig
@@ -77,10 +78,6 @@ def _autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def _mean_loss(logits, targets):
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
 def build_methods(model: Decoder, inputs, targets, args, device) -> tuple[dict[str, Callable[[], None]], list[str]]:
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = {"nonprivate", "dptrain", "opacus-hooks", "opacus-ghost", "naive"}
@@ -92,9 +89,9 @@ def build_methods(model: Decoder, inputs, targets, args, device) -> tuple[dict[s
     amp = lambda: _autocast(device, args.dtype)  # noqa: E731
 
     if "nonprivate" in wanted:
-        def nonprivate():
+        def nonprivate():  # the DP step's chunked head and loss, so the two compare fairly
             with amp():
-                _mean_loss(model(inputs), targets).backward()
+                model_head_loss(model, inputs, targets, reduce=True).backward()
             model.zero_grad(set_to_none=True)
         methods["nonprivate"] = nonprivate
 

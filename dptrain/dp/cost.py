@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from dptrain.dp.engine import DPEngine
-from dptrain.dp.loss import per_example_loss
+from dptrain.dp.head import model_head_loss
 from dptrain.dp.phases import phase
 from dptrain.model import Decoder, DecoderConfig, parameter_counts
 
@@ -126,9 +126,10 @@ def _autocast(dtype: str):
 
 
 def nonprivate_step(model: Decoder, inputs, targets, dtype: str) -> None:
+    """The same chunked head and loss as the DP step (`dptrain.dp.head`), so the two compare fairly."""
     with _autocast(dtype):
         with phase("forward"):
-            loss = per_example_loss(model(inputs), targets).sum()
+            loss = model_head_loss(model, inputs, targets, reduce=True)
         with phase("backward"):
             loss.backward()
 
@@ -168,16 +169,21 @@ def opacus_ghost_flops(cfg: DecoderConfig, micro_batch: int, seq_len: int, nonpr
     that take every Linear's ghost norm by einsum: g g^T, a a^T and their dot product, 2 B T^2
     (p + d + 1) flops, the untied head included; the embedding's norm uses no matmul, the RMSNorm
     gains go through functorch per-sample gradients (elementwise). A second full backward of the
-    reweighted loss then forms the clipped sum.
+    reweighted loss then forms the clipped sum. The forward is the textbook count (2 flops per
+    matmul weight per token, attention's QK^T and AV); the backward is the rest of the counted
+    non-private step.
     """
     b, t = micro_batch, seq_len
     h, kv, dh = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
     shapes = [(cfg.num_heads * dh, h), (kv, h), (kv, h), (h, cfg.num_heads * dh),
               (cfg.intermediate_size, h), (cfg.intermediate_size, h), (h, cfg.intermediate_size)]
+    matmul_params = cfg.num_layers * sum(p * d for p, d in shapes) + cfg.vocab_size * h
+    forward = 2 * matmul_params * b * t + 4 * b * cfg.num_layers * cfg.num_heads * t * t * dh
+    backward = nonprivate.total_flops - forward
     layer = sum(2 * b * t * t * (p + d + 1) for p, d in shapes)
     head = 2 * b * t * t * (cfg.vocab_size + h + 1)
-    return {"forward": nonprivate.flops["forward"], "backward": nonprivate.flops["backward"],
-            "norms": cfg.num_layers * layer + head, "second backward": nonprivate.flops["backward"]}
+    return {"forward": forward, "backward": backward, "norms": cfg.num_layers * layer + head,
+            "second backward": backward}
 
 
 def static_bytes(cfg: DecoderConfig) -> int:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from dptrain.dp import head as chunked_head
 from dptrain.dp import layers
 from dptrain.dp.phases import phase
 from dptrain.dp.loss import IGNORE_INDEX, per_example_loss
@@ -73,8 +74,8 @@ class DPEngine:
         self._counts = torch.zeros(3, dtype=torch.long)
         # Per-example losses of the last micro-batch: private data, for `private/` metrics only.
         self.last_losses: torch.Tensor | None = None
-        hooked = {m for g in self._groups for m, _ in g.uses}
-        self._handles = [m.register_forward_hook(self._record) for m in hooked]
+        self._hooked = {m for g in self._groups for m, _ in g.uses}
+        self._handles = [m.register_forward_hook(self._record) for m in self._hooked]
 
     # -- public API -----------------------------------------------------------------------------
     @property
@@ -118,12 +119,10 @@ class DPEngine:
         self._capturing = True
         try:
             with phase("forward"):
-                logits = self.model(inputs)
+                losses, head = self._losses(inputs, targets)
         finally:
             self._capturing = False
         try:
-            with phase("forward"):
-                losses = per_example_loss(logits, targets)
             calls = [c for cs in self._calls.values() for c in cs]
             for c in calls:
                 if c.inp.shape[0] != batch:
@@ -134,13 +133,14 @@ class DPEngine:
             shapes = [(c.out.shape, c.out.dtype) for c in calls]
             for c in calls:
                 c.out = None
-            del logits
             with phase("backward"):
                 grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
             del edges
             for c, g, (shape, dtype) in zip(calls, grads, shapes):
                 c.grad = torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             del grads
+            if head is not None:  # the chunked head kept its input and output-gradient itself
+                self._calls[self.model.lm_head] = [layers.Call(head["input"], None, head.pop("output_grad"))]
 
             # Autocast off: every matmul below states its precision (`layers.Precision`).
             with torch.autocast(device.type, enabled=False):
@@ -232,6 +232,21 @@ class DPEngine:
         """`optimizer.zero_grad()` (set_to_none) also starts a new step: every .grad is None."""
         if (self._noised or self._normalized) and all(p.grad is None for p in self.parameters):
             self._noised = self._normalized = False
+
+    def _losses(self, inputs, targets) -> tuple[torch.Tensor, dict | None]:
+        """Per-example losses; for a Decoder through the chunked head (`dptrain.dp.head`), which
+        hands back the head's input and output-gradient in the returned dict."""
+        if not chunked_head.supports_chunked_head(self.model):
+            return per_example_loss(self.model(inputs), targets), None
+        lm_head = self.model.lm_head
+        keep = {} if lm_head in self._hooked else None
+
+        def head(hidden):
+            if keep is not None:
+                keep["input"] = hidden.detach() if self._round_inputs is None else hidden.detach().to(self._round_inputs)
+            return chunked_head.head_loss(hidden, lm_head.weight.detach(), targets,
+                                          self.model.cfg.final_logit_softcapping, keep=keep)
+        return self.model(inputs, head=head), keep
 
     def _record(self, module: nn.Module, args, output) -> None:
         if not self._capturing:

@@ -226,27 +226,33 @@ def use_ghost(factors: list[Factor], shape: torch.Size) -> bool:
 def add_outer_clipped_sum(param: torch.nn.Parameter, factors: list[Factor], coef: torch.Tensor,
                           bad: torch.Tensor | None, prec: Precision) -> None:
     """param.grad += sum_i coef_i G_i, one matmul (or index_add) per use."""
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
     for f in factors:
         if f.onehot:
             scaled = zero_rows(f.right, bad).to(prec.acc) * coef.to(prec.acc).view(-1, 1, 1)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
             param.grad.index_add_(0, f.left.reshape(-1), scaled.reshape(-1, scaled.shape[-1]).to(param.dtype))
         elif prec.mixed:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
             _add_per_example(param.grad, f, coef, prec)
         else:
-            _add_batched(param.grad, f, coef, bad)
+            _add_batched(param, f, coef, bad)
 
 
-def _add_batched(grad: torch.Tensor, f: Factor, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
-    dtype = grad.dtype
+def _add_batched(param: torch.nn.Parameter, f: Factor, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
+    dtype = param.dtype
     left, right = zero_rows(f.left, bad).to(dtype), zero_rows(f.right, bad).to(dtype)
     # Scale whichever side is narrower: same result, fewer multiplications.
     if left.shape[-1] <= right.shape[-1]:
         left = left * coef.to(dtype).view(-1, 1, 1)
     else:
         right = right * coef.to(dtype).view(-1, 1, 1)
-    grad.addmm_(left.reshape(-1, left.shape[-1]).T, right.reshape(-1, right.shape[-1]))
+    left, right = left.reshape(-1, left.shape[-1]), right.reshape(-1, right.shape[-1])
+    if param.grad is None:
+        param.grad = left.T @ right
+    else:
+        param.grad.addmm_(left.T, right)
 
 
 def _add_per_example(grad: torch.Tensor, f: Factor, coef: torch.Tensor, prec: Precision) -> None:
