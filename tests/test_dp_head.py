@@ -84,13 +84,14 @@ class _LargestFloat32(TorchDispatchMode):
 def test_bf16_step_never_forms_float32_logits(monkeypatch, private):
     """On fake tensors, which take the accelerator's path (bf16-in/float32-out matmuls; the CPU
     path upcasts bf16 operands instead)."""
-    monkeypatch.setattr(head, "CHUNK_ELEMENTS", 8 * 40)
+    vocab = 400
+    monkeypatch.setattr(head, "CHUNK_ELEMENTS", 8 * vocab)
     with FakeTensorMode():
-        model = Decoder(DecoderConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2,
+        model = Decoder(DecoderConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_layers=2,
                                       num_heads=4, num_kv_heads=1, head_dim=8, max_seq_len=16,
                                       query_pre_attn_scalar=8.0))
-        inputs = torch.randint(0, 40, (5, 12))
-        targets = torch.randint(0, 40, (5, 12))
+        inputs = torch.randint(0, vocab, (5, 12))
+        targets = torch.randint(0, vocab, (5, 12))
         b, t = inputs.shape
         engine = DPEngine(model, 1.0) if private else None
         with _LargestFloat32() as watch, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -98,4 +99,4 @@ def test_bf16_step_never_forms_float32_logits(monkeypatch, private):
                 engine.clipped_grad_sum(inputs, targets)
             else:
                 head.model_head_loss(model, inputs, targets, reduce=True).backward()
-    assert 0 < watch.largest < b * t * 40
+    assert 0 < watch.largest < b * t * vocab

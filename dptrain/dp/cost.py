@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from dptrain.dp.engine import DPEngine
 from dptrain.dp.head import model_head_loss
+from dptrain.dp.loss import per_example_loss
 from dptrain.dp.phases import phase
 from dptrain.model import Decoder, DecoderConfig, parameter_counts
 
@@ -134,6 +135,15 @@ def nonprivate_step(model: Decoder, inputs, targets, dtype: str) -> None:
             loss.backward()
 
 
+def logits_step(model: Decoder, inputs, targets, dtype: str) -> None:
+    """Non-private with the whole [B, T, V] logits and `per_example_loss`: the unchunked baseline."""
+    with _autocast(dtype):
+        with phase("forward"):
+            loss = per_example_loss(model(inputs), targets).sum()
+        with phase("backward"):
+            loss.backward()
+
+
 def dptrain_step(engine: DPEngine, inputs, targets, dtype: str) -> None:
     with _autocast(dtype):
         engine.clipped_grad_sum(inputs, targets)
@@ -141,7 +151,8 @@ def dptrain_step(engine: DPEngine, inputs, targets, dtype: str) -> None:
 
 def count_step(cfg: DecoderConfig, method: str, micro_batch: int, seq_len: int, dtype: str = "float32",
                fake: bool = True, seed: int = 0) -> Counts:
-    """Counts of one micro-batch step of `method` ("nonprivate" or "dptrain")."""
+    """Counts of one micro-batch step of `method`: "nonprivate", "dptrain" or "logits" (non-private
+    without the chunked head)."""
     mode = torch._subclasses.fake_tensor.FakeTensorMode() if fake else contextlib.nullcontext()
     with mode:
         torch.manual_seed(seed)
@@ -153,10 +164,12 @@ def count_step(cfg: DecoderConfig, method: str, micro_batch: int, seq_len: int, 
         engine = DPEngine(model, 1.0) if method == "dptrain" else None
         counter = StepCounter()
         with counter:
-            if engine is None:
-                nonprivate_step(model, inputs, targets, dtype)
-            else:
+            if engine is not None:
                 dptrain_step(engine, inputs, targets, dtype)
+            elif method == "logits":
+                logits_step(model, inputs, targets, dtype)
+            else:
+                nonprivate_step(model, inputs, targets, dtype)
         if engine is not None:
             engine.remove()
     return counter.counts

@@ -147,10 +147,11 @@ class DPEngine:
                 with phase("norms"):
                     built = [self._build(g, prec) for g in self._groups]
                 cache = layers.GramCache()
+                ghost = self._ghost_choice(built)
                 sq = torch.zeros(batch, dtype=acc_dtype, device=device)
                 for i, (group, data) in enumerate(zip(self._groups, built)):
                     with phase(f"norms:{group.name}"):
-                        sq = sq + self._sq_norms(group, data, prec, cache)
+                        sq = sq + self._sq_norms(group, data, ghost.get(i), prec, cache)
                     cache.keep_only([f.right for later in built[i + 1:]
                                      if isinstance(later, list) for f in later])
                 del cache
@@ -270,13 +271,19 @@ class DPEngine:
         vectors = [fn(m, self._calls[m], prec.acc) for m, fn in items]
         return sum(vectors) if vectors else None
 
-    def _sq_norms(self, group: _Group, data, prec, cache) -> torch.Tensor | float:
+    def _ghost_choice(self, built) -> dict[int, bool]:
+        """Index of each outer-product group used in this forward -> ghost norm (else instantiate)."""
+        outer = [i for i, (g, data) in enumerate(zip(self._groups, built)) if g.form == "outer" and data]
+        if self.norm_method == "auto":
+            return dict(zip(outer, layers.choose_ghost([built[i] for i in outer])))
+        # Forced: embeddings still take the ghost norm (their gradient is V x d per example).
+        return {i: self.norm_method == "ghost" or any(f.onehot for f in built[i]) for i in outer}
+
+    def _sq_norms(self, group: _Group, data, ghost: bool | None, prec, cache) -> torch.Tensor | float:
         if data is None or (isinstance(data, list) and not data):  # not used in this forward
             return 0.0
         if group.form == "vector":
             return data.square().reshape(data.shape[0], -1).sum(1)
-        ghost = {"auto": layers.use_ghost(data, group.param.shape), "ghost": True,
-                 "instantiate": any(f.onehot for f in data)}[self.norm_method]
         if ghost:
             return layers.ghost_sq_norms(data, prec, cache)
         return layers.instantiated_sq_norms(data, prec)

@@ -78,10 +78,24 @@ class Factor:
     onehot: bool
 
 
+GRAM_BLOCK = 128  # tokens per block when only one triangle of a symmetric Gram matrix is formed
+
+
+def token_blocks(tokens: int) -> list[slice]:
+    return [slice(s, min(s + GRAM_BLOCK, tokens)) for s in range(0, tokens, GRAM_BLOCK)]
+
+
+def triangle_fraction(tokens: int) -> float:
+    """Share of a T x T Gram matrix that its upper block triangle (diagonal blocks included) covers."""
+    sizes = [b.stop - b.start for b in token_blocks(tokens)]
+    return sum(sizes[i] * sizes[j] for i in range(len(sizes)) for j in range(i, len(sizes))) / tokens**2
+
+
 @dataclass
 class GramCache:
     """Gram matrices shared between layers fed the same activations (q/k/v, gate/up)."""
     entries: dict = field(default_factory=dict)
+    triangles: dict = field(default_factory=dict)
 
     def dense(self, x: torch.Tensor, y: torch.Tensor, prec: Precision, keep: bool = True) -> torch.Tensor:
         key = (_key(x), _key(y), prec)
@@ -94,10 +108,24 @@ class GramCache:
             self.entries[key] = (x, y, gram)
         return gram
 
+    def triangle(self, x: torch.Tensor, prec: Precision) -> list[torch.Tensor]:
+        """x x^T's upper block triangle as row strips (`_strips`): symmetric, so half the work."""
+        key = (_key(x), prec)
+        if key not in self.triangles:
+            self.triangles[key] = (x, _strips(x, prec))
+        return self.triangles[key][1]
+
     def keep_only(self, tensors: list[torch.Tensor]) -> None:
         """Drop the Gram matrices no later layer will ask for."""
         live = {_key(t) for t in tensors}
         self.entries = {k: v for k, v in self.entries.items() if k[0] in live or k[1] in live}
+        self.triangles = {k: v for k, v in self.triangles.items() if k[0] in live}
+
+
+def _strips(x: torch.Tensor, prec: Precision) -> list[torch.Tensor]:
+    """For each block of tokens, [B, block, tokens from the block's start on] of x x^T: one matmul
+    per strip, the diagonal block leading."""
+    return [mixed_matmul(x[:, b], x[:, b.start:].transpose(1, 2), prec) for b in token_blocks(x.shape[1])]
 
 
 def _key(x: torch.Tensor):
@@ -197,15 +225,33 @@ def _left_gram(u: Factor, v: Factor, prec: Precision, cache: GramCache) -> torch
     return cache.dense(u.left, v.left, prec, keep=False)  # output-gradients are never shared
 
 
+def _self_term(f: Factor, prec: Precision, cache: GramCache) -> torch.Tensor:
+    """||sum_t L_t (x) R_t||^2 = sum_{t,s} <L_t, L_s><R_t, R_s> over the upper block triangle of
+    both (symmetric) Gram matrices: off-diagonal blocks count twice, diagonal blocks once."""
+    right = cache.triangle(f.right, prec)
+    total = None
+    for b, r in zip(token_blocks(f.left.shape[1]), right):
+        if f.onehot:
+            left = (f.left[:, b].unsqueeze(2) == f.left[:, b.start:].unsqueeze(1)).to(prec.acc)
+        else:  # output-gradients are never shared: each strip is used once and dropped
+            left = mixed_matmul(f.left[:, b], f.left[:, b.start:].transpose(1, 2), prec)
+        size = b.stop - b.start
+        prod = left * r
+        term = 2 * prod.sum((1, 2)) - prod[:, :, :size].sum((1, 2))
+        total = term if total is None else total + term
+    return total
+
+
 def ghost_sq_norms(factors: list[Factor], prec: Precision, cache: GramCache) -> torch.Tensor:
     total = None
     for i, u in enumerate(factors):
         for j in range(i, len(factors)):
             v = factors[j]
-            left, right = _left_gram(u, v, prec, cache), cache.dense(u.right, v.right, prec)
-            # sum_{t,s} left * right per example, as one batched dot product
-            term = torch.bmm(left.reshape(left.shape[0], 1, -1), right.reshape(right.shape[0], -1, 1)).view(-1)
-            term = term if i == j else 2 * term
+            if i == j:
+                term = _self_term(u, prec, cache)
+            else:  # a cross term (a tied or reused weight): not symmetric, 2 sum_{t,s} left * right
+                left, right = _left_gram(u, v, prec, cache), cache.dense(u.right, v.right, prec)
+                term = 2 * (left * right).sum((1, 2))
             total = term if total is None else total + term
     return total
 
@@ -215,12 +261,28 @@ def instantiated_sq_norms(factors: list[Factor], prec: Precision) -> torch.Tenso
     return grads.square().sum((1, 2))
 
 
-def use_ghost(factors: list[Factor], shape: torch.Size) -> bool:
-    """Ghost norm when 2 T^2 <= p d (Bu et al.'s rule); embeddings are never instantiated."""
-    if any(f.onehot for f in factors):
-        return True
-    tokens = sum(f.left.shape[1] for f in factors)
-    return 2 * tokens * tokens <= shape[0] * shape[1]
+def choose_ghost(groups: list[list[Factor]]) -> list[bool]:
+    """Ghost norm or instantiation for each outer-product group, whichever takes fewer flops.
+
+    Per example, instantiating a p x d gradient from T tokens costs 2 T p d; its ghost norm costs
+    f 2 T^2 p for the output-gradients' Gram matrix and f 2 T^2 d for the inputs', f being the
+    share of one block triangle (about 1/2 at large T). Layers fed the same input (q/k/v, gate/up)
+    share the inputs' Gram matrix, so they are decided together: all ghost (f 2 T^2 (d + sum p))
+    or all instantiated (2 T d sum p). Embeddings, and weights used more than once, take the ghost
+    norm: an embedding's gradient is V x d per example.
+    """
+    choice = [True] * len(groups)
+    by_input: dict = {}
+    for n, factors in enumerate(groups):
+        if len(factors) == 1 and not factors[0].onehot:
+            by_input.setdefault(_key(factors[0].right), []).append(n)
+    for members in by_input.values():
+        tokens, d = groups[members[0]][0].right.shape[1:]
+        widths = sum(groups[n][0].left.shape[-1] for n in members)
+        ghost = triangle_fraction(tokens) * tokens * (d + widths) <= d * widths
+        for n in members:
+            choice[n] = ghost
+    return choice
 
 
 def add_outer_clipped_sum(param: torch.nn.Parameter, factors: list[Factor], coef: torch.Tensor,
