@@ -2,6 +2,7 @@
 clipped contribution still within C."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -78,3 +79,44 @@ def test_bf16_norms_against_float64_reference():
         norms = DPEngine(model, 1.0).clipped_grad_sum(inputs, targets, weights)
     assert norms.dtype == torch.float32
     assert rel(norms.double(), ref_norms) < 1e-2  # measured 3.7e-3: bf16 forward rounding
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_norm_matmuls_are_bf16_with_float32_sums():
+    """On CUDA: bf16 operands in every norm and clipped-sum matmul, float32 results, and the
+    same bounds as on CPU (norms within 1e-5 of float64 on the same operands, each clipped
+    contribution within C (1 + 1e-6), the whole step within 1e-2 of the float64 naive loop)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    factors = [layers.Factor(f.left.cuda(), f.right.cuda(), False) for f in _bf16_factors()]
+    ref = _float64_sq_norms([layers.Factor(f.left.cpu(), f.right.cpu(), False) for f in factors])
+    ghost = layers.ghost_sq_norms(factors, _mixed(), layers.GramCache())
+    assert rel(ghost.double().cpu(), ref) < 1e-5
+
+    class Operands(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.float32 = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+                if any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
+                    self.float32.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model = make_model(torch.float32).cuda()
+    inputs, targets, weights = (t.cuda() for t in make_batch())
+    ref_norms, _ = naive_clipped_grad_sum(copy.deepcopy(model).double(), inputs, targets, 1.0, weights)
+    with Operands() as watch, torch.autocast("cuda", dtype=torch.bfloat16):
+        norms = DPEngine(model, 1.0).clipped_grad_sum(inputs, targets, weights)
+    assert watch.float32 == []
+    assert rel(norms.double(), ref_norms) < 1e-2
+    c = 0.05
+    for i in (0, 1, 4):
+        model.zero_grad(set_to_none=True)
+        w = torch.zeros(inputs.shape[0], device="cuda")
+        w[i] = 1.0
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            clipped_grad_sum(model, inputs, targets, c, w)
+        total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+        assert total <= c * (1 + 1e-6)

@@ -232,4 +232,22 @@ def run_benchmark(args) -> int:
             if other in times:
                 cpu = statistics.median(cpu_times[other]) / statistics.median(cpu_times["dptrain"])
                 print(f"ratio {other}/dptrain time {statistics.median(times[other]) / dp:.2f} (cpu time {cpu:.2f})")
+    if getattr(args, "json", None):
+        _write_json(args, device, model, notes, times, cpu_times, memory)
     return 0
+
+
+def _write_json(args, device, model, notes, times, cpu_times, memory) -> None:
+    import json
+    from pathlib import Path
+
+    result = {
+        "config": args.config, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "steps": args.steps, "notes": notes,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds_per_step": {name: statistics.median(ts) for name, ts in times.items()},
+        "cpu_seconds_per_step": {name: statistics.median(ts) for name, ts in cpu_times.items()},
+        "peak_bytes": memory,
+    }
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
