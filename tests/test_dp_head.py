@@ -49,6 +49,19 @@ def test_kept_output_gradient_is_the_head_output_gradient():
     assert rel(keep["output_grad"], ref) < 1e-12
 
 
+def test_weighted_reduced_loss_matches_full_logits():
+    """sum_i w_i L_i with a weight gradient: the second pass of a two-pass clipped sum."""
+    model = make_model(torch.float64, **VARIANTS["tied-mha-softcap"])
+    inputs, targets, _ = make_batch()
+    w = torch.tensor([0.3, 1.0, 0.0, 2.0, 0.5], dtype=torch.float64)
+    (per_example_loss(model(inputs), targets) * w).sum().backward()
+    ref = [p.grad.clone() for p in unique_trainable(model)]
+    model.zero_grad(set_to_none=True)
+    head.model_head_loss(model, inputs, targets, reduce=True, weights=w).backward()
+    for p, r in zip(unique_trainable(model), ref):
+        assert rel(p.grad, r) < 1e-10
+
+
 def test_per_example_loss_refuses_a_weight_gradient():
     model = make_model()
     inputs, targets, _ = make_batch()

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from dptrain.dp.engine import DPEngine
 from dptrain.dp.head import model_head_loss
 from dptrain.dp.loss import per_example_loss
-from dptrain.dp.phases import phase
+from dptrain.dp.phases import current, phase
 from dptrain.model import Decoder, DecoderConfig, parameter_counts
 
 aten = torch.ops.aten
@@ -104,8 +104,6 @@ class StepCounter(TorchDispatchMode):
 
 def _phase_group() -> str:
     """'norms:layers.3.mlp.up_proj.weight' -> 'norms: mlp'; other phases unchanged."""
-    from dptrain.dp.phases import current
-
     name = current()
     if not name.startswith("norms:"):
         return name

@@ -244,7 +244,8 @@ class DPEngine:
 
         def head(hidden):
             if keep is not None:
-                keep["input"] = hidden.detach() if self._round_inputs is None else hidden.detach().to(self._round_inputs)
+                kept = hidden.detach()
+                keep["input"] = kept if self._round_inputs is None else kept.to(self._round_inputs)
             return chunked_head.head_loss(hidden, lm_head.weight.detach(), targets,
                                           self.model.cfg.final_logit_softcapping, keep=keep)
         return self.model(inputs, head=head), keep
