@@ -42,6 +42,7 @@ def test_nonprivate_flops_match_the_textbook_count():
     attention = 14 * b * cfg.num_layers * cfg.num_heads * t * t * cfg.head_dim
     counts = count_step(cfg, "nonprivate", b, t)
     assert counts.total_flops == 6 * matmul_params * b * t + attention
+    assert count_step(cfg, "logits", b, t).total_flops == counts.total_flops  # whole logits: same matmuls
     head_backward = 4 * cfg.vocab_size * cfg.hidden_size * b * t
     assert counts.flops["forward"] == 2 * matmul_params * b * t + attention * 4 // 14 + head_backward
 
