@@ -10,6 +10,8 @@ One call runs the forward pass with hooks that keep each layer's input, takes th
 sum_i L_i with respect to the layers' outputs (which are per-example, since no layer mixes
 examples), computes every example's exact gradient norm over all parameters jointly, and forms the
 clipped sum per layer as a matmul with per-example scaled output-gradients ("book-keeping").
+A `Decoder`'s loss comes from the chunked head (`dptrain.dp.head`), which hands the engine the
+head's output-gradient without ever forming the [B, T, V] logits.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from torch.autograd.graph import get_gradient_edge
 
 from dptrain.dp import head as chunked_head
 from dptrain.dp import layers
-from dptrain.dp.phases import phase
 from dptrain.dp.loss import IGNORE_INDEX, per_example_loss
+from dptrain.dp.phases import phase
 from dptrain.errors import UserError
 
 Noise = Callable[[torch.Size, torch.device, torch.dtype], torch.Tensor]
