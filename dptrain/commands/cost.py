@@ -11,7 +11,7 @@ def register(sub) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("config", help="model config YAML")
     parser.add_argument("--seq-len", type=int, default=None, help="defaults to the config's max_seq_len")
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch step")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16 = autocast over float32 weights")
     parser.add_argument("--gpu-memory", type=float, default=80.0,
