@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,10 @@ class DecoderConfig:
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: the gain is (1 + w), w starts at zero; computed in float32."""
+    """Gemma's RMSNorm: the gain is (1 + w), w starts at zero; computed in float32.
+
+    Under autocast the output is in the autocast dtype: the Linears it feeds would each cast it
+    anyway, and autograd would keep one copy per Linear (three for q/k/v) instead of one."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -74,7 +78,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).type_as(x)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return (normed * (1.0 + self.weight.float())).to(dtype)
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype):
@@ -164,7 +170,8 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """`forward(input_ids[B, T]) -> logits[B, T, V]`, full causal attention over each row."""
+    """`forward(input_ids[B, T]) -> logits[B, T, V]`, full causal attention over each row;
+    `hidden(input_ids)` stops before the head."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -186,7 +193,17 @@ class Decoder(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.zero_()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """Logits, or `head(hidden states [B, T, d])` in their place: training takes its loss from
+        the hidden states by chunks of tokens (`dptrain.dp.head`), never forming [B, T, V]. Called
+        through forward, so wrappers' hooks (FSDP's unsharding) see the head's weight use."""
+        h = self.hidden(input_ids)
+        if head is not None:
+            return head(h)
+        return softcap(self.lm_head(h), self.cfg.final_logit_softcapping)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states [B, T, d], what the head reads."""
         t = input_ids.shape[1]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -195,7 +212,7 @@ class Decoder(nn.Module):
         cos, sin = rotary_tables(t, self.cfg.head_dim, self.cfg.rope_theta, x.device, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return softcap(self.lm_head(self.norm(x)), self.cfg.final_logit_softcapping)
+        return self.norm(x)
 
     def compile_mixers(self) -> None:
         """torch.compile the parameter-free parts of every layer (attention mixing, GeGLU gating).

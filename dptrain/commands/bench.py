@@ -19,6 +19,7 @@ def register(sub) -> None:
     parser.add_argument("--methods", default="nonprivate,dptrain,opacus-hooks,opacus-ghost,naive",
                         help="comma-separated subset to run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
     parser.set_defaults(func=run)
 
 

@@ -10,6 +10,8 @@ One call runs the forward pass with hooks that keep each layer's input, takes th
 sum_i L_i with respect to the layers' outputs (which are per-example, since no layer mixes
 examples), computes every example's exact gradient norm over all parameters jointly, and forms the
 clipped sum per layer as a matmul with per-example scaled output-gradients ("book-keeping").
+A `Decoder`'s loss comes from the chunked head (`dptrain.dp.head`), which hands the engine the
+head's output-gradient without ever forming the [B, T, V] logits.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from dptrain.dp import head as chunked_head
 from dptrain.dp import layers
 from dptrain.dp.loss import IGNORE_INDEX, per_example_loss
+from dptrain.dp.phases import phase
 from dptrain.errors import UserError
 
 Noise = Callable[[torch.Size, torch.device, torch.dtype], torch.Tensor]
@@ -66,13 +70,14 @@ class DPEngine:
         self._groups = _build_groups(model)
         self._calls: dict[nn.Module, list[layers.Call]] = {}
         self._capturing = False
+        self._round_inputs: torch.dtype | None = None
         self._noised = False
         self._normalized = False
         self._counts = torch.zeros(3, dtype=torch.long)
         # Per-example losses of the last micro-batch: private data, for `private/` metrics only.
         self.last_losses: torch.Tensor | None = None
-        hooked = {m for g in self._groups for m, _ in g.uses}
-        self._handles = [m.register_forward_hook(self._record) for m in hooked]
+        self._hooked = {m for g in self._groups for m, _ in g.uses}
+        self._handles = [m.register_forward_hook(self._record) for m in self._hooked]
 
     # -- public API -----------------------------------------------------------------------------
     @property
@@ -103,20 +108,23 @@ class DPEngine:
         if self._noised or self._normalized:
             raise RuntimeError("gradients of this step were already noised or normalized; "
                                "call zero_grad() before accumulating the next step")
-        batch = _check_batch(inputs, targets, weights)
+        fake = layers.is_fake(inputs)
+        batch = _check_batch(inputs, targets, weights, check_values=not fake)
         if not torch.is_grad_enabled():
             raise RuntimeError("clipped_grad_sum needs autograd enabled (it was called under no_grad)")
-        acc_dtype = torch.float64 if any(g.param.dtype == torch.float64 for g in self._groups) else torch.float32
         device = self._groups[0].param.device
+        prec = _precision(self._groups, device)
+        acc_dtype = prec.acc
 
         self._calls = {}
+        self._round_inputs = prec.operand if prec.mixed else None
         self._capturing = True
         try:
-            logits = self.model(inputs)
+            with phase("forward"):
+                losses, head = self._losses(inputs, targets)
         finally:
             self._capturing = False
         try:
-            losses = per_example_loss(logits, targets)
             calls = [c for cs in self._calls.values() for c in cs]
             for c in calls:
                 if c.inp.shape[0] != batch:
@@ -127,41 +135,50 @@ class DPEngine:
             shapes = [(c.out.shape, c.out.dtype) for c in calls]
             for c in calls:
                 c.out = None
-            del logits
-            grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+            with phase("backward"):
+                grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
             del edges
             for c, g, (shape, dtype) in zip(calls, grads, shapes):
                 c.grad = torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             del grads
+            if head is not None:  # the chunked head kept its input and output-gradient itself
+                self._calls[self.model.lm_head] = [layers.Call(head["input"], None, head.pop("output_grad"))]
 
+            # Autocast off: every matmul below states its precision (`layers.Precision`).
             with torch.autocast(device.type, enabled=False):
-                built = [self._build(g, acc_dtype) for g in self._groups]
+                with phase("norms"):
+                    built = [self._build(g, prec) for g in self._groups]
                 cache = layers.GramCache()
+                ghost = self._ghost_choice(built)
                 sq = torch.zeros(batch, dtype=acc_dtype, device=device)
                 for i, (group, data) in enumerate(zip(self._groups, built)):
-                    sq = sq + self._sq_norms(group, data, acc_dtype, cache)
+                    with phase(f"norms:{group.name}"):
+                        sq = sq + self._sq_norms(group, data, ghost.get(i), prec, cache)
                     cache.keep_only([f.right for later in built[i + 1:]
                                      if isinstance(later, list) for f in later])
                 del cache
-            norms = sq.sqrt()
-            w = (torch.ones(batch, dtype=acc_dtype, device=device) if weights is None
-                 else weights.to(device=device, dtype=acc_dtype))
-            finite = torch.isfinite(norms) & torch.isfinite(losses.detach().to(acc_dtype))
-            coef = torch.where(finite, w * torch.clamp(self.max_grad_norm / norms, max=1.0),
-                               torch.zeros((), dtype=acc_dtype, device=device))
-            bad = None if bool(finite.all()) else ~finite
-            for group, data in zip(self._groups, built if accumulate else ()):
-                if data is None or (isinstance(data, list) and not data):
-                    continue  # not used in this forward: no gradient to add
-                if group.form == "outer":
-                    layers.add_outer_clipped_sum(group.param, data, coef, bad)
-                else:
-                    layers.add_vector_clipped_sum(group.param, data, coef, bad)
+                norms = sq.sqrt()
+                w = (torch.ones(batch, dtype=acc_dtype, device=device) if weights is None
+                     else weights.to(device=device, dtype=acc_dtype))
+                finite = torch.isfinite(norms) & torch.isfinite(losses.detach().to(acc_dtype))
+                coef = torch.where(finite, w * torch.clamp(self.max_grad_norm / norms, max=1.0),
+                                   torch.zeros((), dtype=acc_dtype, device=device))
+                # Fake tensors (`dptrain cost`) hold no values: take the all-finite path.
+                bad = None if fake or bool(finite.all()) else ~finite
+                for group, data in zip(self._groups, built if accumulate else ()):
+                    if data is None or (isinstance(data, list) and not data):
+                        continue  # not used in this forward: no gradient to add
+                    with phase("clipped sum"):
+                        if group.form == "outer":
+                            layers.add_outer_clipped_sum(group.param, data, coef, bad, prec)
+                        else:
+                            layers.add_vector_clipped_sum(group.param, data, coef, bad)
 
             self.last_losses = losses.detach()
-            real = w > 0
-            self._counts += torch.stack([real.sum(), (real & finite & (norms > self.max_grad_norm)).sum(),
-                                         (real & ~finite).sum()]).cpu()
+            if not fake:
+                real = w > 0
+                self._counts += torch.stack([real.sum(), (real & finite & (norms > self.max_grad_norm)).sum(),
+                                             (real & ~finite).sum()]).cpu()
             return norms.detach().to(acc_dtype)
         finally:
             self._calls = {}
@@ -219,45 +236,87 @@ class DPEngine:
         if (self._noised or self._normalized) and all(p.grad is None for p in self.parameters):
             self._noised = self._normalized = False
 
+    def _losses(self, inputs, targets) -> tuple[torch.Tensor, dict | None]:
+        """Per-example losses; for a Decoder through the chunked head (`dptrain.dp.head`), which
+        hands back the head's input and output-gradient in the returned dict."""
+        if not chunked_head.supports_chunked_head(self.model):
+            return per_example_loss(self.model(inputs), targets), None
+        lm_head = self.model.lm_head
+        keep = {} if lm_head in self._hooked else None
+
+        def head(hidden):
+            if keep is not None:
+                kept = hidden.detach()
+                keep["input"] = kept if self._round_inputs is None else kept.to(self._round_inputs)
+            return chunked_head.head_loss(hidden, lm_head.weight.detach(), targets,
+                                          self.model.cfg.final_logit_softcapping, keep=keep)
+        return self.model(inputs, head=head), keep
+
     def _record(self, module: nn.Module, args, output) -> None:
         if not self._capturing:
             return
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise RuntimeError(f"hooked module {type(module).__name__} produced an output without grad")
-        self._calls.setdefault(module, []).append(layers.Call(inp=args[0].detach(), out=output))
+        inp = args[0].detach()
+        if self._round_inputs is not None and isinstance(module, nn.Linear) and inp.is_floating_point():
+            # Autocast feeds a Linear the bf16 rounding of its input: keep that, not a float32 copy.
+            inp = inp.to(self._round_inputs)
+        self._calls.setdefault(module, []).append(layers.Call(inp=inp, out=output))
 
-    def _build(self, group: _Group, dtype):
+    def _build(self, group: _Group, prec: layers.Precision):
         items = [(m, fn) for m, fn in group.uses if m in self._calls]
         if group.form == "outer":
-            return [fn(m, self._calls[m]) for m, fn in items]
-        vectors = [fn(m, self._calls[m], dtype) for m, fn in items]
+            factors = [fn(m, self._calls[m]) for m, fn in items]
+            if prec.mixed:  # round once, so the norms and the clipped sum see the same operands
+                factors = [layers.Factor(f.left if f.onehot else f.left.to(prec.operand),
+                                         f.right.to(prec.operand), f.onehot) for f in factors]
+            return factors
+        vectors = [fn(m, self._calls[m], prec.acc) for m, fn in items]
         return sum(vectors) if vectors else None
 
-    def _sq_norms(self, group: _Group, data, dtype, cache) -> torch.Tensor | float:
+    def _ghost_choice(self, built) -> dict[int, bool]:
+        """Index of each outer-product group used in this forward -> ghost norm (else instantiate)."""
+        outer = [i for i, (g, data) in enumerate(zip(self._groups, built)) if g.form == "outer" and data]
+        if self.norm_method == "auto":
+            return dict(zip(outer, layers.choose_ghost([built[i] for i in outer])))
+        # Forced: embeddings still take the ghost norm (their gradient is V x d per example).
+        return {i: self.norm_method == "ghost" or any(f.onehot for f in built[i]) for i in outer}
+
+    def _sq_norms(self, group: _Group, data, ghost: bool | None, prec, cache) -> torch.Tensor | float:
         if data is None or (isinstance(data, list) and not data):  # not used in this forward
             return 0.0
         if group.form == "vector":
             return data.square().reshape(data.shape[0], -1).sum(1)
-        ghost = {"auto": layers.use_ghost(data, group.param.shape), "ghost": True,
-                 "instantiate": any(f.onehot for f in data)}[self.norm_method]
         if ghost:
-            return layers.ghost_sq_norms(data, dtype, cache)
-        return layers.instantiated_sq_norms(data, dtype)
+            return layers.ghost_sq_norms(data, prec, cache)
+        return layers.instantiated_sq_norms(data, prec)
 
 
-def _check_batch(inputs, targets, weights) -> int:
+def _precision(groups: list[_Group], device: torch.device) -> layers.Precision:
+    """float64 / float32 models: exact in their dtype. bf16 / fp16 (autocast or weights): those
+    operands, float32 sums."""
+    dtypes = {g.param.dtype for g in groups}
+    if torch.float64 in dtypes:
+        return layers.Precision(torch.float64, torch.float64)
+    low = dtypes & {torch.bfloat16, torch.float16}
+    if torch.is_autocast_enabled(device.type):
+        low = {torch.get_autocast_dtype(device.type)}
+    return layers.Precision(low.pop() if low else torch.float32, torch.float32)
+
+
+def _check_batch(inputs, targets, weights, check_values: bool = True) -> int:
     if inputs.dim() != 2 or targets.shape != inputs.shape:
         raise UserError(f"inputs and targets must both be [B, T]; got {tuple(inputs.shape)} "
                         f"and {tuple(targets.shape)}")
     if inputs.dtype != torch.long or targets.dtype != torch.long:
         raise UserError("inputs and targets must be integer (torch.long) tensors")
-    if ((targets < 0) & (targets != IGNORE_INDEX)).any():
+    if check_values and ((targets < 0) & (targets != IGNORE_INDEX)).any():
         raise UserError(f"targets must be token ids or {IGNORE_INDEX} (ignored position)")
     batch = inputs.shape[0]
     if weights is not None:
         if weights.shape != (batch,):
             raise UserError(f"weights must have shape [{batch}], got {tuple(weights.shape)}")
-        if not (torch.isfinite(weights).all() and (weights >= 0).all()):
+        if check_values and not (torch.isfinite(weights).all() and (weights >= 0).all()):
             raise UserError("weights must be finite and >= 0")
     return batch
 

@@ -11,6 +11,12 @@ Every supported parameter's per-example gradient takes one of two forms:
   per-example scaled output-gradients, so no per-example gradient outlives its norm.
 * vector form (Linear bias, RMSNorm gain): the per-example gradient is small and instantiated.
 
+Precision: float32 and float64 models compute everything in their own dtype. Under bf16 (autocast
+or bf16 weights) the dense factors are rounded to bf16 once, as the forward's matmuls round them,
+and every norm and clipped-sum matmul takes those bf16 operands and sums in float32 (`Precision`).
+The clipped sum then runs per example, scaled in float32 after the matmul: scaling a bf16 operand
+would round c_i g_i and could lift a contribution's norm above C.
+
 Modules must see the batch on their first dimension (true of every module in `dptrain.model`).
 """
 from __future__ import annotations
@@ -20,7 +26,37 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from torch._subclasses.fake_tensor import FakeTensor
+
 from dptrain.model import RMSNorm
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Matmul operands are rounded to `operand`; products are summed and returned in `acc`."""
+    operand: torch.dtype
+    acc: torch.dtype
+
+    @property
+    def mixed(self) -> bool:
+        return self.operand != self.acc
+
+
+def mixed_matmul(a: torch.Tensor, b: torch.Tensor, prec: Precision) -> torch.Tensor:
+    """a @ b (2-D or batched 3-D) from `prec.operand` operands, summed and returned in `prec.acc`."""
+    a, b = a.to(prec.operand), b.to(prec.operand)
+    if not prec.mixed:
+        return torch.matmul(a, b)
+    if a.device.type in ("cuda", "meta") or isinstance(a, FakeTensor):
+        return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=prec.acc)  # tensor cores
+    # No bf16-in/float32-out kernel on CPU: bf16 products are exact in float32, so upcasting
+    # gives the same products with float32 sums.
+    return torch.matmul(a.to(prec.acc), b.to(prec.acc))
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (shapes only, as `dptrain cost` runs the engine): no value can be read."""
+    return isinstance(t, FakeTensor)
 
 
 @dataclass
@@ -42,30 +78,59 @@ class Factor:
     onehot: bool
 
 
+GRAM_BLOCK = 128  # tokens per block when only one triangle of a symmetric Gram matrix is formed
+
+
+def token_blocks(tokens: int) -> list[slice]:
+    return [slice(s, min(s + GRAM_BLOCK, tokens)) for s in range(0, tokens, GRAM_BLOCK)]
+
+
+def triangle_fraction(tokens: int) -> float:
+    """Share of a T x T Gram matrix that its upper block triangle (diagonal blocks included) covers."""
+    sizes = [b.stop - b.start for b in token_blocks(tokens)]
+    return sum(sizes[i] * sizes[j] for i in range(len(sizes)) for j in range(i, len(sizes))) / tokens**2
+
+
 @dataclass
 class GramCache:
     """Gram matrices shared between layers fed the same activations (q/k/v, gate/up)."""
     entries: dict = field(default_factory=dict)
+    triangles: dict = field(default_factory=dict)
 
-    def dense(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, keep: bool = True) -> torch.Tensor:
-        key = (_key(x), _key(y), dtype)
+    def dense(self, x: torch.Tensor, y: torch.Tensor, prec: Precision, keep: bool = True) -> torch.Tensor:
+        key = (_key(x), _key(y), prec)
         if key in self.entries:
             return self.entries[key][2]
-        gram = torch.bmm(x.to(dtype), y.to(dtype).transpose(1, 2))
+        gram = mixed_matmul(x, y.transpose(1, 2), prec)
         if keep:
             # The tensors are kept alongside the result so their storage cannot be reused for a
             # different tensor with the same key.
             self.entries[key] = (x, y, gram)
         return gram
 
+    def triangle(self, x: torch.Tensor, prec: Precision) -> list[torch.Tensor]:
+        """x x^T's upper block triangle as row strips (`_strips`): symmetric, so half the work."""
+        key = (_key(x), prec)
+        if key not in self.triangles:
+            self.triangles[key] = (x, _strips(x, prec))
+        return self.triangles[key][1]
+
     def keep_only(self, tensors: list[torch.Tensor]) -> None:
         """Drop the Gram matrices no later layer will ask for."""
         live = {_key(t) for t in tensors}
         self.entries = {k: v for k, v in self.entries.items() if k[0] in live or k[1] in live}
+        self.triangles = {k: v for k, v in self.triangles.items() if k[0] in live}
+
+
+def _strips(x: torch.Tensor, prec: Precision) -> list[torch.Tensor]:
+    """For each block of tokens, [B, block, tokens from the block's start on] of x x^T: one matmul
+    per strip, the diagonal block leading."""
+    return [mixed_matmul(x[:, b], x[:, b.start:].transpose(1, 2), prec) for b in token_blocks(x.shape[1])]
 
 
 def _key(x: torch.Tensor):
-    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+    # The storage's identity (not data_ptr, which fake tensors lack) and where x sits in it.
+    return (x.untyped_storage()._cdata, x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
 
 
 def zero_rows(x: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
@@ -147,68 +212,123 @@ def check_module_options(module: nn.Module) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # Norms and clipped sums.
 
-def _left_gram(u: Factor, v: Factor, dtype, cache: GramCache) -> torch.Tensor:
+def _left_gram(u: Factor, v: Factor, prec: Precision, cache: GramCache) -> torch.Tensor:
     """[B, Tu, Tv] matrix of <L_ut, L_vs>."""
+    dtype = prec.acc
     if u.onehot and v.onehot:
         return (u.left.unsqueeze(2) == v.left.unsqueeze(1)).to(dtype)
     if v.onehot:
-        return _left_gram(v, u, dtype, cache).transpose(1, 2)
+        return _left_gram(v, u, prec, cache).transpose(1, 2)
     if u.onehot:  # <e_{x_t}, L_vs> = L_vs[x_t]: gather v's dense rows at u's token ids
         index = u.left.unsqueeze(1).expand(-1, v.left.shape[1], -1)
-        return v.left.gather(2, index).to(dtype).transpose(1, 2)
-    return cache.dense(u.left, v.left, dtype, keep=False)  # output-gradients are never shared
+        return v.left.to(prec.operand).gather(2, index).to(dtype).transpose(1, 2)
+    return cache.dense(u.left, v.left, prec, keep=False)  # output-gradients are never shared
 
 
-def ghost_sq_norms(factors: list[Factor], dtype, cache: GramCache) -> torch.Tensor:
+def _self_term(f: Factor, prec: Precision, cache: GramCache) -> torch.Tensor:
+    """||sum_t L_t (x) R_t||^2 = sum_{t,s} <L_t, L_s><R_t, R_s> over the upper block triangle of
+    both (symmetric) Gram matrices: off-diagonal blocks count twice, diagonal blocks once."""
+    right = cache.triangle(f.right, prec)
+    total = None
+    for b, r in zip(token_blocks(f.left.shape[1]), right):
+        if f.onehot:
+            left = (f.left[:, b].unsqueeze(2) == f.left[:, b.start:].unsqueeze(1)).to(prec.acc)
+        else:  # output-gradients are never shared: each strip is used once and dropped
+            left = mixed_matmul(f.left[:, b], f.left[:, b.start:].transpose(1, 2), prec)
+        size = b.stop - b.start
+        prod = left * r
+        term = 2 * prod.sum((1, 2)) - prod[:, :, :size].sum((1, 2))
+        total = term if total is None else total + term
+    return total
+
+
+def ghost_sq_norms(factors: list[Factor], prec: Precision, cache: GramCache) -> torch.Tensor:
     total = None
     for i, u in enumerate(factors):
         for j in range(i, len(factors)):
             v = factors[j]
-            left, right = _left_gram(u, v, dtype, cache), cache.dense(u.right, v.right, dtype)
-            # sum_{t,s} left * right per example, as one batched dot product
-            term = torch.bmm(left.reshape(left.shape[0], 1, -1), right.reshape(right.shape[0], -1, 1)).view(-1)
-            term = term if i == j else 2 * term
+            if i == j:
+                term = _self_term(u, prec, cache)
+            else:  # a cross term (a tied or reused weight): not symmetric, 2 sum_{t,s} left * right
+                left, right = _left_gram(u, v, prec, cache), cache.dense(u.right, v.right, prec)
+                term = 2 * (left * right).sum((1, 2))
             total = term if total is None else total + term
     return total
 
 
-def instantiated_sq_norms(factors: list[Factor], dtype) -> torch.Tensor:
-    grads = sum(torch.bmm(f.left.to(dtype).transpose(1, 2), f.right.to(dtype)) for f in factors)
+def instantiated_sq_norms(factors: list[Factor], prec: Precision) -> torch.Tensor:
+    grads = sum(mixed_matmul(f.left.transpose(1, 2), f.right, prec) for f in factors)
     return grads.square().sum((1, 2))
 
 
-def use_ghost(factors: list[Factor], shape: torch.Size) -> bool:
-    """Ghost norm when 2 T^2 <= p d (Bu et al.'s rule); embeddings are never instantiated."""
-    if any(f.onehot for f in factors):
-        return True
-    tokens = sum(f.left.shape[1] for f in factors)
-    return 2 * tokens * tokens <= shape[0] * shape[1]
+def choose_ghost(groups: list[list[Factor]]) -> list[bool]:
+    """Ghost norm or instantiation for each outer-product group, whichever takes fewer flops.
+
+    Per example, instantiating a p x d gradient from T tokens costs 2 T p d; its ghost norm costs
+    f 2 T^2 p for the output-gradients' Gram matrix and f 2 T^2 d for the inputs', f being the
+    share of one block triangle (about 1/2 at large T). Layers fed the same input (q/k/v, gate/up)
+    share the inputs' Gram matrix, so they are decided together: all ghost (f 2 T^2 (d + sum p))
+    or all instantiated (2 T d sum p). Embeddings, and weights used more than once, take the ghost
+    norm: an embedding's gradient is V x d per example.
+    """
+    choice = [True] * len(groups)
+    by_input: dict = {}
+    for n, factors in enumerate(groups):
+        if len(factors) == 1 and not factors[0].onehot:
+            by_input.setdefault(_key(factors[0].right), []).append(n)
+    for members in by_input.values():
+        tokens, d = groups[members[0]][0].right.shape[1:]
+        widths = sum(groups[n][0].left.shape[-1] for n in members)
+        ghost = triangle_fraction(tokens) * tokens * (d + widths) <= d * widths
+        for n in members:
+            choice[n] = ghost
+    return choice
 
 
 def add_outer_clipped_sum(param: torch.nn.Parameter, factors: list[Factor], coef: torch.Tensor,
-                          bad: torch.Tensor | None) -> None:
+                          bad: torch.Tensor | None, prec: Precision) -> None:
     """param.grad += sum_i coef_i G_i, one matmul (or index_add) per use."""
     for f in factors:
-        dtype = param.dtype
         if f.onehot:
-            scaled = zero_rows(f.right, bad).to(dtype) * coef.to(dtype).view(-1, 1, 1)
+            scaled = zero_rows(f.right, bad).to(prec.acc) * coef.to(prec.acc).view(-1, 1, 1)
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            param.grad.index_add_(0, f.left.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
-            continue
-        left, right = zero_rows(f.left, bad).to(dtype), zero_rows(f.right, bad).to(dtype)
-        # Scale whichever side is narrower: same result, fewer multiplications.
-        if left.shape[-1] <= right.shape[-1]:
-            left = left * coef.to(dtype).view(-1, 1, 1)
+            param.grad.index_add_(0, f.left.reshape(-1), scaled.reshape(-1, scaled.shape[-1]).to(param.dtype))
+        elif prec.mixed:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            _add_per_example(param.grad, f, coef, prec)
         else:
-            right = right * coef.to(dtype).view(-1, 1, 1)
-        left, right = left.reshape(-1, left.shape[-1]), right.reshape(-1, right.shape[-1])
-        if param.grad is None:
-            param.grad = (left.T @ right).to(dtype)
-        elif torch.is_autocast_enabled(param.device.type):
-            param.grad.add_((left.T @ right).to(dtype))
-        else:
-            param.grad.addmm_(left.T, right)
+            _add_batched(param, f, coef, bad)
+
+
+def _add_batched(param: torch.nn.Parameter, f: Factor, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
+    dtype = param.dtype
+    left, right = zero_rows(f.left, bad).to(dtype), zero_rows(f.right, bad).to(dtype)
+    # Scale whichever side is narrower: same result, fewer multiplications.
+    if left.shape[-1] <= right.shape[-1]:
+        left = left * coef.to(dtype).view(-1, 1, 1)
+    else:
+        right = right * coef.to(dtype).view(-1, 1, 1)
+    left, right = left.reshape(-1, left.shape[-1]), right.reshape(-1, right.shape[-1])
+    if param.grad is None:
+        param.grad = left.T @ right
+    else:
+        param.grad.addmm_(left.T, right)
+
+
+def _add_per_example(grad: torch.Tensor, f: Factor, coef: torch.Tensor, prec: Precision) -> None:
+    """sum_i coef_i (L_i^T R_i): each matmul from bf16 operands into float32, scaled in float32.
+
+    Same flops as one batched matmul; examples with coef 0 (padding, non-finite) are skipped.
+    """
+    if is_fake(coef):  # no values to skip on: count every example's matmul
+        for i in range(coef.shape[0]):
+            grad.add_(mixed_matmul(f.left[i].T, f.right[i], prec).mul_(coef[i]))
+        return
+    for i, c in enumerate(coef.tolist()):
+        if c != 0.0:
+            grad.add_(mixed_matmul(f.left[i].T, f.right[i], prec), alpha=c)
 
 
 def add_vector_clipped_sum(param: torch.nn.Parameter, vectors: torch.Tensor, coef: torch.Tensor,
