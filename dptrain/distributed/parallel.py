@@ -38,7 +38,7 @@ from torch import nn
 
 from dptrain.distributed.runtime import DistEnv, init_distributed, main_first
 from dptrain.dp import DPEngine
-from dptrain.dp.loss import per_example_loss
+from dptrain.dp.head import model_head_loss
 from dptrain.errors import UserError
 from dptrain.model import Decoder
 from dptrain.privacy.noise import NoiseSource
@@ -171,8 +171,9 @@ class FullyShardedDP(Parallel):
         # A non-finite example would turn the whole batch's gradient into NaN (0 * NaN): its row
         # is replaced by padding tokens, which its zero coefficient then ignores.
         inputs = torch.where(finite[:, None].to(inputs.device), inputs, torch.zeros_like(inputs))
-        loss = per_example_loss(engine.model(inputs), targets)  # under the caller's autocast, if any
-        (loss * coef.to(loss.dtype)).sum().backward()
+        # The clipped sum as the gradient of sum_i coef_i L_i, the head taken by chunks (no [B, T, V]
+        # logits), under the caller's autocast if any.
+        model_head_loss(engine.model, inputs, targets, reduce=True, weights=coef).backward()
         return norms
 
     def privatize(self, engine, noise_multiplier, expected_batch_size, noise, step) -> None:
