@@ -1,4 +1,5 @@
-"""Throughput of the seeded and the secure Gaussian noise sources (elements per second, CPU).
+"""Throughput of the keyed (Philox, from the run's secret) and the secure Gaussian noise sources (elements
+per second, CPU).
 
     python benchmarks/noise_sources.py [--elements 4000000] [--repeats 3]
 """
@@ -31,11 +32,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.elements:,} float32 elements, best of {args.repeats}")
-    seeded = best_rate(NoiseSource(0), args.elements, args.repeats)
+    keyed = best_rate(NoiseSource(0), args.elements, args.repeats)
     secure = best_rate(NoiseSource(0, secure=True), args.elements, args.repeats)
-    print(f"seeded (torch CPU generator)  {seeded:14,.0f} elements/s")
+    print(f"keyed (numpy Philox stream)   {keyed:14,.0f} elements/s")
     print(f"secure (OS CSPRNG, 4-sum)     {secure:14,.0f} elements/s")
-    print(f"secure / seeded time ratio    {seeded / secure:14.1f}x")
+    print(f"secure / keyed time ratio     {keyed / secure:14.1f}x")
 
 
 if __name__ == "__main__":
