@@ -19,7 +19,8 @@ Cell masses are Gaussian cdf differences (exact up to float error, no quadrature
 composition is one FFT power on a circular grid after an exponential tilt that centres the
 composed law near the answer (so float round-off stays far below delta). Mass that wraps around
 the circle is bounded by Chernoff bounds computed from the same per-step law and accounted for in
-the direction that keeps each end a bound. Float round-off itself is not bounded, only kept small.
+the direction that keeps each end a bound. Float round-off is estimated (machine epsilon times the
+number of multiplications, untilted) and counted against both ends; it is not proven.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ _HOEFFDING_SHARE = 1e-3
 # Mass wrapping round the circle is bounded to at most this fraction of delta.
 _WRAP_SHARE = 1e-6
 _DEBUG = False
+_BELOW, _ABOVE = "below", "above"  # where eps lies when the window misses it
 _MAX_TILT = 50.0
-_ETAS = np.geomspace(1e-3, 1e4, 120)
+_ETAS = np.geomspace(1e-3, 1e4, 60)
 
 
 class CertificationError(ArithmeticError):
@@ -175,35 +177,47 @@ class _Step:
         return k, self.log_a, self.log_rho - k * self.h
 
 
-def _compose(k: np.ndarray, lw: np.ndarray, h: float, steps: int, theta: float, base: int,
+def _compose(laws: list[tuple[np.ndarray, np.ndarray, int]], h: float, theta: float, base: int,
              n: int) -> np.ndarray:
-    """A-weights of the T-fold sum on grid indices base .. base + n - 1 (circular, tilted)."""
-    tilted = lw + theta * k * h
-    log_z = logsumexp(tilted)
-    circle = np.bincount(np.mod(k, n), weights=np.exp(tilted - log_z), minlength=n)
-    spectrum = fft.rfft(circle)
-    power = np.ones_like(spectrum)
-    e = steps
-    while e:  # binary exponentiation keeps round-off growth logarithmic in the multiplications
-        if e & 1:
-            power = power * spectrum
-        e >>= 1
-        if e:
-            spectrum = spectrum * spectrum
-    circular = fft.irfft(power, n)
+    """A-weights of the sum (`steps` draws of each law) on grid indices base .. base + n - 1,
+    and an estimate of the float round-off in each.
+
+    Computed on a circle of n points after tilting by exp(theta s); see _log_wrap for what folds.
+    """
+    total = np.ones(n // 2 + 1, dtype=complex)
+    log_scale = 0.0
+    for k, lw, steps in laws:
+        tilted = lw + theta * k * h
+        log_z = logsumexp(tilted)
+        log_scale += steps * log_z
+        circle = np.bincount(np.mod(k, n), weights=np.exp(tilted - log_z), minlength=n)
+        spectrum = fft.rfft(circle)
+        e = steps
+        while e:  # binary exponentiation: round-off grows with the number of multiplications
+            if e & 1:
+                total = total * spectrum
+            e >>= 1
+            if e:
+                spectrum = spectrum * spectrum
+    circular = fft.irfft(total, n)
     idx = np.arange(base, base + n)
-    return circular[np.mod(idx, n)] * np.exp(steps * log_z - theta * idx * h)
+    scale = np.exp(log_scale - theta * idx * h)
+    # Round-off: each tilted entry is off by about machine epsilon times its largest entry per
+    # multiplication (relative errors of the spectrum add up over the powers).
+    steps = sum(t for _, _, t in laws)
+    noise = 1e-15 * (steps + math.log2(n)) * float(np.max(np.abs(circular)))
+    return circular[np.mod(idx, n)] * scale, noise * scale
 
 
 def _epsilon_from(weights: np.ndarray, base: int, h: float, target: float, shift: float,
-                  clip: bool) -> float | None:
+                  clip: bool) -> float | str:
     """Smallest eps with sum_K w_K (1 - exp(eps - shift - K h))_+ <= target.
 
-    None if it is not inside the window (the caller widens it). `clip` drops negative round-off
+    _BELOW or _ABOVE if it is not inside the window (the caller moves it). `clip` drops negative round-off
     weights (raising the sum: right for an upper bound, wrong for a lower one).
     """
     if target <= 0:
-        return None
+        return _ABOVE
     s = (base + np.arange(weights.size)) * h + shift
     w = np.maximum(weights, 0.0) if clip else weights
     ref = s[s.size // 2]  # exp(ref - s) stays in range over the window
@@ -213,10 +227,10 @@ def _epsilon_from(weights: np.ndarray, base: int, h: float, target: float, shift
     above1 = np.append(tail1[1:], 0.0)
     d_at = above0 - np.exp(s - ref) * above1  # the sum at eps = s_j
     if d_at[0] <= target:
-        return -math.inf if s[0] <= 0 else None  # eps lies below the window (-inf: below 0)
+        return -math.inf if s[0] <= 0 else _BELOW  # eps lies below the window (-inf: below 0)
     j = int(np.argmax(d_at <= target))
     if d_at[j] > target:
-        return None  # eps lies above the window
+        return _ABOVE  # eps lies above the window
     j -= 1  # eps in (s_j, s_{j+1}]: the sum is above0_j - exp(eps - ref) above1_j
     if above1[j] <= 0:
         return float(s[j + 1])
@@ -227,139 +241,172 @@ def _epsilon_from(weights: np.ndarray, base: int, h: float, target: float, shift
 
 
 class _Mgf:
-    """log E[exp(eta L)] of a per-step law given by atoms (grid index, log weight), at the fixed
-    sets of eta the bounds below minimise over (each set computed once)."""
+    """log E[exp(eta S)] of the sum S of independent draws: `steps` draws of each per-step law
+    given by atoms (grid index, log weight), at the fixed sets of eta the bounds below minimise
+    over (each set computed once)."""
 
-    def __init__(self, k: np.ndarray, lw: np.ndarray, h: float):
-        self.s, self.lw = k * h, lw
-        self.log_total = float(logsumexp(lw))
-        self._cache: dict[float, np.ndarray] = {}
+    def __init__(self, laws: list[tuple[np.ndarray, np.ndarray, int]], h: float):
+        self.laws = [(k * h, lw, steps) for k, lw, steps in laws]
+        self.log_total = sum(steps * float(logsumexp(lw)) for _, lw, steps in self.laws)
+        self._cache: dict[tuple[float, float], np.ndarray] = {}
 
     def at(self, offset: float, sign: float = 1.0) -> np.ndarray:
-        """log M(offset + sign * eta) for every eta in _ETAS."""
+        """log E[exp((offset + sign * eta) S)] for every eta in _ETAS."""
         key = (offset, sign)
         if key not in self._cache:
             etas = offset + sign * _ETAS
-            self._cache[key] = np.array([logsumexp(self.lw + e * self.s) for e in etas])
+            self._cache[key] = sum(steps * np.array([logsumexp(lw + e * s) for e in etas])
+                                   for s, lw, steps in self.laws)
         return self._cache[key]
 
-    def log_tail_above(self, steps: int, s: float, tilt: float = 0.0) -> float:
-        """log of a bound on E[exp(tilt S); S >= s] for the sum S of `steps` draws."""
-        return float(np.min(steps * self.at(tilt) - _ETAS * s))
+    def log_tail_above(self, s: float, tilt: float = 0.0) -> float:
+        """log of a bound on E[exp(tilt S); S >= s]."""
+        return float(np.min(self.at(tilt) - _ETAS * s))
 
-    def log_tail_below(self, steps: int, s: float) -> float:
-        """log of a bound on P(S < s), S the sum of `steps` draws."""
-        return float(min(np.min(steps * self.at(0.0, -1.0) + _ETAS * s),
-                         steps * self.log_total))
+    def log_tail_below(self, s: float) -> float:
+        """log of a bound on P(S < s)."""
+        return float(min(np.min(self.at(0.0, -1.0) + _ETAS * s), self.log_total))
+
+    def tilted_bulk(self, theta: float) -> float:
+        """Mean minus 8 standard deviations of S under the tilt exp(theta S)."""
+        mean = var = 0.0
+        for s, lw, steps in self.laws:
+            tilted = lw + theta * s
+            p = np.exp(tilted - logsumexp(tilted))
+            m = float(np.sum(p * s))
+            mean += steps * m
+            var += steps * float(np.sum(p * (s - m) ** 2))
+        return mean - 8 * math.sqrt(var)
 
 
-def _tilted_bulk(k: np.ndarray, lw: np.ndarray, h: float, steps: int, theta: float) -> float:
-    """Mean minus 8 standard deviations of the tilted law of the T-fold sum."""
-    tilted = lw + theta * k * h
-    p = np.exp(tilted - logsumexp(tilted))
-    mean = float(np.sum(p * k * h))
-    var = float(np.sum(p * (k * h - mean) ** 2))
-    return steps * mean - 8 * math.sqrt(steps * var)
-
-
-def _plan(mgf: _Mgf, steps: int, delta: float) -> tuple[float, float]:
-    """(tilt, Chernoff estimate of eps): min over eta of (T log M(eta) - log delta) / eta."""
-    eps_ch = (steps * mgf.at(0.0) - math.log(delta)) / _ETAS
+def _plan(mgf: _Mgf, delta: float) -> tuple[float, float]:
+    """(tilt, Chernoff estimate of eps): min over eta of (log E exp(eta S) - log delta) / eta."""
+    eps_ch = (mgf.at(0.0) - math.log(delta)) / _ETAS
     i = int(np.argmin(eps_ch))
     return float(_ETAS[i]), float(eps_ch[i])
 
 
-def _log_wrap(mgf: _Mgf, steps: int, theta: float, s_lo: float, s_hi: float) -> float:
+def _log_wrap(mgf: _Mgf, theta: float, s_lo: float, s_hi: float) -> float:
     """log of a bound on the A-weight that the circular window folds into itself.
 
     From above: a sum S >= s_hi lands at S - m W >= s_lo with its weight multiplied by at most
     exp(theta (S - s_lo)). From below: a sum S < s_lo lands higher, its weight multiplied by at
     most exp(-theta W).
     """
-    above = -theta * s_lo + mgf.log_tail_above(steps, s_hi, theta)
-    below = -theta * (s_hi - s_lo) + mgf.log_tail_below(steps, s_lo)
+    above = -theta * s_lo + mgf.log_tail_above(s_hi, theta)
+    below = -theta * (s_hi - s_lo) + mgf.log_tail_below(s_lo)
     return float(np.logaddexp(above, below))
 
 
-def _rdp_delta_bound(mgf: _Mgf, steps: int, eps: float) -> float:
-    """delta(eps) <= min_eta M(eta)^T exp(-eta eps) (eta/(1+eta))^eta / (1+eta)."""
+def _rdp_delta_bound(mgf: _Mgf, eps: float) -> float:
+    """delta(eps) <= min_eta E[exp(eta S)] exp(-eta eps) (eta/(1+eta))^eta / (1+eta)."""
     etas = _ETAS
     log_c = etas * np.log(etas / (1 + etas)) - np.log1p(etas)
-    return math.exp(min(float(np.min(steps * mgf.at(0.0) - etas * eps + log_c)), 0.0))
+    return math.exp(min(float(np.min(mgf.at(0.0) - etas * eps + log_c)), 0.0))
 
 
-def _direction_bound(sigma: float, q: float, steps: int, delta: float, direction: str,
-                     grid: int, lower: bool) -> float:
+Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps)
+
+
+def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid: int,
+                     lower: bool) -> float:
     """An upper (or lower) bound on eps(delta) for one direction of the pair."""
+    total_steps = sum(t for _, _, t in mechs)
+
+    def steps_at(h):
+        return [_Step(sigma, q, total_steps, delta, h, direction) for sigma, q, _ in mechs]
+
     # A first pass at a resolution tied to the per-step loss's spread places the window and the
     # tilt. These choices only affect tightness and speed: every bound below holds for any.
-    spread = q * math.sqrt(math.expm1(min(1 / sigma ** 2, 700.0))) if q < 1 else 1 / sigma
+    spread = max(q * math.sqrt(math.expm1(min(1 / sigma ** 2, 700.0))) if q < 1 else 1 / sigma
+                 for sigma, q, _ in mechs)
     h1 = min(max(spread / 20, 1e-8), 1e-2)
-    k, lw, _ = _Step(sigma, q, steps, delta, h1, direction).upper_atoms()
-    mgf = _Mgf(k, lw, h1)
-    theta_c, eps_c = _plan(mgf, steps, delta)
-    # The Chernoff tilt overshoots the answer's local slope; a very steep tilt would overflow.
-    theta = min(theta_c / 2, _MAX_TILT)
-    s_lo = eps_c / 2 - 1.0
+    mgf = _Mgf([(*st.upper_atoms()[:2], t) for st, (_, _, t) in zip(steps_at(h1), mechs)], h1)
+    theta_c, eps_c = _plan(mgf, delta)
     budget = math.log(_WRAP_SHARE * delta)
-    for _ in range(8):
-        width = max(1.0, eps_c - s_lo)
-        for factor in (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64):
-            s_hi = eps_c + factor * width
-            if _log_wrap(mgf, steps, theta, s_lo, s_hi) < budget - 1:
+    log_fail = math.log(1 / (_HOEFFDING_SHARE * delta))
+    factors = (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64, 128)
+
+    def top(theta, s_lo, first):
+        """The lowest window top (from factors[first:]) whose wrapped weight is negligible."""
+        width = max(min(1.0, eps_c), eps_c - s_lo, 1e-6)
+        for i in range(first, len(factors)):
+            if _log_wrap(mgf, theta, s_lo, eps_c + factors[i] * width) < budget - 1:
                 break
+        return i, eps_c + factors[i] * width
+
+    # The window reaches down to half the Chernoff estimate (eps lies above) or further (so that
+    # less weight wraps up from below). The Chernoff tilt overshoots the answer's local slope (and
+    # a steep one overflows): take the fraction of it and the bottom that need the narrowest
+    # window.
+    near = eps_c / 2 - min(1.0, eps_c / 2)
+    choices = [(min(theta_c * f, _MAX_TILT), near - d) for f in (1 / 2,)
+               for d in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)]
+    theta, s_lo = min(choices, key=lambda c: top(c[0], c[1], 0)[1] - c[1])
+    first = 0
+    for _ in range(10):
+        first, s_hi = top(theta, s_lo, first)
         h = (s_hi - s_lo) / grid
-        step = _Step(sigma, q, steps, delta, h, direction)
+        laws, shift, log_on_grid = [], 0.0, 0.0
+        mean_r = var_r = 0.0
+        for st, (_, _, t) in zip(steps_at(h), mechs):
+            if lower:
+                k, lw, r = st.lower_atoms()
+                p = np.exp(lw - logsumexp(lw))
+                m = float(np.sum(p * r))
+                mean_r += t * m
+                var_r += t * float(np.sum(p * (r - m) ** 2))
+            else:
+                k, lw, a_inf = st.upper_atoms()
+                log_on_grid += t * math.log1p(-a_inf) if a_inf < 1 else -math.inf
+            laws.append((k, lw, t))
         if lower:
-            k, lw, r = step.lower_atoms()
-            # Bernstein: the rounding errors r (|r - mean| <= h) of the T steps sum to at least
-            # T mean - dev except with probability HOEFFDING_SHARE * delta
-            p = np.exp(lw - logsumexp(lw))
-            mean_r = float(np.sum(p * r))
-            var_r = float(np.sum(p * (r - mean_r) ** 2))
-            log_fail = math.log(1 / (_HOEFFDING_SHARE * delta))
+            # Bernstein: the rounding errors r (|r - mean| <= h) of all steps sum to at least
+            # their mean - dev except with probability HOEFFDING_SHARE * delta
             b = h * log_fail / 3
-            shift = steps * mean_r - (b + math.sqrt(b * b + 2 * steps * var_r * log_fail))
-        else:
-            k, lw, a_inf = step.upper_atoms()
-            shift = 0.0
+            shift = mean_r - (b + math.sqrt(b * b + 2 * var_r * log_fail))
         # the window holds the sums S with S + shift in [s_lo, s_hi] ...
         base = math.floor((s_lo - shift) / h)
         lo_edge, hi_edge = base * h, (base + grid) * h
+        mgf = _Mgf(laws, h)
         # ... and the tilted law's bulk, or round-off there would be blown up by the untilting
-        bulk = _tilted_bulk(k, lw, h, steps, theta)
+        bulk = mgf.tilted_bulk(theta)
         if bulk < lo_edge:
             s_lo = bulk + shift
             continue
-        mgf = _Mgf(k, lw, h)
-        wrap = math.exp(min(_log_wrap(mgf, steps, theta, lo_edge, hi_edge), 0.0))
-        eps = None
+        wrap = math.exp(min(_log_wrap(mgf, theta, lo_edge, hi_edge), 0.0))
+        eps = _ABOVE  # the window's top is too low: the wrapped weight is too large
         if lower and wrap <= _WRAP_SHARE * delta:
-            composed = _compose(k, lw, h, steps, theta, base, grid)
-            eps = _epsilon_from(composed, base, h, delta + wrap + _HOEFFDING_SHARE * delta,
-                                shift, clip=False)
+            composed, noise = _compose(laws, h, theta, base, grid)
+            eps = _epsilon_from(composed - noise, base, h,
+                                delta + wrap + _HOEFFDING_SHARE * delta, shift, clip=False)
         elif not lower:
-            above = math.exp(min(mgf.log_tail_above(steps, hi_edge), 0.0))
-            off_grid = -math.expm1(steps * math.log1p(-a_inf)) if a_inf < 1 else 1.0
+            above = math.exp(min(mgf.log_tail_above(hi_edge), 0.0))
+            off_grid = -math.expm1(log_on_grid)
             if max(wrap, above) <= _WRAP_SHARE * delta:
-                composed = _compose(k, lw, h, steps, theta, base, grid)
-                eps = _epsilon_from(composed, base, h, delta - above - off_grid, 0.0, clip=True)
+                composed, noise = _compose(laws, h, theta, base, grid)
+                eps = _epsilon_from(composed + noise, base, h, delta - above - off_grid, 0.0,
+                                    clip=True)
         if _DEBUG:
             print(direction, "lower" if lower else "upper", "theta", theta, "window", lo_edge,
                   hi_edge, "h", h, "eps", eps)
-        if eps is not None and not math.isnan(eps):
+        if eps == _BELOW:
+            s_lo -= 1.0 + abs(s_lo)
+        elif eps == _ABOVE:
+            first += 1
+        elif not math.isnan(eps):
             return max(eps, 0.0)
-        s_lo -= 1.0 + abs(s_lo)  # the answer lies below the window, or the window leaked
-    raise CertificationError(f"certified accountant found no window for sigma={sigma}, q={q}, "
-                       f"steps={steps}, delta={delta}")
+    raise CertificationError(f"certified accountant found no window for {mechs} at delta {delta}")
 
 
-def _trivial(sigma: float, q: float, steps: int) -> float | None:
-    if steps == 0 or q == 0:
+def _active(mechs: list[Mechanism]) -> list[Mechanism] | float:
+    """The mechanisms that spend privacy, or the epsilon when that is trivial (0 or inf)."""
+    active = [(float(sg), float(q), int(t)) for sg, q, t in mechs if t > 0 and q > 0]
+    if not active:
         return 0.0
-    if sigma == 0:
+    if any(sg == 0 for sg, _, _ in active):
         return math.inf
-    return None
+    return active
 
 
 def _guarded(fn):
@@ -374,33 +421,50 @@ def _guarded(fn):
 
 
 @_guarded
-def epsilon_upper(sigma: float, q: float, steps: int, delta: float, grid: int = 2 ** 18) -> float:
-    """An upper bound on eps(delta) of `steps` Poisson-subsampled Gaussian steps.
+def composed_upper(mechs: list[Mechanism], delta: float, grid: int = 2 ** 18) -> float:
+    """An upper bound on eps(delta) of the composition of runs (sigma, q, steps).
 
     Raises CertificationError where it cannot be computed (far outside the usual range)."""
-    trivial = _trivial(sigma, q, steps)
-    if trivial is not None:
-        return trivial
-    eps = _direction_bound(sigma, q, steps, delta, "remove", grid, lower=False)
+    active = _active(mechs)
+    if isinstance(active, float):
+        return active
+    eps = _direction_bound(active, delta, "remove", grid, lower=False)
     # The reverse pair usually has the smaller eps; an RDP-style bound often shows it cheaply.
-    h = min(max(q / 100, 1e-8), 1e-3)
-    k, lw, a_inf = _Step(sigma, q, steps, delta, h, "add").upper_atoms()
-    if a_inf == 0 and _rdp_delta_bound(_Mgf(k, lw, h), steps, eps) <= delta:
-        return eps
-    return max(eps, _direction_bound(sigma, q, steps, delta, "add", grid, lower=False))
+    laws, h = [], min(max(min(q for _, q, _ in active) / 100, 1e-8), 1e-3)
+    total = sum(t for _, _, t in active)
+    for sigma, q, t in active:
+        k, lw, a_inf = _Step(sigma, q, total, delta, h, "add").upper_atoms()
+        if a_inf > 0:
+            break
+        laws.append((k, lw, t))
+    else:
+        if _rdp_delta_bound(_Mgf(laws, h), eps) <= delta:
+            return eps
+    return max(eps, _direction_bound(active, delta, "add", grid, lower=False))
 
 
 @_guarded
+def composed_lower(mechs: list[Mechanism], delta: float, grid: int = 2 ** 18) -> float:
+    """A lower bound on eps(delta) of the composition of runs (sigma, q, steps), from the remove
+    direction (eps is the larger of the two directions', so this bounds it from below)."""
+    active = _active(mechs)
+    if isinstance(active, float):
+        return active
+    return _direction_bound(active, delta, "remove", grid, lower=True)
+
+
+def epsilon_upper(sigma: float, q: float, steps: int, delta: float, grid: int = 2 ** 18) -> float:
+    """An upper bound on eps(delta) of `steps` Poisson-subsampled Gaussian steps."""
+    return composed_upper([(sigma, q, steps)], delta, grid)
+
+
 def epsilon_lower(sigma: float, q: float, steps: int, delta: float, grid: int = 2 ** 18) -> float:
-    """A lower bound on eps(delta) of `steps` Poisson-subsampled Gaussian steps (from the
-    remove direction; eps is the larger of the two directions', so this bounds it from below)."""
-    trivial = _trivial(sigma, q, steps)
-    if trivial is not None:
-        return trivial
-    return _direction_bound(sigma, q, steps, delta, "remove", grid, lower=True)
+    """A lower bound on eps(delta) of `steps` Poisson-subsampled Gaussian steps."""
+    return composed_lower([(sigma, q, steps)], delta, grid)
 
 
 def epsilon_bracket(sigma: float, q: float, steps: int, delta: float,
                     grid: int = 2 ** 18) -> Bracket:
+    """Both ends: the exact eps(delta) lies in [lower, upper] (up to float round-off)."""
     return Bracket(epsilon_lower(sigma, q, steps, delta, grid),
                    epsilon_upper(sigma, q, steps, delta, grid))
