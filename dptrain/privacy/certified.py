@@ -330,9 +330,10 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
     def top(theta, s_lo, first):
         """The lowest window top (from factors[first:]) whose wrapped weight is negligible."""
         width = max(min(1.0, eps_c), eps_c - s_lo, 1e-6)
-        for i in range(first, len(factors)):
-            if _log_wrap(mgf, theta, s_lo, eps_c + factors[i] * width) < budget - 1:
-                break
+        i = min(first, len(factors) - 1)
+        while i < len(factors) - 1 and \
+                _log_wrap(mgf, theta, s_lo, eps_c + factors[i] * width) >= budget - 1:
+            i += 1
         return i, eps_c + factors[i] * width
 
     # The window reaches down to half the Chernoff estimate (eps lies above) or further (so that
@@ -345,6 +346,8 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
     theta, s_lo = min(choices, key=lambda c: top(c[0], c[1], 0)[1] - c[1])
     first = 0
     for _ in range(10):
+        if first >= len(factors):
+            break
         first, s_hi = top(theta, s_lo, first)
         h = (s_hi - s_lo) / grid
         laws, shift, log_on_grid = [], 0.0, 0.0
