@@ -240,6 +240,13 @@ def _epsilon_from(weights: np.ndarray, base: int, h: float, target: float, shift
 
 
 
+def _logsumexp_rows(m: np.ndarray) -> np.ndarray:
+    """log(sum(exp(row))) of each row (plain numpy: scipy's logsumexp is slow on many rows)."""
+    top = np.max(m, axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.log(np.sum(np.exp(m - top[:, None]), axis=1)) + top
+
+
 class _Mgf:
     """log E[exp(eta S)] of the sum S of independent draws: `steps` draws of each per-step law
     given by atoms (grid index, log weight), at the fixed sets of eta the bounds below minimise
@@ -255,7 +262,7 @@ class _Mgf:
         key = (offset, sign)
         if key not in self._cache:
             etas = offset + sign * _ETAS
-            self._cache[key] = sum(steps * np.array([logsumexp(lw + e * s) for e in etas])
+            self._cache[key] = sum(steps * _logsumexp_rows(lw[None, :] + etas[:, None] * s)
                                    for s, lw, steps in self.laws)
         return self._cache[key]
 
