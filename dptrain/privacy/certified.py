@@ -12,7 +12,7 @@ T per-step privacy losses L = log(dA/dB). Both ends of the bracket are bounds by
   step whose loss falls above the grid counts as a full failure (T times its A-mass is added).
 - lower: the output is quantized to the cells (post-processing cannot raise delta), each cell's
   exact loss is rounded to the nearest grid point, and the rounding errors (independent, each
-  within h/2) are put back as their mean minus a Hoeffding deviation, whose failure probability
+  within h/2) are put back as their mean minus a Bernstein deviation, whose failure probability
   is subtracted.
 
 Cell masses are Gaussian cdf differences (exact up to float error, no quadrature). The T-fold
@@ -31,20 +31,19 @@ import numpy as np
 from scipy import fft
 from scipy.special import log_ndtr, logsumexp
 
-# Points of the x-grid (in units of the noise std) that place the cell ends: where the loss moves
-# faster than one grid step per point the cells get wider (tails), elsewhere every grid step is a
-# cell end.
+# Points of the output grid that place the cell ends: where the loss moves faster than one loss
+# grid step per point the cells get wider (tails), elsewhere every loss grid step is a cell end.
 _X_POINTS = 20_000
-# A-mass left off the grid (tails of x) is at most this fraction of delta.
+# The output grid reaches far enough that T times the mass beyond it is about this share of delta
+# (that mass is still accounted for exactly, only more coarsely).
 _TAIL_SHARE = 1e-9
-# The lower end's Hoeffding deviation fails with probability this fraction of delta.
-_HOEFFDING_SHARE = 1e-3
-# Mass wrapping round the circle is bounded to at most this fraction of delta.
+# The lower end's Bernstein deviation fails with probability this share of delta.
+_BERNSTEIN_SHARE = 1e-3
+# Weight wrapping round the circle may be at most this share of delta.
 _WRAP_SHARE = 1e-6
-_DEBUG = False
 _BELOW, _ABOVE = "below", "above"  # where eps lies when the window misses it
-_MAX_TILT = 50.0
-_ETAS = np.geomspace(1e-3, 1e4, 60)
+_MAX_TILT = 50.0  # steeper tilts overflow
+_ETAS = np.geomspace(1e-3, 1e4, 60)  # the exponents Chernoff bounds minimise over
 
 
 class CertificationError(ArithmeticError):
@@ -331,7 +330,7 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
     mgf = _Mgf([(*st.upper_atoms()[:2], t) for st, (_, _, t) in zip(steps_at(h1), mechs)], h1)
     theta_c, eps_c = _plan(mgf, delta)
     budget = math.log(_WRAP_SHARE * delta)
-    log_fail = math.log(1 / (_HOEFFDING_SHARE * delta))
+    log_fail = math.log(1 / (_BERNSTEIN_SHARE * delta))
     factors = (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64, 128)
 
     def top(theta, s_lo, first):
@@ -372,7 +371,7 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
             laws.append((k, lw, t))
         if lower:
             # Bernstein: the rounding errors r (|r - mean| <= h) of all steps sum to at least
-            # their mean - dev except with probability HOEFFDING_SHARE * delta
+            # their mean - dev except with probability BERNSTEIN_SHARE * delta
             b = h * log_fail / 3
             shift = mean_r - (b + math.sqrt(b * b + 2 * var_r * log_fail))
         # the window holds the sums S with S + shift in [s_lo, s_hi] ...
@@ -389,7 +388,7 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
         if lower and wrap <= _WRAP_SHARE * delta:
             composed, noise = _compose(laws, h, theta, base, grid)
             eps = _epsilon_from(composed - noise, base, h,
-                                delta + wrap + _HOEFFDING_SHARE * delta, shift, clip=False)
+                                delta + wrap + _BERNSTEIN_SHARE * delta, shift, clip=False)
         elif not lower:
             above = math.exp(min(mgf.log_tail_above(hi_edge), 0.0))
             off_grid = -math.expm1(log_on_grid)
@@ -397,9 +396,6 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
                 composed, noise = _compose(laws, h, theta, base, grid)
                 eps = _epsilon_from(composed + noise, base, h, delta - above - off_grid, 0.0,
                                     clip=True)
-        if _DEBUG:
-            print(direction, "lower" if lower else "upper", "theta", theta, "window", lo_edge,
-                  hi_edge, "h", h, "eps", eps)
         if eps == _BELOW:
             s_lo -= 1.0 + abs(s_lo)
         elif eps == _ABOVE:
