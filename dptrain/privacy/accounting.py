@@ -4,7 +4,8 @@ Three accountants of the (epsilon, delta) of the Poisson-subsampled Gaussian mec
 add-or-remove-one adjacency:
 - "pld" (the default, the figure reported as the guarantee): a certified upper bound, the
   privacy loss distribution discretized pessimistically (connect-the-dots) and composed with
-  bounded numerical error (`dptrain.privacy.certified`).
+  bounded numerical error (`dptrain.privacy.certified`); where RDP is smaller (millions of steps)
+  RDP's bound, which is also valid.
 - "rdp": Opacus's Renyi DP accountant. A valid but loose upper bound.
 - "prv": Opacus's privacy random variable accountant: an estimate, shown only labelled as one.
 `UPPER_BOUNDS` names the accountants whose value is a proven upper bound.
@@ -143,15 +144,17 @@ def _pld_epsilon(runs: list[StepRun], delta: float) -> float:
 
 
 def _certified_epsilon(runs: list[StepRun], delta: float) -> float:
-    """Certified upper bound for untruncated runs (RDP, also an upper bound, far outside the
-    range where the certified computation works)."""
+    """Certified upper bound for untruncated runs: the smaller of the certified PLD bound and
+    RDP (also an upper bound, and the tighter one for runs of millions of steps, where the PLD
+    grid gets coarse, or far outside the range where the PLD computation works)."""
     from dptrain.privacy.certified import CertificationError, composed_upper
 
+    rdp = _opacus_epsilon(runs, delta, "rdp")
     try:
-        return composed_upper([(r.noise_multiplier, r.sampling_rate, r.count) for r in runs],
-                              delta, grid=CERTIFIED_GRID)
+        return min(rdp, composed_upper([(r.noise_multiplier, r.sampling_rate, r.count)
+                                        for r in runs], delta, grid=CERTIFIED_GRID))
     except CertificationError:
-        return _opacus_epsilon(runs, delta, "rdp")
+        return rdp
 
 
 def _truncation_probability(run: StepRun) -> float:
