@@ -13,7 +13,7 @@ from dptrain.privacy.accounting import (ACCOUNTANTS, PrivacyLedger, calibrate_no
 from dptrain.privacy.certified import epsilon_bracket
 
 
-REFEREE_GRID = 2 ** 18
+REFEREE_GRID = 2 ** 17
 # Opacus's PRV accountant returns the upper end of its estimate; its documented accuracy is
 # eps_error = 0.01 either side, so its answer may sit up to twice that from the exact value.
 PRV_ERROR = 2 * 0.01

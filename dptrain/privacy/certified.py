@@ -19,8 +19,8 @@ Cell masses are Gaussian cdf differences (exact up to float error, no quadrature
 composition is one FFT power on a circular grid after an exponential tilt that centres the
 composed law near the answer (so float round-off stays far below delta). Mass that wraps around
 the circle is bounded by Chernoff bounds computed from the same per-step law and accounted for in
-the direction that keeps each end a bound. Float round-off is estimated (machine epsilon times the
-number of multiplications, untilted) and counted against both ends; it is not proven.
+the direction that keeps each end a bound. Float round-off is estimated (the usual FFT error norm, grown by the
+powers, spread over the entries, times 10) and counted against both ends; it is not proven.
 """
 from __future__ import annotations
 
@@ -201,10 +201,11 @@ def _compose(laws: list[tuple[np.ndarray, np.ndarray, int]], h: float, theta: fl
     circular = fft.irfft(total, n)
     idx = np.arange(base, base + n)
     scale = np.exp(log_scale - theta * idx * h)
-    # Round-off: each tilted entry is off by about machine epsilon times its largest entry per
-    # multiplication (relative errors of the spectrum add up over the powers).
+    # Round-off: the FFT's error has norm about machine epsilon times log n times the signal's
+    # norm, and the powers add the spectrum's relative errors up; spread evenly over the n
+    # entries, with a safety factor of 10.
     steps = sum(t for _, _, t in laws)
-    noise = 1e-15 * (steps + math.log2(n)) * float(np.max(np.abs(circular)))
+    noise = 10 * 2.2e-16 * (steps + math.log2(n)) * float(np.linalg.norm(circular)) / math.sqrt(n)
     return circular[np.mod(idx, n)] * scale, noise * scale
 
 
@@ -355,7 +356,15 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
         if first >= len(factors):
             break
         first, s_hi = top(theta, s_lo, first)
-        h = (s_hi - s_lo) / grid
+        # at least `grid` points, more (up to 16 times) where the window is wide next to the
+        # per-step loss's spread (a coarse grid blurs small losses over many steps) and, for the
+        # lower end, where the rounding errors' deviation would exceed about 0.05% of eps
+        n = grid
+        while n < 16 * grid and ((s_hi - s_lo) / n > spread / 8 or (
+                lower and (s_hi - s_lo) / n * math.sqrt(total_steps * log_fail / 6)
+                > 5e-4 * max(eps_c, 1e-2))):
+            n *= 2
+        h = (s_hi - s_lo) / n
         laws, shift, log_on_grid = [], 0.0, 0.0
         mean_r = var_r = 0.0
         for st, (_, _, t) in zip(steps_at(h), mechs):
@@ -376,7 +385,7 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
             shift = mean_r - (b + math.sqrt(b * b + 2 * var_r * log_fail))
         # the window holds the sums S with S + shift in [s_lo, s_hi] ...
         base = math.floor((s_lo - shift) / h)
-        lo_edge, hi_edge = base * h, (base + grid) * h
+        lo_edge, hi_edge = base * h, (base + n) * h
         mgf = _Mgf(laws, h)
         # ... and the tilted law's bulk, or round-off there would be blown up by the untilting
         bulk = mgf.tilted_bulk(theta)
@@ -386,14 +395,14 @@ def _direction_bound(mechs: list[Mechanism], delta: float, direction: str, grid:
         wrap = math.exp(min(_log_wrap(mgf, theta, lo_edge, hi_edge), 0.0))
         eps = _ABOVE  # the window's top is too low: the wrapped weight is too large
         if lower and wrap <= _WRAP_SHARE * delta:
-            composed, noise = _compose(laws, h, theta, base, grid)
+            composed, noise = _compose(laws, h, theta, base, n)
             eps = _epsilon_from(composed - noise, base, h,
                                 delta + wrap + _BERNSTEIN_SHARE * delta, shift, clip=False)
         elif not lower:
             above = math.exp(min(mgf.log_tail_above(hi_edge), 0.0))
             off_grid = -math.expm1(log_on_grid)
             if max(wrap, above) <= _WRAP_SHARE * delta:
-                composed, noise = _compose(laws, h, theta, base, grid)
+                composed, noise = _compose(laws, h, theta, base, n)
                 eps = _epsilon_from(composed + noise, base, h, delta - above - off_grid, 0.0,
                                     clip=True)
         if eps == _BELOW:
