@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from dptrain.privacy.accounting import TRUNCATION_SHARE, epsilon
-from dptrain.privacy.certified import epsilon_bracket, epsilon_lower
+from dptrain.privacy.accounting import TRUNCATION_SHARE, PrivacyLedger, epsilon
+from dptrain.privacy.certified import (composed_lower, composed_upper, epsilon_bracket,
+                                       epsilon_lower)
 
 REFEREE_GRID = 2 ** 17
 
@@ -77,3 +78,16 @@ def test_truncated_epsilon_against_referee(sigma, q, steps, delta, dataset_size,
     # and raising the cap never raises epsilon once the coupling bound applies
     coupled = [eps for eps, p in zip(reported, p_step) if (1 + math.exp(eps)) * steps * p < delta]
     assert coupled == sorted(coupled, reverse=True)
+
+
+def test_mixed_ledger_against_referee():
+    # a run resumed with other settings: the referee composes the two runs exactly
+    runs = [(1.0, 0.01, 3000), (0.7, 0.02, 500)]
+    ledger = PrivacyLedger()
+    for sigma, q, count in runs:
+        ledger.record(sigma, q, count=count)
+    lower = composed_lower(runs, 1e-8, grid=REFEREE_GRID)
+    upper = composed_upper(runs, 1e-8, grid=REFEREE_GRID)
+    reported = ledger.epsilon(1e-8)
+    assert lower <= reported <= upper * 1.01
+    assert (upper - lower) / upper < 0.005
