@@ -15,11 +15,19 @@ def test_epsilon_json_all_accountants(capsys):
     assert set(out["epsilon"]) == {"pld", "rdp", "prv"}
     assert out["epsilon"]["pld"] == epsilon(1.0, 0.01, 1000, 1e-6)
     assert out["epsilon"]["pld"] <= out["epsilon"]["rdp"]
+    assert out["upper_bounds"] == ["pld", "rdp"]
+
+
+def test_epsilon_text_labels_estimates(capsys):
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1.0", *BASE, "--accountant", "all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.endswith("(upper bound)") for line in lines] == [True, True, False]
+    assert "(prv)" in lines[2] and lines[2].endswith("(estimate, not a guarantee)")
 
 
 def test_epsilon_truncated_reports_only_pld(capsys):
     assert main(["privacy", "epsilon", "--noise-multiplier", "1.0", *BASE, "--accountant", "all",
-                 "--dataset-size", "100000", "--max-batch-size", "1100"]) == 0
+                 "--dataset-size", "100000", "--max-batch-size", "1300"]) == 0
     out = capsys.readouterr().out
     assert "epsilon (pld)" in out and "not applicable" in out and "epsilon (rdp)" not in out
 

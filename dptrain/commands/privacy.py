@@ -1,4 +1,7 @@
-"""`dptrain privacy epsilon|noise`: the (epsilon, delta) of a DP-SGD run, or the noise for a budget."""
+"""`dptrain privacy epsilon|noise`: the (epsilon, delta) of a DP-SGD run, or the noise for a budget.
+
+The default accountant, pld, is a certified upper bound; prv's figure is printed as an estimate.
+"""
 from __future__ import annotations
 
 import json
@@ -44,7 +47,7 @@ def _accountants(choice: str, truncated: bool) -> list[str]:
 
 
 def run_epsilon(args) -> int:
-    from dptrain.privacy.accounting import epsilon
+    from dptrain.privacy.accounting import epsilon, is_upper_bound
 
     truncated = args.max_batch_size is not None or args.dataset_size is not None
     results = {a: epsilon(args.noise_multiplier, args.sampling_rate, args.steps, args.delta, a,
@@ -54,10 +57,12 @@ def run_epsilon(args) -> int:
         print(json.dumps({"noise_multiplier": args.noise_multiplier,
                           "sampling_rate": args.sampling_rate, "steps": args.steps,
                           "delta": args.delta, "dataset_size": args.dataset_size,
-                          "max_batch_size": args.max_batch_size, "epsilon": results}))
+                          "max_batch_size": args.max_batch_size, "epsilon": results,
+                          "upper_bounds": [a for a in results if is_upper_bound(a)]}))
     else:
         for name, value in results.items():
-            print(f"epsilon ({name}) = {value:.4f} at delta = {args.delta:g}")
+            kind = "upper bound" if is_upper_bound(name) else "estimate, not a guarantee"
+            print(f"epsilon ({name}) = {value:.4f} at delta = {args.delta:g} ({kind})")
         if args.accountant == "all" and truncated:
             print("rdp, prv: not applicable to truncated Poisson sampling")
     return 0

@@ -2,14 +2,21 @@
 
 Three accountants of the (epsilon, delta) of the Poisson-subsampled Gaussian mechanism under
 add-or-remove-one adjacency:
-- "pld": dp_accounting's privacy loss distribution (pessimistic, connect-the-dots). The default:
-  tight and an upper bound up to its discretization, which always rounds towards more privacy loss.
-- "rdp": Opacus's Renyi DP accountant. A valid but loose upper bound (never below PLD).
-- "prv": Opacus's privacy random variable accountant (returns its upper error bound).
+- "pld" (the default, the figure reported as the guarantee): a certified upper bound, the
+  privacy loss distribution discretized pessimistically (connect-the-dots) and composed with
+  bounded numerical error (`dptrain.privacy.certified`); where RDP is smaller (millions of steps)
+  RDP's bound, which is also valid.
+- "rdp": Opacus's Renyi DP accountant. A valid but loose upper bound.
+- "prv": Opacus's privacy random variable accountant: an estimate, shown only labelled as one.
+`UPPER_BOUNDS` names the accountants whose value is a proven upper bound.
+
 Truncated Poisson sampling (batches above a maximum size cut down to a random subset, as in
-VaultGemma) is accounted only by "pld" (dp_accounting's TruncatedSubsampledGaussianDpEvent).
-Opacus has no analysis of truncation; cutting a batch changes which *other* examples survive, so
-untruncated accounting is not a bound for it, and those accountants are reported as not applicable.
+VaultGemma) is accounted only by "pld". Where truncation is rare, by coupling: the truncated run
+differs from the untruncated one only if some step truncates, which happens with probability at
+most p = sum over steps of P(Binomial(N + 1, q) > cap), so the untruncated eps at
+delta - (1 + e^eps) p bounds it. Where truncation is frequent that bound is void and
+dp_accounting's analysis of the truncated mechanism is used (never reported below the untruncated
+certified bound). Opacus has no analysis of truncation: those accountants are not applicable.
 """
 from __future__ import annotations
 
@@ -21,15 +28,26 @@ from typing import Iterable
 from dptrain.errors import UserError
 
 ACCOUNTANTS = ("pld", "rdp", "prv")
+# Accountants whose value is a proven upper bound on epsilon; the others are estimates.
+UPPER_BOUNDS = ("pld", "rdp")
 
-# Width of the PLD's privacy-loss grid. Measured on this project's reference cases: 1e-4 is within
-# 0.001 of the finer answer (9.3152 at (1.0, 0.01, 10000, 1e-10); 1.9975 for VaultGemma's setting)
-# in under half a second, while 1e-3 overstates by up to 0.014 and 1e-2 by up to 0.17.
-# The grid's length grows with the privacy loss, so a large epsilon (tiny sigma) at 1e-4 takes
-# minutes; a cheap pass at the coarse width first sizes the grid to about 1e-5 of the epsilon.
+# FFT size of the certified accountant's composition grid. 2^16 keeps a call under half a second
+# and its bound within about 0.2% of a finer (2^18) bracket's upper end on the tested grid.
+CERTIFIED_GRID = 2 ** 16
+# Truncation is negligible once the chance that any step truncates, times (1 + e^eps), is at most
+# this share of delta; from there on the bound no longer depends on the cap.
+TRUNCATION_SHARE = 1e-3
+
+# dp_accounting's PLD grid, used only for frequently truncated batches: width 1e-4, sized down to
+# about 1e-5 of epsilon after a cheap pass at width 1e-2 when epsilon is large.
 PLD_DISCRETIZATION = 1e-4
 PLD_COARSE_DISCRETIZATION = 1e-2
 PLD_RELATIVE_DISCRETIZATION = 1e-5
+
+
+def is_upper_bound(accountant: str) -> bool:
+    """Whether this accountant's epsilon is a proven upper bound (else: an estimate)."""
+    return accountant in UPPER_BOUNDS
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,76 @@ def epsilon_of_runs(runs: Iterable[StepRun], delta: float, accountant: str = "pl
 
 
 def _pld_epsilon(runs: list[StepRun], delta: float) -> float:
+    plain = [StepRun(r.noise_multiplier, r.sampling_rate, r.count) for r in runs]
+    truncated = [r for r in runs if r.truncated]
+    if not truncated:
+        return _certified_epsilon(plain, delta)
+    p_truncate = sum(r.count * _truncation_probability(r) for r in truncated)
+    eps = _coupled_epsilon(plain, delta, p_truncate)
+    if eps is not None:
+        return eps
+    # truncation is frequent: rely on dp_accounting's analysis of the truncated mechanism, never
+    # below the bound for negligible truncation (so raising the cap never raises epsilon there)
+    return max(_dp_accounting_epsilon(runs, delta),
+               _certified_epsilon(plain, delta * (1 - TRUNCATION_SHARE)))
+
+
+def _certified_epsilon(runs: list[StepRun], delta: float) -> float:
+    """Certified upper bound for untruncated runs: the smaller of the certified PLD bound and
+    RDP (also an upper bound, and the tighter one for runs of millions of steps, where the PLD
+    grid gets coarse, or far outside the range where the PLD computation works)."""
+    from dptrain.privacy.certified import CertificationError, composed_upper
+
+    rdp = _rdp_epsilon(runs, delta)
+    try:
+        return min(rdp, composed_upper([(r.noise_multiplier, r.sampling_rate, r.count)
+                                        for r in runs], delta, grid=CERTIFIED_GRID))
+    except CertificationError:
+        return rdp
+
+
+def _rdp_epsilon(runs: list[StepRun], delta: float) -> float:
+    """RDP bound at integer orders (exact RDP of the subsampled Gaussian there), numpy only."""
+    import numpy as np
+
+    from dptrain.scaling.noise import ORDERS, rdp_poisson_gaussian
+
+    rdp = sum(r.count * rdp_poisson_gaussian([r.sampling_rate], [r.noise_multiplier])[0]
+              for r in runs)
+    orders = ORDERS.astype(float)
+    eps = rdp + np.log1p(-1 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
+    return max(float(np.min(eps)), 0.0)
+
+
+def _truncation_probability(run: StepRun) -> float:
+    """P(a step's Poisson batch exceeds the cap), for the larger of two neighbouring datasets."""
+    from scipy.stats import binom
+
+    return float(binom.sf(run.max_batch_size, run.dataset_size + 1, run.sampling_rate))
+
+
+def _coupled_epsilon(plain: list[StepRun], delta: float, p_truncate: float) -> float | None:
+    """An eps with eps_plain(delta - (1 + e^eps) p) <= eps, or None if truncation is too likely.
+
+    For any event E: P_trunc(D)(E) <= P_plain(D)(E) + p <= e^eps P_plain(D')(E) + delta_plain + p
+    <= e^eps P_trunc(D')(E) + delta_plain + (1 + e^eps) p.
+    """
+    eps = _certified_epsilon(plain, delta * (1 - TRUNCATION_SHARE))
+    if (1 + math.exp(min(eps, 700.0))) * p_truncate <= TRUNCATION_SHARE * delta:
+        return eps  # negligible: the same bound for every cap beyond this point
+    candidate = eps
+    for _ in range(8):
+        rest = delta - (1 + math.exp(min(candidate, 700.0))) * p_truncate
+        if rest <= 0:
+            return None
+        needed = _certified_epsilon(plain, rest)
+        if needed <= candidate:
+            return candidate
+        candidate = needed * (1 + 1e-6)
+    return None
+
+
+def _dp_accounting_epsilon(runs: list[StepRun], delta: float) -> float:
     coarse = _pld_epsilon_at(runs, delta, PLD_COARSE_DISCRETIZATION)
     width = min(PLD_COARSE_DISCRETIZATION,
                 max(PLD_DISCRETIZATION, coarse * PLD_RELATIVE_DISCRETIZATION))
@@ -181,10 +269,14 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
         return epsilon(sigma, sampling_rate, steps, delta, accountant,
                        dataset_size=dataset_size, max_batch_size=max_batch_size)
 
-    # Bracket from sigma = 1 outwards, doubling or halving: accountants are slow at tiny sigma
-    # (huge privacy losses), so extremes are only evaluated when the target demands them.
+    # Bracket outwards from a first guess, the sigma a fast vectorised RDP bound calls for (the
+    # tighter accountants need a little less), in steps of `factor`.
+    from dptrain.scaling.noise import calibrate_rdp
+
+    guess = float(calibrate_rdp(target_epsilon, delta, [sampling_rate], [steps])[0])
+    factor = 1.25
     lo, hi = None, None
-    sigma = min(max(1.0, min_sigma), max_sigma)
+    sigma = min(max(guess, min_sigma), max_sigma)
     while hi is None:
         if eps(sigma) <= target_epsilon:
             hi = sigma
@@ -194,13 +286,16 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
                             f"{sampling_rate} over {steps} steps; use fewer steps, a smaller "
                             "sampling rate or a larger budget")
         else:
-            lo, sigma = sigma, min(2 * sigma, max_sigma)
+            lo, sigma = sigma, min(factor * sigma, max_sigma)
+            factor *= 2
+    factor = 1.25
     while lo is None:
         if hi <= min_sigma:
             return hi
-        sigma = max(hi / 2, min_sigma)
+        sigma = max(hi / factor, min_sigma)
         if eps(sigma) <= target_epsilon:
             hi = sigma
+            factor *= 2
         else:
             lo = sigma
     while hi / lo - 1 > rtol:

@@ -57,8 +57,8 @@ def calibrate_rdp(epsilon: float, delta: float, q, steps, lo: float = 1e-3, hi: 
 
 
 def confirm_pld(epsilon: float, delta: float, q: float, steps: int) -> float:
-    """sigma from the PLD accountant (tight; can take minutes for long runs). The search is
-    bracketed between half the RDP sigma and the RDP sigma, which PLD never needs to exceed."""
+    """sigma from the certified PLD accountant (tight; a few seconds). The search is bracketed
+    between half the RDP sigma and the RDP sigma, which PLD never needs to exceed."""
     from dptrain.privacy.accounting import calibrate_noise
 
     upper = float(calibrate_rdp(epsilon, delta, [q], [steps])[0])
