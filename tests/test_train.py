@@ -106,7 +106,16 @@ def test_calibrated_run_stays_within_budget_and_reports_it(data_dir, tmp_path):
     assert report["epsilon"]["rdp"] >= report["epsilon"]["pld"]  # PLD is the tighter bound
     saved = json.loads((tmp_path / "privacy_report.json").read_text())
     assert saved["noise_multiplier"] == pytest.approx(trainer.noise_multiplier)
-    assert (tmp_path / "privacy_report.txt").read_text().startswith("Privacy guarantee")
+    text = (tmp_path / "privacy_report.txt").read_text()
+    assert text.startswith(f"Privacy guarantee: ({report['epsilon']['pld']:.4g}, ")
+    # PRV's point value is shown only as what it is
+    assert saved["estimates"] == ["prv"] and "prv " in text and "(estimate, not a guarantee)" in text
+    assert "pld " in text and "pld {:.4g} (estimate".format(report["epsilon"]["pld"]) not in text
+
+
+def test_only_upper_bounds_calibrate_and_check_the_budget(data_dir, tmp_path):
+    with pytest.raises(UserError, match=r"privacy.accountant: 'prv' is not one of \['pld', 'rdp'\]"):
+        Trainer(make_config(data_dir, tmp_path, privacy={"accountant": "prv"}))
 
 
 def test_truncated_poisson_is_counted(data_dir, tmp_path):

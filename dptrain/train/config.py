@@ -30,7 +30,9 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # calibrate the noise to this budget ...
     noise_multiplier: float | None = None  # ... or give σ directly (then ε is derived)
     max_grad_norm: float = 1.0
-    accountant: Literal["pld", "rdp", "prv"] = "pld"
+    # Calibration and the budget check use this one, so only upper bounds are offered (PRV's
+    # point value is an estimate; the report still shows it, labelled as one).
+    accountant: Literal["pld", "rdp"] = "pld"
     max_batch_size: int | None = None  # truncated Poisson: larger draws are cut, and accounted
     # Sampling and noise straight from the OS CSPRNG: no seed, nothing replayable, no bit-exact resume.
     secure_randomness: bool = False

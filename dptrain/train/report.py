@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dptrain.privacy.accounting import is_upper_bound
 from dptrain.privacy.group import sequences_per_unit, unit_guarantees
 
 NOT_COVERED = [
@@ -32,6 +33,8 @@ def privacy_report(trainer) -> dict:
         "guarantee": f"({epsilons.get(p.accountant, 0.0):.4g}, {p.delta:g})-DP"
                      f" with respect to one training sequence",
         "epsilon": epsilons,
+        # Accountants whose figure is an estimate, not a bound: shown, never the guarantee.
+        "estimates": [name for name in epsilons if not is_upper_bound(name)],
         "delta": p.delta,
         "accountant": p.accountant,
         "planned_epsilon": trainer.planned_epsilon,
@@ -82,7 +85,9 @@ def _units(trainer) -> dict:
 
 
 def summary(report: dict) -> str:
-    eps = ", ".join(f"{name} {value:.4g}" for name, value in report["epsilon"].items()) or "none spent"
+    estimates = set(report.get("estimates", ()))
+    eps = ", ".join(f"{name} {value:.4g}" + (" (estimate, not a guarantee)" if name in estimates else "")
+                    for name, value in report["epsilon"].items()) or "none spent"
     sizes = report.get("realised_batch_size") or {}
     lines = [
         f"Privacy guarantee: {report['guarantee']}",
