@@ -88,6 +88,7 @@ def test_without_noise_the_audit_certifies_a_clearly_positive_epsilon(base_dir, 
     assert "audit: ε ≥" in (trainer.out_dir / "privacy_report.txt").read_text()
 
 
+@pytest.mark.slow
 def test_dp_training_stays_below_its_claimed_epsilon(base_dir, tmp_path):
     # the same canaries and coins as the control above, now with noise calibrated to ε = 1
     _, trainer, report = run_audit(make_config(base_dir, tmp_path, target_epsilon=1.0))

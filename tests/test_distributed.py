@@ -175,6 +175,7 @@ def runs(data_dir, tmp_path_factory):
 CASES = [(mode, world) for mode in ("ddp", "fsdp") for world in (1, 2, 4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,world", CASES)
 def test_noise_variance_is_sigma_squared_c_squared_at_any_world_size(runs, mode, world):
     noise = runs(mode, world)["noises"][0]

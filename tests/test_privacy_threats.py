@@ -357,6 +357,7 @@ def test_every_logged_step_carries_the_epsilon_spent_up_to_it(data_dir, tmp_path
     assert logged[4] >= report["epsilon"]["pld"] and all(logged[s] < logged[s + 1] for s in (1, 2, 3))
 
 
+@pytest.mark.slow
 def test_the_fast_bound_covers_truncated_sampling():
     from dptrain.privacy.running import running_epsilon
 

@@ -118,6 +118,7 @@ def test_only_upper_bounds_calibrate_and_check_the_budget(data_dir, tmp_path):
         Trainer(make_config(data_dir, tmp_path, privacy={"accountant": "prv"}))
 
 
+@pytest.mark.slow
 def test_truncated_poisson_is_counted(data_dir, tmp_path):
     cfg = make_config(data_dir, tmp_path, privacy={"expected_batch_size": 64, "max_batch_size": 64},
                       logging={"private_metrics": True},  # the count is a statistic of private batches
