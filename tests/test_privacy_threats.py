@@ -340,7 +340,12 @@ def test_the_report_states_the_guarantee_per_document_and_user(data_dir, tmp_pat
     users = report["units"]["group"]
     eps = report["epsilon"]["pld"]
     assert users["epsilon_of_largest"] == pytest.approx(users["sequences_max"] * eps)
-    assert "per group" in (tmp_path / "privacy_report.txt").read_text()
+    text = (tmp_path / "privacy_report.txt").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("  per group"))
+    if users["delta_of_largest"] >= 1:  # no (ε, 1) pretending to be a guarantee
+        assert line.endswith("the largest has no guarantee from group privacy (its δ reaches 1)")
+    else:
+        assert f"protected at ({users['epsilon_of_largest']:.4g}, " in line
 
 
 # ---- 8. the logged ε is the ε spent so far -----------------------------------------------------

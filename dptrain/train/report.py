@@ -99,9 +99,8 @@ def summary(report: dict) -> str:
         + (f", realised {sizes['mean']:.1f} on average ({sizes['min']}-{sizes['max']})" if sizes.get("mean") else ""),
         *_context_lines(report),
         f"  privacy unit: {report['privacy_unit']}",
-        *[f"  per {unit}: up to {u['sequences_max']} sequences (mean {u['sequences_mean']:g}); the largest is "
-          f"protected at ({u['epsilon_of_largest']:.4g}, {u['delta_of_largest']:.3g})"
-          for unit, u in report.get("units", {}).items()],
+        *[f"  per {unit}: up to {u['sequences_max']} sequences (mean {u['sequences_mean']:g}); "
+          + _largest_unit(u) for unit, u in report.get("units", {}).items()],
         "  not covered:",
         *[f"    - {item}" for item in report["not_covered"]],
         *[f"  released outside the guarantee: {item}" for item in report.get("released_outside_guarantee", [])],
@@ -126,6 +125,12 @@ def _context_lines(report: dict) -> list[str]:
             f"{t['name']} ({t['sha256'][:12]})" for t in tokenizer.get("trained_on", [])) or "unknown"
         lines.append(f"  tokenizer trained on: {source}")
     return lines
+
+
+def _largest_unit(u: dict) -> str:
+    if u["delta_of_largest"] >= 1:  # group privacy gives nothing: say so rather than print (ε, 1)
+        return "the largest has no guarantee from group privacy (its δ reaches 1)"
+    return f"the largest is protected at ({u['epsilon_of_largest']:.4g}, {u['delta_of_largest']:.3g})"
 
 
 def measured_lines(report: dict) -> list[str]:
