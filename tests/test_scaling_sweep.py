@@ -129,6 +129,13 @@ def test_plan_config_loads_and_trains(micro_data, tmp_path):
                                      "eval.max_sequences=8", "runtime.micro_batch_size=64"])
     written = yaml.safe_load(config.read_text())
     assert cfg.privacy.target_epsilon == 8 and cfg.privacy.noise_multiplier == written["privacy"]["noise_multiplier"]
+    # the planner calibrated with the trainer's accountant: the two agree on sigma within 1%
+    calibrating = load_train_config(config, [f"out_dir={tmp_path / 'calibrated'}", "privacy.noise_multiplier=null",
+                                             f"privacy.steps={written['privacy']['steps']}",
+                                             "logging.wandb=disabled"])
+    own_sigma = Trainer(calibrating, config_dir=config.parent).noise_multiplier
+    assert written["privacy"]["noise_multiplier"] == pytest.approx(own_sigma, rel=0.01)
+    assert written["privacy"]["accountant"] == "pld"
     trainer = Trainer(cfg, config_dir=config.parent)  # the model path is relative to the file
     report = trainer.fit()
     assert trainer.step == 2 and report["epsilon"]["rdp"] <= 8

@@ -29,7 +29,8 @@ def register(sub) -> None:
                         help="show a best plan lying more than 3x outside the law's fitted range "
                              "(refused by default: its loss is a guess)")
     parser.add_argument("--confirm-pld", action="store_true",
-                        help="recalibrate the best plan's sigma with the PLD accountant (slow)")
+                        help="recalibrate the best plan's sigma with the PLD accountant, the one "
+                             "the trainer uses (a few seconds; always done with --write-config)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--write-config", metavar="FILE",
                         help="write a `dptrain train` config for the best plan")
@@ -75,7 +76,7 @@ def run(args) -> int:
         raise UserError(f"the best plan lies outside the law's fitted range ({fitted}) by up to "
                         f"{plans[0].extrapolation:.3g}x ({describe_extrapolation(plans[0])}); its loss "
                         "is a guess. Fit a law on runs nearer this budget, or pass --allow-extrapolation")
-    if args.confirm_pld:
+    if args.confirm_pld or args.write_config:  # a written config gets the trainer's own accountant's σ
         best = plans[0]
         sigma = confirm_pld(args.epsilon, args.delta, best.batch_size / args.data_size, best.steps)
         plans[0] = replan_with_sigma(law, best, sigma, args.seq_len, "pld")
