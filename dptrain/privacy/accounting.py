@@ -111,8 +111,12 @@ def applicable_accountants(runs: Iterable[StepRun]) -> tuple[str, ...]:
     return ("pld",) if any(r.truncated for r in runs) else ACCOUNTANTS
 
 
-def epsilon_of_runs(runs: Iterable[StepRun], delta: float, accountant: str = "pld") -> float:
-    """Epsilon at `delta` of the composition of all runs (0 if nothing private happened)."""
+def epsilon_of_runs(runs: Iterable[StepRun], delta: float, accountant: str = "pld", *,
+                    grid: int = CERTIFIED_GRID) -> float:
+    """Epsilon at `delta` of the composition of all runs (0 if nothing private happened).
+
+    `grid`: cells of the certified PLD computation; a coarser grid is faster and still an upper
+    bound, only a looser one."""
     _check_delta(delta)
     _check_accountant(accountant)
     runs = [r for r in runs if r.count > 0 and r.sampling_rate > 0]
@@ -124,26 +128,26 @@ def epsilon_of_runs(runs: Iterable[StepRun], delta: float, accountant: str = "pl
         raise UserError(f"the {accountant} accountant cannot account truncated Poisson sampling; "
                         "use pld")
     if accountant == "pld":
-        return _pld_epsilon(runs, delta)
+        return _pld_epsilon(runs, delta, grid)
     return _opacus_epsilon(runs, delta, accountant)
 
 
-def _pld_epsilon(runs: list[StepRun], delta: float) -> float:
+def _pld_epsilon(runs: list[StepRun], delta: float, grid: int = CERTIFIED_GRID) -> float:
     plain = [StepRun(r.noise_multiplier, r.sampling_rate, r.count) for r in runs]
     truncated = [r for r in runs if r.truncated]
     if not truncated:
-        return _certified_epsilon(plain, delta)
+        return _certified_epsilon(plain, delta, grid)
     p_truncate = sum(r.count * _truncation_probability(r) for r in truncated)
-    eps = _coupled_epsilon(plain, delta, p_truncate)
+    eps = _coupled_epsilon(plain, delta, p_truncate, grid)
     if eps is not None:
         return eps
     # truncation is frequent: rely on dp_accounting's analysis of the truncated mechanism, never
     # below the bound for negligible truncation (so raising the cap never raises epsilon there)
     return max(_dp_accounting_epsilon(runs, delta),
-               _certified_epsilon(plain, delta * (1 - TRUNCATION_SHARE)))
+               _certified_epsilon(plain, delta * (1 - TRUNCATION_SHARE), grid))
 
 
-def _certified_epsilon(runs: list[StepRun], delta: float) -> float:
+def _certified_epsilon(runs: list[StepRun], delta: float, grid: int = CERTIFIED_GRID) -> float:
     """Certified upper bound for untruncated runs: the smaller of the certified PLD bound and
     RDP (also an upper bound, and the tighter one for runs of millions of steps, where the PLD
     grid gets coarse, or far outside the range where the PLD computation works)."""
@@ -152,7 +156,7 @@ def _certified_epsilon(runs: list[StepRun], delta: float) -> float:
     rdp = _rdp_epsilon(runs, delta)
     try:
         return min(rdp, composed_upper([(r.noise_multiplier, r.sampling_rate, r.count)
-                                        for r in runs], delta, grid=CERTIFIED_GRID))
+                                        for r in runs], delta, grid=grid))
     except CertificationError:
         return rdp
 
@@ -177,13 +181,14 @@ def _truncation_probability(run: StepRun) -> float:
     return float(binom.sf(run.max_batch_size, run.dataset_size + 1, run.sampling_rate))
 
 
-def _coupled_epsilon(plain: list[StepRun], delta: float, p_truncate: float) -> float | None:
+def _coupled_epsilon(plain: list[StepRun], delta: float, p_truncate: float,
+                     grid: int = CERTIFIED_GRID) -> float | None:
     """An eps with eps_plain(delta - (1 + e^eps) p) <= eps, or None if truncation is too likely.
 
     For any event E: P_trunc(D)(E) <= P_plain(D)(E) + p <= e^eps P_plain(D')(E) + delta_plain + p
     <= e^eps P_trunc(D')(E) + delta_plain + (1 + e^eps) p.
     """
-    eps = _certified_epsilon(plain, delta * (1 - TRUNCATION_SHARE))
+    eps = _certified_epsilon(plain, delta * (1 - TRUNCATION_SHARE), grid)
     if (1 + math.exp(min(eps, 700.0))) * p_truncate <= TRUNCATION_SHARE * delta:
         return eps  # negligible: the same bound for every cap beyond this point
     candidate = eps
@@ -191,7 +196,7 @@ def _coupled_epsilon(plain: list[StepRun], delta: float, p_truncate: float) -> f
         rest = delta - (1 + math.exp(min(candidate, 700.0))) * p_truncate
         if rest <= 0:
             return None
-        needed = _certified_epsilon(plain, rest)
+        needed = _certified_epsilon(plain, rest, grid)
         if needed <= candidate:
             return candidate
         candidate = needed * (1 + 1e-6)
