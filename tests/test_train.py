@@ -136,6 +136,7 @@ def test_truncated_poisson_is_counted(data_dir, tmp_path):
     ({"noise_multiplier": None, "target_epsilon": 1e-4}, "no noise multiplier"),
     ({"expected_batch_size": 10**6}, "exceeds"),
     ({"delta": 0.5}, "1/N"),
+    ({"unit": "group", "max_sequences_per_unit": 4}, "not supported by training yet"),
 ])
 def test_impossible_plans_fail_before_any_compute(data_dir, tmp_path, privacy, message):
     with pytest.raises(UserError, match=message):
@@ -191,3 +192,16 @@ def test_config_typo_exits_2_with_one_line(tmp_path, capsys):
 def test_demo_config_is_valid():
     cfg = load_train_config("configs/demo.yaml")
     assert cfg.privacy.target_epsilon is not None and cfg.data.source == "demo"
+
+
+def test_data_packed_by_group_trains_at_sequence_level(data_dir, tmp_path):
+    from dptrain.data import PackedDataset, prepare
+
+    demo = data_dir.parent
+    packed = prepare([next(demo.glob("corpus-*")) / "private.jsonl"], next(demo.glob("tokenizer-*.model")), 32,
+                     tmp_path / "by-user", group_column="user_id", unit="group", eval_fraction=0.1,
+                     progress=False)
+    assert PackedDataset(packed).info["padding_tokens"] > 0
+    trainer = Trainer(make_config(packed, tmp_path / "run", privacy={"steps": 1, "expected_batch_size": 4}))
+    trainer.train_step()
+    assert np.isfinite(trainer.evaluate())

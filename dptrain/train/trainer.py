@@ -58,13 +58,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def inputs_and_targets(data: PackedDataset, slots: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token pairs of the sequences at `slots`; slot -1 is a padding example, all ignored."""
+    """Next-token pairs of the sequences at `slots`; slot -1 is a padding example, all ignored, and so
+    are the positions past a unit-packed sequence's real tokens."""
     real = slots >= 0
     tokens = torch.zeros(len(slots), data.seq_len, dtype=torch.long)
+    lengths = np.zeros(len(slots), dtype=np.int64)
     if real.any():
         tokens[torch.from_numpy(real)] = data.batch(slots[real])
+        lengths[real] = data.real_tokens(slots[real])
     targets = tokens[:, 1:].clone()
-    targets[torch.from_numpy(~real)] = IGNORE
+    # target j is token j + 1: kept only while j + 1 is a real token
+    targets[torch.arange(data.seq_len - 1)[None, :] + 1 >= torch.from_numpy(lengths)[:, None]] = IGNORE
     return tokens[:, :-1].to(device), targets.to(device)
 
 
@@ -78,6 +82,10 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, config_dir: Path | None = None):
         self.cfg = cfg
+        if cfg.privacy.unit != "sequence":
+            # Packing by unit exists (`data prepare --unit`); sampling and clipping by unit do not yet.
+            raise UserError(f"privacy.unit {cfg.privacy.unit!r} is not supported by training yet: train with "
+                            "privacy.unit: sequence (data packed by unit then protects each of its sequences)")
         self.out_dir = Path(cfg.out_dir)
         self.parallel = make_parallel(cfg.runtime.parallel, resolve_device(cfg.runtime.device))
         self.device = self.parallel.device
