@@ -163,6 +163,10 @@ class UnitSampler:
     def steps_taken(self) -> int:
         return self.units.steps_taken
 
+    @property
+    def truncated_steps(self) -> int:
+        return self.units.truncated_steps  # 0: unit batches are never truncated
+
     def sample(self) -> np.ndarray:
         """The next step's rows: int64 [sampled units, k], one row per unit (units sorted), its
         sequence indices sorted and padded with -1 when the unit has fewer than k."""
