@@ -24,7 +24,7 @@ class DataConfig:
 
 @dataclass
 class PrivacyConfig:
-    expected_batch_size: int  # B: each sequence joins a step with probability q = B / N
+    expected_batch_size: int  # B: each sequence (or unit) joins a step with probability q = B / N
     steps: int
     delta: float
     target_epsilon: float | None = None  # calibrate the noise to this budget ...
@@ -37,7 +37,7 @@ class PrivacyConfig:
     # Sampling and noise straight from the OS CSPRNG: no seed, nothing replayable, no bit-exact resume.
     secure_randomness: bool = False
     # What the guarantee protects: one sequence (VaultGemma), or a whole document or group (user),
-    # which needs data prepared with `--unit document|group`. Only `sequence` trains so far.
+    # which needs data prepared with `--unit document|group`; expected_batch_size then counts units.
     unit: Literal["sequence", "document", "group"] = "sequence"
     max_sequences_per_unit: int = 1  # k: sequences a sampled unit contributes (document/group units)
 
