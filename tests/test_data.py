@@ -520,3 +520,18 @@ def test_packing_by_unit_errors(tmp_path, tokenizer):
     assert seq.unit == "sequence" and (seq.real_tokens([0, 1]) == 16).all()
     with pytest.raises(UserError, match="packed by sequence"):
         seq.unit_ranges()
+
+
+def test_memorization_windows_of_unit_packed_data_avoid_padding(tmp_path, tokenizer):
+    from dptrain.audit.extraction import training_windows
+
+    out = prepare([write_jsonl(tmp_path / "docs.jsonl", make_docs(90, seed=9))], tokenizer, 16,
+                  tmp_path / "prep", unit="document", progress=False)
+    ds = PackedDataset(out)
+    real = ds.real_tokens(np.arange(len(ds)))
+    full = np.asarray(ds.tokens)[real == ds.seq_len]
+    assert 0 < len(full) < len(ds)  # some sequences are padded
+    windows = training_windows(ds, len(ds), 10, seed=0).numpy()
+    assert len(windows) == len(full)  # only full sequences are drawn
+    for w in windows:
+        assert any((row[s:s + 10] == w).all() for row in full for s in range(ds.seq_len - 9))
