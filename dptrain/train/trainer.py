@@ -277,7 +277,7 @@ class Trainer:
         return {"draw": self.randomness["draw"], "layout": layout, "noise_multiplier": self.noise_multiplier,
                 "sampling_rate": self.sampling_rate, "dataset_size": self.truncation.get("dataset_size"),
                 "max_batch_size": self.truncation.get("max_batch_size"),
-                **({} if self.unit_size == 1 and self.cfg.privacy.unit == "sequence" else
+                **({} if self.cfg.privacy.unit == "sequence" else
                    {"unit": self.cfg.privacy.unit, "max_sequences_per_unit": self.unit_size})}
 
     def _count_unreplayed_steps(self) -> None:
