@@ -428,3 +428,110 @@ def test_cli_prepare_and_errors(tmp_path, tokenizer, capsys):
     assert rc == 2 and err.count("\n") == 1 and "no column 'body'" in err
     rc = main(["tokenizer", "info", str(tokenizer)])
     assert rc == 0 and "pad 0, eos 1, bos 2, unk 3" in capsys.readouterr().out
+
+
+# --- packing by unit (document or group) ------------------------------------------------------
+
+def naive_pack_by_unit(docs: list[dict], sp, seq_len: int, unit: str, pad: int):
+    """Reference: each unit's (document's, or user's in input order) BOS+ids+EOS stream, cut every
+    seq_len tokens, its last sequence padded; units in first-appearance order. Returns the token
+    rows, each row's unit key (document id or user) and its number of real tokens."""
+    keys = [i if unit == "document" else d["user"] for i, d in enumerate(docs)]
+    rows, owners, reals = [], [], []
+    for key in dict.fromkeys(keys):
+        stream = [t for i, d in enumerate(docs) if keys[i] == key and d["text"]
+                  for t in [BOS] + sp.encode(d["text"]) + [EOS]]
+        for a in range(0, len(stream), seq_len):
+            chunk = stream[a:a + seq_len]
+            rows.append(chunk + [pad] * (seq_len - len(chunk)))
+            owners.append(key)
+            reals.append(len(chunk))
+    return np.array(rows, dtype=np.uint32).reshape(-1, seq_len), owners, reals
+
+
+@pytest.mark.parametrize("unit,seq_len,batch_docs", [("document", 16, 7), ("group", 16, 3), ("group", 37, 1024)])
+def test_packing_by_unit_matches_naive_reference(tmp_path, tokenizer, unit, seq_len, batch_docs):
+    docs = make_docs(90, seed=5)
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    out = prepare([src], tokenizer, seq_len, tmp_path / "prep", group_column="user", unit=unit,
+                  batch_docs=batch_docs, progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    pad = sp.pad_id() if sp.pad_id() >= 0 else EOS
+    tokens, owners, reals = naive_pack_by_unit(docs, sp, seq_len, unit, pad)
+    ds = PackedDataset(out)
+    assert ds.unit == unit and np.array_equal(ds.tokens, tokens)
+    assert ds.real_tokens(np.arange(len(ds))).tolist() == reals
+    names = ds.group_names
+    keys = ds.sequence_units.tolist() if unit == "document" else [names[g] for g in ds.sequence_units]
+    assert keys == owners
+    # no sequence mixes two units: its documents all belong to its unit
+    for i in range(len(ds)):
+        assert {d if unit == "document" else docs[d]["user"] for d in ds.documents(i)} == {keys[i]}
+    starts, counts = ds.unit_ranges()
+    assert counts.sum() == len(ds) and len(starts) == len(dict.fromkeys(owners))
+    assert all(len({keys[j] for j in range(s, s + c)}) == 1 for s, c in zip(starts, counts))
+    info = ds.info
+    assert info["num_units"] == len(starts) and info["max_unit_sequences"] == counts.max()
+    assert info["padding_tokens"] == tokens.size - sum(reals) and info["num_tokens"] == sum(reals)
+    assert info["dropped_tail_tokens"] == 0 and ds.manifest["tail"] == "padded"
+
+
+def test_packing_by_group_holds_out_whole_groups(tmp_path, tokenizer):
+    docs = [dict(d, user=f"u{(i * 7) % 20}") for i, d in enumerate(make_docs(200, seed=6))]
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    out = prepare([src], tokenizer, 24, tmp_path / "prep", group_column="user", unit="group",
+                  eval_fraction=0.2, progress=False, batch_docs=9)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    pad = sp.pad_id() if sp.pad_id() >= 0 else EOS
+    split_users = {}
+    for split in ("train", "eval"):
+        ds = PackedDataset(out, split)
+        split_users[split] = {ds.group_names[g] for g in ds.sequence_units}
+        # each split is exactly the naive unit packing of its own groups' documents
+        own = [d for d in docs if d["user"] in split_users[split]]
+        assert np.array_equal(ds.tokens, naive_pack_by_unit(own, sp, 24, "group", pad)[0])
+    assert not split_users["train"] & split_users["eval"] and len(split_users["eval"]) == 4
+
+
+def test_trainer_ignores_padding_of_unit_packed_sequences(tmp_path, tokenizer):
+    from dptrain.train.trainer import IGNORE, inputs_and_targets
+
+    docs = make_docs(40, seed=8)
+    out = prepare([write_jsonl(tmp_path / "docs.jsonl", docs)], tokenizer, 16, tmp_path / "prep",
+                  unit="document", progress=False)
+    ds = PackedDataset(out)
+    slots = np.array([3, -1, 0, len(ds) - 1, 5])
+    inputs, targets = inputs_and_targets(ds, slots, "cpu")
+    for row, slot in enumerate(slots):
+        real = 0 if slot < 0 else int(ds.real_tokens([slot])[0])
+        for j in range(ds.seq_len - 1):
+            expected = int(ds[slot][j + 1]) if j + 1 < real else IGNORE
+            assert int(targets[row, j]) == expected
+    assert (targets == IGNORE).any(dim=1)[slots >= 0].any()  # some sequence is padded
+
+
+def test_packing_by_unit_errors(tmp_path, tokenizer):
+    src = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
+    with pytest.raises(UserError, match="group-column"):
+        prepare([src], tokenizer, 16, tmp_path / "a", unit="group", progress=False)
+    with pytest.raises(UserError, match="unit must be one of"):
+        prepare([src], tokenizer, 16, tmp_path / "b", unit="user", progress=False)
+    seq = PackedDataset(prepare([src], tokenizer, 16, tmp_path / "c", progress=False))
+    assert seq.unit == "sequence" and (seq.real_tokens([0, 1]) == 16).all()
+    with pytest.raises(UserError, match="packed by sequence"):
+        seq.unit_ranges()
+
+
+def test_memorization_windows_of_unit_packed_data_avoid_padding(tmp_path, tokenizer):
+    from dptrain.audit.extraction import training_windows
+
+    out = prepare([write_jsonl(tmp_path / "docs.jsonl", make_docs(90, seed=9))], tokenizer, 16,
+                  tmp_path / "prep", unit="document", progress=False)
+    ds = PackedDataset(out)
+    real = ds.real_tokens(np.arange(len(ds)))
+    full = np.asarray(ds.tokens)[real == ds.seq_len]
+    assert 0 < len(full) < len(ds)  # some sequences are padded
+    windows = training_windows(ds, len(ds), 10, seed=0).numpy()
+    assert len(windows) == len(full)  # only full sequences are drawn
+    for w in windows:
+        assert any((row[s:s + 10] == w).all() for row in full for s in range(ds.seq_len - 9))

@@ -311,3 +311,64 @@ def test_cuda_matches_naive_and_runs_bf16():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         norms = engine.clipped_grad_sum(inputs, targets, weights)
     assert norms.dtype == torch.float32 and rel(norms, ref_norms) < 0.05
+
+
+# --- units of several sequences (user- or document-level privacy) ------------------------------
+
+def make_unit_batch(seed=2, k=3, seq=12, vocab=40):
+    """Three units of k rows: unit 1 has one real sequence and k - 1 padding rows."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, 6, (3 * k, seq), generator=g)  # few ids: tokens repeat across a unit's rows
+    targets = torch.randint(0, vocab, (3 * k, seq), generator=g)
+    targets[1, :5] = -100              # ignored positions inside a unit
+    targets[k + 1:2 * k] = -100        # padding rows of the one-sequence unit
+    targets[2 * k, 8:] = -100          # a padded last sequence
+    return inputs, targets
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost", "instantiate"])
+@pytest.mark.parametrize("variant", ["tied-mha-softcap", "untied-gqa"])
+def test_unit_clipping_matches_naive_unit_loop(variant, method):
+    from dptrain.dp.reference import naive_unit_clipped_grad_sum
+
+    k = 3
+    model = make_model(torch.float64, **VARIANTS[variant])
+    inputs, targets = make_unit_batch(k=k)
+    weights = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
+    norms, _ = naive_unit_clipped_grad_sum(model, inputs, targets, 1.0, k, weights)
+    c = float(norms.min() + norms.max()) / 2  # clips some units, not all
+    ref_norms, ref_sums = naive_unit_clipped_grad_sum(model, inputs, targets, c, k, weights)
+    engine = DPEngine(model, c, norm_method=method)
+    # units split across two micro-batches: 2 units, then 1
+    first = engine.clipped_grad_sum(inputs[:2 * k], targets[:2 * k], weights[:2], unit_size=k)
+    second = engine.clipped_grad_sum(inputs[2 * k:], targets[2 * k:], weights[2:], unit_size=k)
+    assert rel(torch.cat([first, second]), ref_norms) < 1e-10
+    for p, ref in zip(unique_trainable(model), ref_sums):
+        assert rel(p.grad, ref) < 1e-10
+    # the unit's norm is not the rows' norms combined: the cross terms between its sequences count
+    rows = DPEngine(model, c, norm_method=method).clipped_grad_sum(inputs[:k], targets[:k])
+    assert abs(float(first[0]) - float(rows.square().sum().sqrt())) > 1e-6 * float(first[0])
+    # a unit of one real sequence (the rest padding rows) is that sequence alone
+    alone = DPEngine(model, c, norm_method=method).clipped_grad_sum(inputs[k:k + 1], targets[k:k + 1])
+    assert rel(first[1:2], alone) < 1e-10
+
+
+def test_unit_size_one_is_the_sequence_level_engine():
+    model = make_model()
+    inputs, targets, weights = make_batch()
+    a = DPEngine(model, 0.5).clipped_grad_sum(inputs, targets, weights)
+    grads = [p.grad.clone() for p in unique_trainable(model)]
+    for p in model.parameters():
+        p.grad = None
+    b = DPEngine(model, 0.5).clipped_grad_sum(inputs, targets, weights, unit_size=1)
+    assert torch.equal(a, b)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, unique_trainable(model)))
+
+
+def test_unit_size_must_divide_the_rows():
+    model = make_model()
+    inputs, targets, _ = make_batch()  # 5 rows
+    with pytest.raises(UserError, match="unit_size"):
+        clipped_grad_sum(model, inputs, targets, 1.0, unit_size=2)
+    with pytest.raises(UserError, match=r"weights must have shape \[1\]"):
+        clipped_grad_sum(model, inputs, targets, 1.0, torch.ones(5), unit_size=5)

@@ -93,3 +93,27 @@ def test_malformed_csv(tmp_path, capsys):
     (tmp_path / "r.csv").write_text("run_id,model\n1,2\n")
     assert main(["fit", str(tmp_path / "r.csv"), "--out", str(tmp_path / "l.json")]) == 2
     assert "missing columns" in capsys.readouterr().err
+
+
+def test_plan_in_units_costs_k_sequences_per_unit(law_file, tmp_path, capsys):
+    from dptrain import configio
+    from dptrain.train.config import TrainConfig
+
+    common = ["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8", "--data-size", "100000",
+              "--law", str(law_file), "--json", "--top", "2", "--allow-extrapolation"]
+    config = tmp_path / "train.yaml"
+    assert main([*common, "--seq-len", "256", "--unit", "group", "--sequences-per-unit", "4",
+                 "--write-config", str(config), "--data-path", str(tmp_path / "data")]) == 0
+    by_user = json.loads(capsys.readouterr().out)["plans"]
+    # a unit of 4 sequences of 256 tokens costs what one 1024-token example costs
+    assert main([*common, "--seq-len", "1024"]) == 0
+    by_sequence = json.loads(capsys.readouterr().out)["plans"]
+    assert [(p["params"], p["batch_size"], p["steps"]) for p in by_user] == \
+        [(p["params"], p["batch_size"], p["steps"]) for p in by_sequence]
+    written = yaml.safe_load(config.read_text())
+    assert written["privacy"]["unit"] == "group" and written["privacy"]["max_sequences_per_unit"] == 4
+    assert written["privacy"]["expected_batch_size"] == by_user[0]["batch_size"]
+    assert written["runtime"]["micro_batch_size"] % 4 == 0
+    configio.from_dict(TrainConfig, {**written, "model": str(tmp_path / written["model"])})
+    assert main([*common, "--unit", "sequence", "--sequences-per-unit", "2"]) == 2
+    assert "--sequences-per-unit" in capsys.readouterr().err

@@ -136,6 +136,7 @@ def test_truncated_poisson_is_counted(data_dir, tmp_path):
     ({"noise_multiplier": None, "target_epsilon": 1e-4}, "no noise multiplier"),
     ({"expected_batch_size": 10**6}, "exceeds"),
     ({"delta": 0.5}, "1/N"),
+    ({"unit": "group", "max_sequences_per_unit": 4}, "is packed by sequence"),
 ])
 def test_impossible_plans_fail_before_any_compute(data_dir, tmp_path, privacy, message):
     with pytest.raises(UserError, match=message):
@@ -191,3 +192,103 @@ def test_config_typo_exits_2_with_one_line(tmp_path, capsys):
 def test_demo_config_is_valid():
     cfg = load_train_config("configs/demo.yaml")
     assert cfg.privacy.target_epsilon is not None and cfg.data.source == "demo"
+
+
+@pytest.fixture(scope="module")
+def group_data(data_dir, tmp_path_factory):
+    """The demo corpus packed by user: no sequence mixes two users."""
+    from dptrain.data import prepare
+
+    demo = data_dir.parent
+    return prepare([next(demo.glob("corpus-*")) / "private.jsonl"], next(demo.glob("tokenizer-*.model")), 32,
+                   tmp_path_factory.mktemp("by-user") / "prep", group_column="user_id", unit="group",
+                   eval_fraction=0.1, progress=False)
+
+
+def test_data_packed_by_group_trains_at_sequence_level(group_data, tmp_path):
+    from dptrain.data import PackedDataset
+
+    assert PackedDataset(group_data).info["padding_tokens"] > 0
+    trainer = Trainer(make_config(group_data, tmp_path / "run", privacy={"steps": 1, "expected_batch_size": 4}))
+    trainer.train_step()
+    assert np.isfinite(trainer.evaluate())
+    assert trainer.report()["guarantee"].endswith("one training sequence")
+
+
+def test_group_unit_step_is_the_naive_clipped_sum_of_sampled_units(group_data, tmp_path):
+    from dptrain.dp.reference import naive_unit_clipped_grad_sum, unique_trainable
+    from dptrain.train.trainer import inputs_and_targets
+
+    k = 2
+    cfg = make_config(group_data, tmp_path, privacy={"unit": "group", "max_sequences_per_unit": k,
+                                                     "expected_batch_size": 3, "steps": 2, "max_grad_norm": 0.5},
+                      runtime={"micro_batch_size": 2 * k, "seed": 3})
+    trainer = Trainer(cfg)
+    starts, counts = trainer.unit_ranges
+    assert trainer.num_examples == len(counts) and trainer.sampling_rate == 3 / len(counts)
+    captured = []
+    privatize = trainer.parallel.privatize
+
+    def capture(engine, sigma, expected, noise, step):
+        assert expected == 3  # normalised by the expected number of units
+        captured.append([p.grad.clone() for p in unique_trainable(trainer.model)])
+        privatize(engine, sigma, expected, noise, step)
+    trainer.parallel.privatize = capture
+    compared = 0
+    for step in range(2):
+        rows = trainer.sampler.rows_at(step)
+        before = {n: t.clone() for n, t in trainer.model.state_dict().items()}
+        trainer.train_step()
+        assert trainer.batch_sizes[-1] == len(rows)
+        if not len(rows):
+            continue
+        for row in rows:  # one unit per row: min(k, its size) of its own sequences, then padding
+            real = row[row >= 0]
+            units = np.unique(np.searchsorted(starts, real, side="right") - 1)
+            assert len(units) == 1 and len(real) == min(k, counts[units[0]])
+        compared += 1
+        model = trainer.model.__class__(trainer.model.cfg)
+        model.load_state_dict(before)
+        inputs, targets = inputs_and_targets(trainer.train_data, rows.reshape(-1), "cpu")
+        _, ref = naive_unit_clipped_grad_sum(model, inputs, targets, 0.5, k)
+        for got, want in zip(captured[-1], ref):
+            assert float((got - want).norm() / want.norm().clamp(min=1e-30)) < 1e-5
+    report = trainer.report()
+    assert report["guarantee"].endswith("one group (all documents sharing a value of 'user_id')")
+    assert report["unit"]["num_units"] == len(counts) and report["unit"]["max_sequences_per_unit"] == k
+    assert report["dataset_size"] == len(counts) and report["units"] == {}
+    assert compared and report["sampling_rate"] == 3 / len(counts)
+    from dptrain.train.report import summary
+    text = summary(report)
+    assert f"units: {len(counts)} groups of up to {counts.max()} sequences" in text and "2 used per step" in text
+    assert "dataset " + str(len(counts)) + " groups" in text and "verified identity" in text
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"privacy": {"unit": "group", "max_sequences_per_unit": 3}}, "multiple of"),
+    ({"privacy": {"unit": "group", "max_batch_size": 20}}, "truncated"),
+    ({"privacy": {"unit": "group"}, "runtime": {"parallel": "ddp"}}, "one process"),
+    ({"privacy": {"max_sequences_per_unit": 2}}, "document or group only"),
+    ({"privacy": {"unit": "document"}}, "packed by group"),
+])
+def test_unit_options_refused_with_one_line(group_data, tmp_path, sections, message):
+    with pytest.raises(UserError, match=message):
+        Trainer(make_config(group_data, tmp_path, **sections))
+
+
+def test_group_unit_run_resumes_bit_for_bit(group_data, tmp_path):
+    units = {"privacy": {"unit": "group", "max_sequences_per_unit": 2, "expected_batch_size": 3, "steps": 2},
+             "runtime": {"micro_batch_size": 4, "seed": 5}, "checkpoint": {"every": 0}}
+    straight = Trainer(make_config(group_data, tmp_path / "a", **units))
+    for _ in range(2):
+        straight.train_step()
+    cfg = make_config(group_data, tmp_path / "b", **units)
+    interrupted = Trainer(cfg)
+    interrupted.train_step()
+    interrupted.save_checkpoint()
+    resumed = Trainer(cfg)
+    assert resumed.step == 1 and resumed.sampler.steps_taken == 1
+    resumed.train_step()
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert straight.batch_sizes == resumed.batch_sizes

@@ -25,6 +25,8 @@ def write_canary_dataset(base: str | Path, canaries: torch.Tensor, included: np.
                          out: str | Path) -> Path:
     """Write `out` = the prepared folder `base` with canaries[included] appended to its train split."""
     train = PackedDataset(base, "train")
+    if train.unit != "sequence":
+        raise UserError(f"{base} is packed by {train.unit}; canary audits need data packed by sequence")
     canaries = torch.as_tensor(canaries)
     included = np.asarray(included, dtype=bool)
     if canaries.dim() != 2 or canaries.shape[1] != train.seq_len:

@@ -55,9 +55,15 @@ def training_data_path(checkpoint: Path) -> Path:
 
 
 def training_windows(data: PackedDataset, num: int, length: int, seed: int) -> torch.Tensor:
-    """`num` random windows of `length` tokens from distinct training sequences (read lazily)."""
-    num = min(num, len(data))
-    rows = np.sort(np.random.default_rng(seed).choice(len(data), size=num, replace=False))
+    """`num` random windows of `length` tokens from distinct training sequences (read lazily).
+    Data packed by unit: full sequences only, so no window reaches a unit's padding."""
+    if data.unit == "sequence":
+        num = min(num, len(data))
+        rows = np.sort(np.random.default_rng(seed).choice(len(data), size=num, replace=False))
+    else:
+        full = np.flatnonzero(data.real_tokens(np.arange(len(data))) == data.seq_len)
+        num = min(num, len(full))
+        rows = np.sort(np.random.default_rng(seed).choice(full, size=num, replace=False))
     return sample_windows(data.batch(rows), num, length, seed=seed)
 
 

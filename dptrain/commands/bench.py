@@ -17,7 +17,8 @@ def register(sub) -> None:
                         help="bfloat16 = autocast over float32 weights")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--methods", default="nonprivate,dptrain,opacus-hooks,opacus-ghost,naive",
-                        help="comma-separated subset to run")
+                        help="comma-separated subset to run; add dptrain-unit4 for user-level clipping "
+                             "(units of 4 sequences, the same micro-batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
     parser.set_defaults(func=run)

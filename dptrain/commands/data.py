@@ -17,6 +17,9 @@ def register(sub) -> None:
     prep.add_argument("--text-column", default="text")
     prep.add_argument("--group-column", default=None,
                       help="user/group id column: recorded per sequence; eval holds out whole groups")
+    prep.add_argument("--unit", choices=("sequence", "document", "group"), default="sequence",
+                      help="privacy unit to pack by: with document or group no sequence mixes two units and "
+                           "each unit's last sequence is padded (group needs --group-column)")
     prep.add_argument("--eval-fraction", type=float, default=0.0,
                       help="fraction of documents (or groups) held out for evaluation")
     prep.add_argument("--num-proc", type=int, default=None, help="tokenizer threads (default: all cores)")
@@ -39,7 +42,7 @@ def run_prepare(args) -> int:
 
     out = prepare(args.input, args.tokenizer, args.seq_len, args.out, text_column=args.text_column,
                   group_column=args.group_column, eval_fraction=args.eval_fraction,
-                  num_proc=args.num_proc, seed=args.seed)
+                  num_proc=args.num_proc, seed=args.seed, unit=args.unit)
     return run_info(type("Args", (), {"dir": out})())
 
 
@@ -68,4 +71,7 @@ def run_info(args) -> int:
               f"{info['num_tokens']} tokens from {info['num_documents']} documents "
               f"(tail of {info['dropped_tail_tokens']} tokens dropped)"
               + (", held out" if info["held_out"] else ""))
+        if "num_units" in info:
+            print(f"{'':<11} packed by {m['unit']}: {info['num_units']} units, up to {info['max_unit_sequences']} "
+                  f"sequences each, {info['padding_tokens']} padding tokens (ignored)")
     return 0

@@ -13,8 +13,14 @@ def register(sub) -> None:
     parser.add_argument("--compute", type=float, required=True, help="FLOPs, C = 6 M B S T")
     parser.add_argument("--epsilon", type=float, required=True)
     parser.add_argument("--delta", type=float, required=True)
-    parser.add_argument("--data-size", type=int, required=True, help="training examples N")
+    parser.add_argument("--data-size", type=int, required=True,
+                        help="training examples N: sequences, or documents / groups with --unit")
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--unit", choices=["sequence", "document", "group"], default="sequence",
+                        help="privacy unit: the batch then counts units, each of up to "
+                             "--sequences-per-unit sequences")
+    parser.add_argument("--sequences-per-unit", type=int, default=1, metavar="K",
+                        help="k = privacy.max_sequences_per_unit (document or group units)")
     parser.add_argument("--law", default=None,
                         help="law JSON from `dptrain fit` (default: the law shipped with dptrain)")
     parser.add_argument("--method", choices=["parametric", "semiparametric"], default=None,
@@ -51,11 +57,16 @@ def run(args) -> int:
 
     if args.top < 1:
         raise UserError("--top must be at least 1")
+    if args.sequences_per_unit < 1 or (args.unit == "sequence" and args.sequences_per_unit != 1):
+        raise UserError("--sequences-per-unit must be at least 1, and 1 unless --unit is document or group")
+    # A sampled unit costs k rows of seq-len tokens: the law sees it as one example of k * seq-len
+    # tokens (it was fitted on sequences; the report says so).
+    example_tokens = args.seq_len * args.sequences_per_unit
     if args.write_config and args.data_path is None:
         raise UserError("--write-config needs --data-path: the prepared data the plan's "
                         f"{args.data_size:,} sequences are (its sampling rate depends on them)")
     if args.write_config:
-        check_planned_data(args.data_path, args.data_size, args.seq_len)
+        check_planned_data(args.data_path, args.data_size, args.seq_len, args.unit)
     if args.law is None:
         if not SHIPPED_LAW.is_file():
             raise UserError("no scaling law ships with this version yet: fit one with "
@@ -63,7 +74,7 @@ def run(args) -> int:
         args.law = str(SHIPPED_LAW)
     law = load_law(args.law, args.method)
     bounds = {"min_params": args.min_params, "max_params": args.max_params}
-    budget = (args.epsilon, args.delta, args.data_size, args.seq_len)
+    budget = (args.epsilon, args.delta, args.data_size, example_tokens)
     if args.max_steps < 10 or (args.max_batch is not None and args.max_batch < 16):
         raise UserError("--max-steps must be at least 10 and --max-batch at least 16")
     search = {"max_steps": int(args.max_steps),
@@ -79,7 +90,7 @@ def run(args) -> int:
     if args.confirm_pld or args.write_config:  # a written config gets the trainer's own accountant's σ
         best = plans[0]
         sigma = confirm_pld(args.epsilon, args.delta, best.batch_size / args.data_size, best.steps)
-        plans[0] = replan_with_sigma(law, best, sigma, args.seq_len, "pld")
+        plans[0] = replan_with_sigma(law, best, sigma, example_tokens, "pld")
     best = plans[0]
     outside = [p for p in plans if p.extrapolation > 1]
     if outside:
@@ -97,7 +108,12 @@ def run(args) -> int:
         print()
     else:
         print(f"compute {args.compute:.3g} FLOPs, eps {args.epsilon:g}, delta {args.delta:g}, "
-              f"N {args.data_size:,}, seq len {args.seq_len}; law: {law.method} ({args.law})")
+              f"N {args.data_size:,} {args.unit}s, seq len {args.seq_len}; law: {law.method} ({args.law})")
+        if args.unit != "sequence":
+            print(f"planned in {args.unit}s: batch = expected {args.unit}s per step, each up to "
+                  f"{args.sequences_per_unit} sequences ({example_tokens} tokens); the law was fitted on "
+                  f"sequence-level runs and is applied to a {args.unit} as one example of {example_tokens} "
+                  "tokens, which no fitted run checks")
         head = (f"{'params M':>10} {'config':>14} {'batch':>9} {'steps':>9} {'sigma':>8} "
                 f"{'sigma_bar':>10} {'tok/param':>10} {'compute':>9} {'loss':>7} {'90% interval':>15} "
                 f"{'outside':>8}")
@@ -124,7 +140,7 @@ def run(args) -> int:
             print(f"not saturated: 10x more compute improves the predicted loss by {here:.2%}")
     if args.write_config:
         write_training_config(args.write_config, best, args.epsilon, args.delta, args.seq_len,
-                              args.data_path)
+                              args.data_path, unit=args.unit, sequences_per_unit=args.sequences_per_unit)
         print(f"wrote {args.write_config}", file=sys.stderr if args.json else sys.stdout)
     if args.plot_dir:
         from dptrain.scaling.plots import plot_planner
@@ -132,6 +148,6 @@ def run(args) -> int:
         computes = [args.compute * 10.0 ** (k / 2) for k in range(-4, 7)]
         epsilons = sorted({args.epsilon, *(e for e in (1.0, 2.0, 8.0))})
         paths = plot_planner(law, args.plot_dir, computes, epsilons, args.delta, args.data_size,
-                             args.seq_len)
+                             example_tokens)
         print("wrote " + ", ".join(map(str, paths)), file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -47,6 +47,15 @@ class PackedDataset:
             raise UserError(f"{tokens} is missing or truncated (expected {expected} bytes)")
         self.tokens = np.memmap(tokens, dtype=TOKEN_DTYPE, mode="r", shape=(n, self.seq_len))
         self._documents: np.ndarray | None = None
+        # Packed by document or group: every sequence holds one unit, its last one padded.
+        self.unit: str = self.manifest.get("unit", "sequence")
+        self._sequences: np.ndarray | None = None
+        if self.unit != "sequence":
+            table = self.path / self.info["sequences_file"]
+            if not table.is_file() or table.stat().st_size != n * 2 * np.dtype(DOCUMENT_DTYPE).itemsize:
+                raise UserError(f"{table} is missing or truncated")
+            self._sequences = np.memmap(table, dtype=DOCUMENT_DTYPE, mode="r", shape=(n, 2)) if n else \
+                np.empty((0, 2), DOCUMENT_DTYPE)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -64,6 +73,27 @@ class PackedDataset:
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"batch index out of range for {len(self)} sequences")
         return torch.from_numpy(self.tokens[idx].astype(np.int64))
+
+    def real_tokens(self, indices) -> np.ndarray:
+        """How many leading tokens of each sequence at `indices` are data (the rest is padding)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._sequences is None:
+            return np.full(len(idx), self.seq_len, dtype=np.int64)
+        return np.asarray(self._sequences[idx, 1])
+
+    @property
+    def sequence_units(self) -> np.ndarray:
+        """The unit (document id or group code) of every sequence; UserError when packed by sequence."""
+        if self._sequences is None:
+            raise UserError(f"{self.path} was packed by sequence; prepare it with --unit document or group")
+        return np.asarray(self._sequences[:, 0])
+
+    def unit_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first sequence, number of sequences) of every unit: a unit's sequences are contiguous."""
+        units = self.sequence_units
+        starts = np.flatnonzero(np.concatenate(([True], units[1:] != units[:-1]))) if len(units) else \
+            np.empty(0, np.int64)
+        return starts.astype(np.int64), np.diff(np.append(starts, len(units))).astype(np.int64)
 
     # Which documents (and groups) each sequence holds, for document- or user-level accounting.
     @property

@@ -1,11 +1,17 @@
 """`prepare`: documents -> SentencePiece ids -> BOS doc EOS stream -> fixed-length sequences on disk.
 
-Each sequence of exactly `seq_len` tokens is one privacy unit (as in VaultGemma): documents are
-wrapped in BOS ... EOS, concatenated in input order and cut every `seq_len` tokens, so long
-documents span several sequences and short ones share one. The final partial sequence of each
-split is dropped (no padding, so every token of every sequence is real data; the count is in the
-manifest). The evaluation split is chosen at document level (or group level with a group column)
-before packing, so no document or group straddles train and eval.
+`unit="sequence"` (default): each sequence of exactly `seq_len` tokens is one privacy unit (as in
+VaultGemma): documents are wrapped in BOS ... EOS, concatenated in input order and cut every
+`seq_len` tokens, so long documents span several sequences and short ones share one. The final
+partial sequence of each split is dropped (no padding, so every token of every sequence is real data).
+
+`unit="document"` or `"group"`: no sequence mixes two units. A unit's documents (a group's in input
+order) are concatenated and cut every `seq_len` tokens, and the unit's last sequence is padded; a
+per-sequence table records each sequence's unit and its number of real tokens, and the trainer
+ignores the positions past them. Groups are laid out one after another (first appearance order).
+
+The evaluation split is chosen at document level (or group level with a group column) before
+packing, so no document or group straddles train and eval.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ GROUPS_FILE = "groups.json"
 TOKEN_DTYPE = "<u4"
 DOCUMENT_DTYPE = "<i8"
 SPLITS = ("train", "eval")
+UNITS = ("sequence", "document", "group")
+SEQUENCE_COLUMNS = ["unit", "real_tokens"]
 
 
 def tokens_file(split: str) -> str:
@@ -43,14 +51,24 @@ def documents_file(split: str) -> str:
     return f"{split}.documents.bin"
 
 
+def sequences_file(split: str) -> str:
+    return f"{split}.sequences.bin"
+
+
 class _SplitWriter:
     """Appends BOS+doc+EOS token runs and writes every complete `seq_len` sequence to disk.
 
     The document table (int64 rows: document id, start token[, group]) streams to its own file,
-    so neither tokens nor table are ever held whole in memory.
+    so neither tokens nor table are ever held whole in memory. With `pad_id` set (packing by unit),
+    `append` takes each document's unit, a change of unit pads the stream to the next sequence
+    boundary, and a sequence table (int64 rows: unit, real tokens) streams to a third file.
     """
 
-    def __init__(self, folder: Path, split: str, seq_len: int, with_groups: bool):
+    def __init__(self, folder: Path, split: str, seq_len: int, with_groups: bool, pad_id: int | None = None):
+        self.pad_id = pad_id
+        self.sequences = open(folder / sequences_file(split), "wb") if pad_id is not None else None
+        self.unit = None  # the unit being written (packing by unit)
+        self.padding = 0
         self.tokens = open(folder / tokens_file(split), "wb")
         self.table_path = folder / documents_file(split)
         self.table = open(self.table_path, "wb")
@@ -62,7 +80,33 @@ class _SplitWriter:
         self.first_dropped_row = None  # first document starting inside the dropped tail
 
     def append(self, tokens: np.ndarray, doc_ids: np.ndarray, doc_lengths: np.ndarray,
-               groups: np.ndarray | None) -> None:
+               groups: np.ndarray | None, units: np.ndarray | None = None) -> None:
+        if self.pad_id is None:
+            return self._append(tokens, doc_ids, doc_lengths, groups)
+        # Runs of consecutive documents of one unit: each is appended whole after closing the last unit.
+        runs = np.flatnonzero(np.diff(units)) + 1
+        ends = np.concatenate(([0], np.cumsum(doc_lengths)))
+        for a, b in zip(np.concatenate(([0], runs)), np.concatenate((runs, [len(units)]))):
+            if self.unit is not None and units[a] != self.unit:
+                self._close_unit()
+            self.unit = int(units[a])
+            self._append(tokens[ends[a]:ends[b]], doc_ids[a:b], doc_lengths[a:b],
+                         None if groups is None else groups[a:b])
+
+    def _close_unit(self) -> None:
+        """Pad the current unit's last sequence to `seq_len` and record it."""
+        real = len(self.pending)
+        if real:
+            pad = self.seq_len - real
+            np.concatenate((self.pending, np.full(pad, self.pad_id, np.uint32))).astype(
+                TOKEN_DTYPE, copy=False).tofile(self.tokens)
+            np.array([[self.unit, real]], dtype=DOCUMENT_DTYPE).tofile(self.sequences)
+            self.pending = self.pending[:0]
+            self.offset += pad
+            self.padding += pad
+
+    def _append(self, tokens: np.ndarray, doc_ids: np.ndarray, doc_lengths: np.ndarray,
+                groups: np.ndarray | None) -> None:
         starts = self.offset + np.concatenate(([0], np.cumsum(doc_lengths)[:-1]))
         cols = [doc_ids, starts] + ([groups] if groups is not None else [])
         np.stack(cols, axis=1).astype(DOCUMENT_DTYPE).tofile(self.table)
@@ -73,8 +117,15 @@ class _SplitWriter:
         if full:
             self.pending[:full].astype(TOKEN_DTYPE, copy=False).tofile(self.tokens)
             self.pending = self.pending[full:]
+            if self.sequences is not None:  # full sequences all belong to the current unit
+                rows = np.empty((full // self.seq_len, 2), dtype=DOCUMENT_DTYPE)
+                rows[:, 0], rows[:, 1] = self.unit, self.seq_len
+                rows.tofile(self.sequences)
 
     def finish(self) -> dict:
+        if self.sequences is not None:
+            self._close_unit()
+            self.sequences.close()
         self.tokens.close()
         self.table.close()
         dropped = len(self.pending)
@@ -85,8 +136,13 @@ class _SplitWriter:
         kept_rows = int(np.searchsorted(table[:, 1], kept_tokens, side="left"))
         del table
         os.truncate(self.table_path, kept_rows * self.columns * np.dtype(DOCUMENT_DTYPE).itemsize)
-        return {"num_sequences": kept_tokens // self.seq_len, "num_tokens": kept_tokens,
-                "num_documents": kept_rows, "dropped_tail_tokens": dropped}
+        stats = {"num_sequences": kept_tokens // self.seq_len, "num_tokens": kept_tokens - self.padding,
+                 "num_documents": kept_rows, "dropped_tail_tokens": dropped}
+        if self.sequences is not None:
+            units = np.fromfile(self.sequences.name, dtype=DOCUMENT_DTYPE).reshape(-1, 2)[:, 0]
+            stats.update(padding_tokens=self.padding, num_units=int(len(np.unique(units))),
+                         max_unit_sequences=int(np.unique(units, return_counts=True)[1].max(initial=0)))
+        return stats
 
 
 def _eval_mask(num_docs: int, fraction: float, seed: int, group_codes: np.ndarray | None,
@@ -127,11 +183,17 @@ def prepare(
     batch_docs: int = 2048,
     progress: bool = True,
     keep_in_train=(),
+    unit: str = "sequence",
 ) -> Path:
     """Tokenize and pack `inputs` into a self-contained prepared folder `out`; returns `out`.
 
     `keep_in_train`: document ids (row numbers) never drawn for eval, nor their groups.
+    `unit`: "sequence" (cut the stream anywhere), "document" or "group" (no sequence mixes two).
     """
+    if unit not in UNITS:
+        raise UserError(f"unit must be one of {', '.join(UNITS)} (got {unit!r})")
+    if unit == "group" and not group_column:
+        raise UserError("packing by group needs --group-column")
     if seq_len < 2:
         raise UserError(f"seq-len must be at least 2 (got {seq_len})")
     if not 0.0 <= eval_fraction < 1.0:
@@ -143,6 +205,8 @@ def prepare(
     sp = load_tokenizer(tokenizer)
     check_tokenizer_exports(tokenizer)  # refused now, not after a training run
     bos, eos = sp.bos_id(), sp.eos_id()
+    # Padding only fills ignored positions after a unit's last real token; any valid id would do.
+    pad = None if unit == "sequence" else (sp.pad_id() if sp.pad_id() >= 0 else eos)
     sources = expand_inputs(inputs)
     described = [_describe(s) for s in sources]
     provenance = _check_tokenizer_is_not_trained_on(tokenizer, described)
@@ -164,11 +228,14 @@ def prepare(
             group_values = list(index)
         is_eval = _eval_mask(num_docs, eval_fraction, seed, group_codes, keep_in_train)
         split_names = SPLITS if eval_fraction > 0 else SPLITS[:1]
-        writers = {s: _SplitWriter(tmp, s, seq_len, group_column is not None) for s in split_names}
+        writers = {s: _SplitWriter(tmp, s, seq_len, group_column is not None, pad) for s in split_names}
         skipped = 0
+        # Packing order: input order, or (by group) each group's documents together, in input order.
+        order = np.argsort(group_codes, kind="stable") if unit == "group" else None
 
         def encode(start: int):
-            texts = ds[start:start + batch_docs][text_column]
+            rows = order[start:start + batch_docs] if order is not None else None
+            texts = (ds[start:start + batch_docs] if rows is None else ds[rows.tolist()])[text_column]
             if any(t is None for t in texts):  # null text: an empty document, skipped below
                 texts = [t or "" for t in texts]
             ids = sp.encode(texts, return_type="numpy", add_bos=True, add_eos=True,
@@ -185,7 +252,8 @@ def prepare(
                 futures[k] = None
                 if k + 2 < len(starts):
                     futures.append(pool.submit(encode, starts[k + 2]))
-                doc_ids = np.arange(start, start + len(texts), dtype=np.int64)
+                doc_ids = (np.arange(start, start + len(texts), dtype=np.int64) if order is None
+                           else order[start:start + len(texts)])
                 keep = np.fromiter((bool(t) for t in texts), dtype=bool, count=len(texts))
                 skipped += int((~keep).sum())
                 for split in split_names:
@@ -195,7 +263,8 @@ def prepare(
                     chosen = np.flatnonzero(select)
                     tokens, lengths = _flatten([ids[i] for i in chosen])
                     groups = group_codes[doc_ids[chosen]] if group_codes is not None else None
-                    writers[split].append(tokens, doc_ids[chosen], lengths, groups)
+                    units = {"sequence": None, "document": doc_ids[chosen], "group": groups}[unit]
+                    writers[split].append(tokens, doc_ids[chosen], lengths, groups, units)
                 bar.update(len(texts))
 
         stats = {s: writers[s].finish() for s in split_names}
@@ -218,7 +287,7 @@ def prepare(
             "token_dtype": "uint32",
             "tokenizer": {"file": TOKENIZER_FILE, "source_path": str(tokenizer.resolve()),
                           "sha256": sha256_file(tokenizer), "bos_id": bos, "eos_id": eos,
-                          "pad_id": sp.pad_id(),
+                          "pad_id": sp.pad_id(), "padding_id": pad,
                           "provenance": provenance or "unknown: the model records no training inputs"},
             "sources": described,
             "text_column": text_column,
@@ -227,8 +296,11 @@ def prepare(
             "num_groups": len(group_values) if group_values is not None else None,
             "num_documents": num_docs,
             "skipped_empty_documents": skipped,
-            "packing": "BOS doc EOS, concatenated in input order, cut every seq_len tokens",
-            "tail": "dropped",
+            "unit": unit,
+            "packing": ("BOS doc EOS, concatenated in input order, cut every seq_len tokens" if unit == "sequence"
+                        else f"BOS doc EOS, each {unit}'s documents concatenated and cut every seq_len "
+                             "tokens, its last sequence padded"),
+            "tail": "dropped" if unit == "sequence" else "padded",
             "eval_fraction": eval_fraction,
             "eval_unit": "group" if group_column else "document",
             "kept_in_train_documents": len(set(keep_in_train)),
@@ -236,6 +308,8 @@ def prepare(
             "splits": {
                 split: {**st, "tokens_file": tokens_file(split), "documents_file": documents_file(split),
                         "documents_columns": ["document_id", "start_token"] + (["group"] if group_column else []),
+                        **({} if unit == "sequence" else
+                           {"sequences_file": sequences_file(split), "sequences_columns": SEQUENCE_COLUMNS}),
                         "held_out": split == "eval"}
                 for split, st in stats.items()
             },

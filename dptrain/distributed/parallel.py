@@ -83,8 +83,8 @@ class Parallel:
             yield np.concatenate([chunk, np.full(size - len(chunk), -1, dtype=np.int64)])
 
     def clipped_grad_sum(self, engine: DPEngine, inputs: torch.Tensor, targets: torch.Tensor,
-                         weights: torch.Tensor) -> torch.Tensor:
-        return engine.clipped_grad_sum(inputs, targets, weights=weights)
+                         weights: torch.Tensor, unit_size: int = 1) -> torch.Tensor:
+        return engine.clipped_grad_sum(inputs, targets, weights=weights, unit_size=unit_size)
 
     def privatize(self, engine: DPEngine, noise_multiplier: float, expected_batch_size: float,
                   noise: NoiseSource, step: int) -> None:
@@ -163,7 +163,9 @@ class FullyShardedDP(Parallel):
                 module.set_force_sum_reduction_for_comms(True)
         return model
 
-    def clipped_grad_sum(self, engine, inputs, targets, weights) -> torch.Tensor:
+    def clipped_grad_sum(self, engine, inputs, targets, weights, unit_size: int = 1) -> torch.Tensor:
+        if unit_size != 1:  # the trainer refuses units under fsdp; the second pass below is per row
+            raise UserError("fsdp clips one sequence per example (privacy.unit: sequence)")
         norms = engine.clipped_grad_sum(inputs, targets, weights=weights, accumulate=False)
         finite = torch.isfinite(norms)
         coef = torch.where(finite, weights.to(norms.dtype) * torch.clamp(engine.max_grad_norm / norms, max=1.0),

@@ -24,6 +24,9 @@ from dptrain.errors import UserError
 from dptrain.model import Decoder, DecoderConfig
 from dptrain.progress import progress_bar
 
+# User- or document-level clipping: each UNIT_SIZE consecutive rows of the micro-batch are one unit.
+UNIT_SIZE = 4
+UNIT_METHOD = f"dptrain-unit{UNIT_SIZE}"
 OPACUS_NOTE = ("Opacus runs on an untied copy (lm_head gets its own copy of the embedding matrix: "
                "Opacus refuses shared parameters), so its norms omit the tied cross term; its "
                "RMSNorm gains go through Opacus's functorch per-sample path")
@@ -80,7 +83,7 @@ def _autocast(device: torch.device, dtype: str):
 
 def build_methods(model: Decoder, inputs, targets, args, device) -> tuple[dict[str, Callable[[], None]], list[str]]:
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = {"nonprivate", "dptrain", "opacus-hooks", "opacus-ghost", "naive"}
+    known = {"nonprivate", "dptrain", UNIT_METHOD, "opacus-hooks", "opacus-ghost", "naive"}
     for m in wanted:
         if m not in known:
             raise UserError(f"unknown method '{m}'; choose from {', '.join(sorted(known))}")
@@ -103,6 +106,17 @@ def build_methods(model: Decoder, inputs, targets, args, device) -> tuple[dict[s
                 engine.clipped_grad_sum(inputs, targets)
             engine.zero_grad()
         methods["dptrain"] = dptrain_step
+
+    if UNIT_METHOD in wanted:
+        if inputs.shape[0] % UNIT_SIZE:
+            raise UserError(f"{UNIT_METHOD} needs --micro-batch a multiple of {UNIT_SIZE}")
+        unit_engine = DPEngine(model, c)
+
+        def unit_step():  # the same sequences, clipped as units of UNIT_SIZE sequences each
+            with amp():
+                unit_engine.clipped_grad_sum(inputs, targets, unit_size=UNIT_SIZE)
+            unit_engine.zero_grad()
+        methods[UNIT_METHOD] = unit_step
 
     if "opacus-hooks" in wanted or "opacus-ghost" in wanted:
         import warnings
@@ -228,6 +242,10 @@ def run_benchmark(args) -> int:
                   f"(cpu time {statistics.median(cpu_times['dptrain']) / statistics.median(cpu_times['nonprivate']):.2f})")
             if "nonprivate" in memory and "dptrain" in memory and memory["nonprivate"] > 0:
                 print(f"ratio DP/non-private memory {memory['dptrain'] / memory['nonprivate']:.2f}")
+        if UNIT_METHOD in times:
+            cpu = statistics.median(cpu_times[UNIT_METHOD]) / statistics.median(cpu_times["dptrain"])
+            print(f"ratio {UNIT_METHOD}/dptrain time {statistics.median(times[UNIT_METHOD]) / dp:.2f} "
+                  f"(cpu time {cpu:.2f}; units of {UNIT_SIZE} sequences against one, same micro-batch)")
         for other in ("opacus-ghost", "opacus-hooks", "naive"):
             if other in times:
                 cpu = statistics.median(cpu_times[other]) / statistics.median(cpu_times["dptrain"])

@@ -12,6 +12,12 @@ examples), computes every example's exact gradient norm over all parameters join
 clipped sum per layer as a matmul with per-example scaled output-gradients ("book-keeping").
 A `Decoder`'s loss comes from the chunked head (`dptrain.dp.head`), which hands the engine the
 head's output-gradient without ever forming the [B, T, V] logits.
+
+Privacy units of several sequences (`unit_size=k`): each k consecutive rows are one unit whose
+gradient is that of the SUM of its rows' losses, clipped as one vector. Every parameter gradient
+is a sum over tokens, so viewing the recorded [B, T, ...] activations and output-gradients as
+[B/k, k*T, ...] makes every norm (ghost Gram with its cross terms between the unit's sequences,
+instantiation, embedding, tied head, norm gains) and every clipped sum exactly the unit's.
 """
 from __future__ import annotations
 
@@ -96,8 +102,16 @@ class DPEngine:
         return stats
 
     def clipped_grad_sum(self, inputs: torch.Tensor, targets: torch.Tensor,
-                         weights: torch.Tensor | None = None, accumulate: bool = True) -> torch.Tensor:
+                         weights: torch.Tensor | None = None, accumulate: bool = True,
+                         unit_size: int = 1) -> torch.Tensor:
         """Add sum_i w_i min(1, C/||g_i||) g_i to each parameter's .grad; return ||g_i|| [B].
+
+        `unit_size=k`: example i is the unit of rows i*k .. i*k+k-1 (B a multiple of k), g_i the
+        gradient of the sum of their losses; `weights` and the returned norms are then [B/k].
+        The sum, not the mean: a unit's loss then does not depend on how many of its sequences
+        were drawn (a mean would reweight every sequence by that data-dependent count), a unit of
+        one sequence is exactly a sequence-level example, and a padding row (all targets
+        ignored) adds nothing to its unit.
 
         Norms are float32 (float64 for a float64 model). An example whose gradient is not finite
         contributes nothing and is counted in `stats.nonfinite`; the call never fails on it.
@@ -109,7 +123,13 @@ class DPEngine:
             raise RuntimeError("gradients of this step were already noised or normalized; "
                                "call zero_grad() before accumulating the next step")
         fake = layers.is_fake(inputs)
-        batch = _check_batch(inputs, targets, weights, check_values=not fake)
+        if int(unit_size) != unit_size or unit_size < 1 or inputs.shape[0] % unit_size:
+            raise UserError(f"unit_size must be a positive integer dividing the {inputs.shape[0]} rows, "
+                            f"got {unit_size}")
+        rows = _check_batch(inputs, targets, weights if unit_size == 1 else None, check_values=not fake)
+        batch = rows // unit_size
+        if unit_size > 1 and weights is not None:
+            _check_weights(weights, batch, check_values=not fake)
         if not torch.is_grad_enabled():
             raise RuntimeError("clipped_grad_sum needs autograd enabled (it was called under no_grad)")
         device = self._groups[0].param.device
@@ -127,9 +147,9 @@ class DPEngine:
         try:
             calls = [c for cs in self._calls.values() for c in cs]
             for c in calls:
-                if c.inp.shape[0] != batch:
+                if c.inp.shape[0] != rows:
                     raise RuntimeError(f"a hooked module saw a leading dimension of {c.inp.shape[0]}, "
-                                       f"not the batch size {batch}: modules must be batch-first")
+                                       f"not the batch size {rows}: modules must be batch-first")
             # Gradient edges, not the outputs themselves, so outputs nothing else saved are freed.
             edges = [get_gradient_edge(c.out) for c in calls]
             shapes = [(c.out.shape, c.out.dtype) for c in calls]
@@ -143,6 +163,10 @@ class DPEngine:
             del grads
             if head is not None:  # the chunked head kept its input and output-gradient itself
                 self._calls[self.model.lm_head] = [layers.Call(head["input"], None, head.pop("output_grad"))]
+            if unit_size > 1:  # each unit's rows as one example of k*T tokens
+                for c in (c for cs in self._calls.values() for c in cs):
+                    c.inp, c.grad = _unit_view(c.inp, unit_size), _unit_view(c.grad, unit_size)
+                losses = losses.view(batch, unit_size).sum(1)
 
             # Autocast off: every matmul below states its precision (`layers.Precision`).
             with torch.autocast(device.type, enabled=False):
@@ -314,11 +338,20 @@ def _check_batch(inputs, targets, weights, check_values: bool = True) -> int:
         raise UserError(f"targets must be token ids or {IGNORE_INDEX} (ignored position)")
     batch = inputs.shape[0]
     if weights is not None:
-        if weights.shape != (batch,):
-            raise UserError(f"weights must have shape [{batch}], got {tuple(weights.shape)}")
-        if check_values and not (torch.isfinite(weights).all() and (weights >= 0).all()):
-            raise UserError("weights must be finite and >= 0")
+        _check_weights(weights, batch, check_values)
     return batch
+
+
+def _check_weights(weights: torch.Tensor, batch: int, check_values: bool) -> None:
+    if weights.shape != (batch,):
+        raise UserError(f"weights must have shape [{batch}], got {tuple(weights.shape)}")
+    if check_values and not (torch.isfinite(weights).all() and (weights >= 0).all()):
+        raise UserError("weights must be finite and >= 0")
+
+
+def _unit_view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, T, ...] -> [B/k, k*T, ...]: each k consecutive rows' tokens become one example's."""
+    return x.reshape(x.shape[0] // k, k * x.shape[1], *x.shape[2:])
 
 
 def _build_groups(model: nn.Module) -> list[_Group]:
@@ -348,10 +381,11 @@ def _build_groups(model: nn.Module) -> list[_Group]:
 
 
 def clipped_grad_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                     max_grad_norm: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+                     max_grad_norm: float, weights: torch.Tensor | None = None,
+                     unit_size: int = 1) -> torch.Tensor:
     """One-shot form of `DPEngine.clipped_grad_sum` (installs and removes the hooks)."""
     engine = DPEngine(model, max_grad_norm)
     try:
-        return engine.clipped_grad_sum(inputs, targets, weights)
+        return engine.clipped_grad_sum(inputs, targets, weights, unit_size=unit_size)
     finally:
         engine.remove()

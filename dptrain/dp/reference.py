@@ -41,3 +41,34 @@ def naive_clipped_grad_sum(model: nn.Module, inputs: torch.Tensor, targets: torc
         for t, g in zip(total, gs):
             t.add_(c.to(g.dtype) * g)
     return norms, total
+
+
+def naive_unit_clipped_grad_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                                max_grad_norm: float, unit_size: int, weights: torch.Tensor | None = None):
+    """(norms[B/k], clipped sum per parameter) for units of `unit_size` consecutive rows: each
+    unit's rows go through autograd together and its gradient is that of the sum of their mean
+    token losses (a row with every target ignored adds nothing), clipped as one vector."""
+    params = unique_trainable(model)
+    dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    norms, grads = [], []
+    for start in range(0, inputs.shape[0], unit_size):
+        rows = slice(start, start + unit_size)
+        logits = model(inputs[rows])
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        loss = sum(F.cross_entropy(logits[r], targets[rows][r], ignore_index=-100, reduction="mean")
+                   for r in range(logits.shape[0]) if (targets[rows][r] != -100).any())
+        if torch.is_tensor(loss):
+            gs = torch.autograd.grad(loss, params, allow_unused=True)
+            gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+        else:
+            gs = [torch.zeros_like(p) for p in params]
+        grads.append(gs)
+        norms.append(torch.sqrt(sum(g.to(dtype).pow(2).sum() for g in gs)))
+    norms = torch.stack(norms)
+    w = torch.ones(len(grads), dtype=dtype) if weights is None else weights.to(dtype)
+    coef = w * torch.clamp(max_grad_norm / norms, max=1.0)
+    total = [torch.zeros_like(p) for p in params]
+    for c, gs in zip(coef, grads):
+        for t, g in zip(total, gs):
+            t.add_(c.to(g.dtype) * g)
+    return norms, total

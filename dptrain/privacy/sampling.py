@@ -128,6 +128,75 @@ class _OsDraws:
         return seen[:k]
 
 
+class UnitSampler:
+    """Poisson sampling over privacy units (documents or users), then at most k sequences of each.
+
+    Unit u owns the contiguous sequences `starts[u] .. starts[u] + counts[u] - 1`. Each unit joins a
+    step with probability q = expected_units / number of units (a `PoissonSampler` over units, so
+    accounted as Poisson at that rate); a sampled unit contributes min(k, its count) of its
+    sequences, a uniformly random subset drawn afresh every time it is sampled (keyed stream
+    ("unit-sequences", step), or the OS CSPRNG when secure). Nothing about the choice within a unit
+    depends on other units, so adding or removing one unit changes only its own rows.
+    """
+
+    def __init__(self, starts, counts, expected_units: int | float, max_sequences_per_unit: int,
+                 seed: int | Streams | None, *, secure: bool = False) -> None:
+        self.starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        self.counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+        if self.starts.shape != self.counts.shape or (self.counts < 1).any():
+            raise UserError("every unit needs a start and at least one sequence")
+        if int(max_sequences_per_unit) != max_sequences_per_unit or max_sequences_per_unit < 1:
+            raise UserError(f"max sequences per unit must be a positive integer, got {max_sequences_per_unit}")
+        self.k = int(max_sequences_per_unit)
+        self.units = PoissonSampler(len(self.counts), expected_units, seed, secure=secure)
+        self.secure = self.units.secure
+
+    @property
+    def num_units(self) -> int:
+        return self.units.num_examples
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.units.sampling_rate
+
+    @property
+    def steps_taken(self) -> int:
+        return self.units.steps_taken
+
+    @property
+    def truncated_steps(self) -> int:
+        return self.units.truncated_steps  # 0: unit batches are never truncated
+
+    def sample(self) -> np.ndarray:
+        """The next step's rows: int64 [sampled units, k], one row per unit (units sorted), its
+        sequence indices sorted and padded with -1 when the unit has fewer than k."""
+        rows = self.rows_at(self.units.steps_taken)
+        self.units.steps_taken += 1
+        return rows
+
+    def rows_at(self, step: int) -> np.ndarray:
+        """Step `step`'s rows (see `sample`); moves nothing. Secure: a fresh draw at every call."""
+        units, _ = self.units.batch_at(step)
+        draw = _OsDraws() if self.secure else _KeyedDraws(self.units.streams.generator("unit-sequences", step))
+        rows = np.full((len(units), self.k), -1, dtype=np.int64)
+        for row, u in enumerate(units):
+            n = int(self.counts[u])
+            chosen = np.arange(n) if n <= self.k else np.sort(draw.distinct(n, self.k))
+            rows[row, :len(chosen)] = self.starts[u] + chosen
+        return rows
+
+    def state_dict(self) -> dict:
+        return {**self.units.state_dict(), "max_sequences_per_unit": self.k,
+                "num_sequences": int(self.counts.sum())}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = (self.k, int(self.counts.sum()))
+        saved = (state.get("max_sequences_per_unit"), state.get("num_sequences"))
+        if saved != mine:
+            raise UserError(f"the sampler state was saved for (k, sequences) = {saved}, not {mine}")
+        self.units.load_state_dict(state)
+
+
 def shard(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's contiguous share of a global batch (sizes differ by at most one)."""
     if not 0 <= rank < world_size:

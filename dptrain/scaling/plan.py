@@ -197,8 +197,9 @@ def saturation(law, compute, epsilon, delta, data_size, seq_len, factors=(0.1, 1
     return rows
 
 
-def check_planned_data(data_path: str | Path, data_size: int, seq_len: int) -> None:
-    """UserError when an existing prepared folder is not the data the plan was made for.
+def check_planned_data(data_path: str | Path, data_size: int, seq_len: int, unit: str = "sequence") -> None:
+    """UserError when an existing prepared folder is not the data the plan was made for (its
+    training sequences, or its units when planned by document or group).
 
     A folder that does not exist yet is accepted: it is prepared after planning."""
     from dptrain.data.packed import PackedDataset
@@ -208,6 +209,16 @@ def check_planned_data(data_path: str | Path, data_size: int, seq_len: int) -> N
             raise UserError(f"{data_path} is not a prepared data folder (no manifest.json)")
         return
     train = PackedDataset(Path(data_path), "train")
+    if unit != "sequence":
+        if train.unit != unit:
+            raise UserError(f"{data_path} is packed by {train.unit}, but the plan is by {unit}: prepare it "
+                            f"with `dptrain data prepare --unit {unit}`")
+        units = len(train.unit_ranges()[0])
+        if units != data_size or train.seq_len != seq_len:
+            raise UserError(f"{data_path} holds {units:,} training {unit}s in sequences of {train.seq_len} "
+                            f"tokens, but the plan is for --data-size {data_size:,} at --seq-len {seq_len}; "
+                            "plan for the data you have")
+        return
     if len(train) != data_size or train.seq_len != seq_len:
         raise UserError(f"{data_path} holds {len(train):,} training sequences of {train.seq_len} "
                         f"tokens, but the plan is for --data-size {data_size:,} at --seq-len "
@@ -215,7 +226,7 @@ def check_planned_data(data_path: str | Path, data_size: int, seq_len: int) -> N
 
 
 def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_path: str | Path,
-                    base_dir: Path | None = None) -> dict:
+                    base_dir: Path | None = None, unit: str = "sequence", sequences_per_unit: int = 1) -> dict:
     """A `dptrain train` config for a plan: the nearest shipped model config, the plan's batch,
     steps and sigma (rounded up, so the trainer's budget check at `target_epsilon` holds), and the
     prepared data folder the plan's data size describes.
@@ -224,7 +235,7 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
     from there), absolute without one."""
     model = (MODEL_CONFIG_DIR / f"{p.nearest_config}.yaml").resolve()
     data = {"path": str(data_path), "source": "prepared"}
-    return {
+    cfg = {
         "model": os.path.relpath(model, base_dir) if base_dir is not None else str(model),
         "out_dir": f"runs/plan-{p.nearest_config}",
         "data": data,
@@ -232,11 +243,17 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
                     "noise_multiplier": math.ceil(p.sigma * 1e6) / 1e6, "accountant": p.accountant,
                     "expected_batch_size": int(p.batch_size), "steps": int(p.steps)},
     }
+    if unit != "sequence":  # micro-batches of whole units: a multiple of k rows, about 16
+        k = int(sequences_per_unit)
+        cfg["privacy"].update(unit=unit, max_sequences_per_unit=k)
+        cfg["runtime"] = {"micro_batch_size": k * max(1, 16 // k)}
+    return cfg
 
 
 def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: float, seq_len: int,
-                          data_path: str | Path) -> None:
+                          data_path: str | Path, unit: str = "sequence", sequences_per_unit: int = 1) -> None:
     path = Path(path)
-    cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent)
+    cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent,
+                          unit=unit, sequences_per_unit=sequences_per_unit)
     path.write_text(f"# planned for {p.params:.3g} parameters (nearest config: {p.nearest_config})\n"
                     f"# {describe_extrapolation(p)}\n" + yaml.safe_dump(cfg, sort_keys=False))

@@ -24,7 +24,7 @@ class DataConfig:
 
 @dataclass
 class PrivacyConfig:
-    expected_batch_size: int  # B: each sequence joins a step with probability q = B / N
+    expected_batch_size: int  # B: each sequence (or unit) joins a step with probability q = B / N
     steps: int
     delta: float
     target_epsilon: float | None = None  # calibrate the noise to this budget ...
@@ -36,6 +36,10 @@ class PrivacyConfig:
     max_batch_size: int | None = None  # truncated Poisson: larger draws are cut, and accounted
     # Sampling and noise straight from the OS CSPRNG: no seed, nothing replayable, no bit-exact resume.
     secure_randomness: bool = False
+    # What the guarantee protects: one sequence (VaultGemma), or a whole document or group (user),
+    # which needs data prepared with `--unit document|group`; expected_batch_size then counts units.
+    unit: Literal["sequence", "document", "group"] = "sequence"
+    max_sequences_per_unit: int = 1  # k: sequences a sampled unit contributes (document/group units)
 
     def __post_init__(self):
         if self.expected_batch_size <= 0:
@@ -54,6 +58,8 @@ class PrivacyConfig:
             raise ValueError("max_grad_norm must be positive")
         if self.max_batch_size is not None and self.max_batch_size < self.expected_batch_size:
             raise ValueError("max_batch_size must be at least expected_batch_size")
+        if self.max_sequences_per_unit < 1:
+            raise ValueError("max_sequences_per_unit must be at least 1")
 
 
 @dataclass

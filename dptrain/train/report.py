@@ -17,6 +17,15 @@ NOT_COVERED = [
     "sequences is protected only at group privacy (see 'units')",
     "the run's private state (train_state.pt in each checkpoint): it holds the run's secret",
 ]
+# Training by document or group: the unit's own text is covered; what crosses units is not.
+UNIT_NOT_COVERED = {
+    "document": ["text duplicated across documents, and a person with several documents: each "
+                 "document is one unit, so m documents are protected only at group privacy over m units"],
+    "group": ["text shared by several groups (a secret copied into m groups' records is protected only "
+              "at group privacy over m units)",
+              "a person whose records carry several values of the group column: the unit is the "
+              "column's value, not a verified identity"],
+}
 RANDOMNESS = {
     "secret": "a fresh 256-bit secret from the OS, kept only in the private train_state.pt",
     "seed": "an explicit runtime.seed: the guarantee holds only while that seed stays secret",
@@ -29,9 +38,12 @@ def privacy_report(trainer) -> dict:
     p = trainer.cfg.privacy
     sizes = np.asarray(trainer.batch_sizes, dtype=np.int64)
     epsilons = trainer.ledger.epsilons(p.delta) if trainer.ledger.steps else {}
+    unit = p.unit
+    column = trainer.train_data.manifest.get("group_column")
+    named = {"sequence": "one training sequence", "document": "one training document (all its sequences)",
+             "group": f"one group (all documents sharing a value of {column!r})"}[unit]
     report = {
-        "guarantee": f"({epsilons.get(p.accountant, 0.0):.4g}, {p.delta:g})-DP"
-                     f" with respect to one training sequence",
+        "guarantee": f"({epsilons.get(p.accountant, 0.0):.4g}, {p.delta:g})-DP with respect to {named}",
         "epsilon": epsilons,
         # Accountants whose figure is an estimate, not a bound: shown, never the guarantee.
         "estimates": [name for name in epsilons if not is_upper_bound(name)],
@@ -63,10 +75,20 @@ def privacy_report(trainer) -> dict:
         "nonfinite_examples": trainer.nonfinite_examples,
         "clip_norm": p.max_grad_norm,
         "secure_randomness": p.secure_randomness,
-        "privacy_unit": f"one packed sequence of {trainer.train_data.seq_len} tokens",
-        "units": unit_guarantees(epsilons.get(p.accountant, 0.0), p.delta, _units(trainer)),
-        "not_covered": NOT_COVERED,
+        "privacy_unit": (f"one packed sequence of {trainer.train_data.seq_len} tokens" if unit == "sequence"
+                         else _unit_description(trainer)),
+        "dataset_unit": "sequences" if unit == "sequence" else f"{unit}s",
+        "units": (unit_guarantees(epsilons.get(p.accountant, 0.0), p.delta, _units(trainer))
+                  if unit == "sequence" else {}),
+        "not_covered": NOT_COVERED if unit == "sequence" else [*NOT_COVERED[:3], *UNIT_NOT_COVERED[unit],
+                                                               NOT_COVERED[4]],
     }
+    if unit != "sequence":
+        counts = trainer.unit_ranges[1]
+        report["unit"] = {"kind": unit, "group_column": column if unit == "group" else None,
+                          "num_units": int(len(counts)), "max_sequences_per_unit": p.max_sequences_per_unit,
+                          "sequences_per_unit_max": int(counts.max()),
+                          "sequences_per_unit_mean": round(float(counts.mean()), 2)}
     if trainer.cfg.logging.private_metrics:
         report["released_outside_guarantee"] = [
             "per-step metrics prefixed 'private/' (training loss, clipped fraction, median gradient "
@@ -75,6 +97,13 @@ def privacy_report(trainer) -> dict:
         for key in PRIVATE_STATISTICS:
             del report[key]
     return report
+
+
+def _unit_description(trainer) -> str:
+    k = trainer.cfg.privacy.max_sequences_per_unit
+    return (f"one {trainer.cfg.privacy.unit}: each step samples it with probability q and then uses at most "
+            f"{k} of its sequences of {trainer.train_data.seq_len} tokens (drawn afresh each time), "
+            "their summed loss's gradient clipped as one vector")
 
 
 def _units(trainer) -> dict:
@@ -95,10 +124,13 @@ def summary(report: dict) -> str:
         f"  noise multiplier {report['noise_multiplier']:.4g}, clip norm {report['clip_norm']:g}, "
         f"sampling rate {report['sampling_rate']:.4g} ({report['sampling']})",
         f"  steps {report['steps']} of {report['planned_steps']}, dataset {report['dataset_size']} "
-        f"sequences, expected batch {report['expected_batch_size']}"
+        f"{report.get('dataset_unit', 'sequences')}, expected batch {report['expected_batch_size']}"
         + (f", realised {sizes['mean']:.1f} on average ({sizes['min']}-{sizes['max']})" if sizes.get("mean") else ""),
         *_context_lines(report),
         f"  privacy unit: {report['privacy_unit']}",
+        *([f"  units: {u['num_units']} {u['kind']}s of up to {u['sequences_per_unit_max']} sequences "
+           f"(mean {u['sequences_per_unit_mean']:g}); at most {u['max_sequences_per_unit']} used per step"]
+          if (u := report.get("unit")) else []),
         *[f"  per {unit}: up to {u['sequences_max']} sequences (mean {u['sequences_mean']:g}); "
           + _largest_unit(u) for unit, u in report.get("units", {}).items()],
         "  not covered:",

@@ -35,7 +35,7 @@ from dptrain.privacy.lineage import is_public, read_spent, write_spent
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.randomness import Streams, fresh_secret
 from dptrain.privacy.running import running_epsilon
-from dptrain.privacy.sampling import PoissonSampler
+from dptrain.privacy.sampling import PoissonSampler, UnitSampler
 from dptrain.progress import progress_bar
 from dptrain.train.config import TrainConfig
 from dptrain.train.metrics import MetricsLog
@@ -58,14 +58,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 def inputs_and_targets(data: PackedDataset, slots: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token pairs of the sequences at `slots`; slot -1 is a padding example, all ignored."""
+    """Next-token pairs of the sequences at `slots`; slot -1 is a padding example, all ignored, and so
+    are the positions past a unit-packed sequence's real tokens."""
     real = slots >= 0
     tokens = torch.zeros(len(slots), data.seq_len, dtype=torch.long)
+    lengths = np.zeros(len(slots), dtype=np.int64)
     if real.any():
         tokens[torch.from_numpy(real)] = data.batch(slots[real])
+        lengths[real] = data.real_tokens(slots[real])
     targets = tokens[:, 1:].clone()
-    targets[torch.from_numpy(~real)] = IGNORE
+    # target j is token j + 1: kept only while j + 1 is a real token
+    targets[torch.arange(data.seq_len - 1)[None, :] + 1 >= torch.from_numpy(lengths)[:, None]] = IGNORE
     return tokens[:, :-1].to(device), targets.to(device)
+
+
+def _check_unit_options(cfg: TrainConfig) -> None:
+    """What training by document or group unit does not support (yet), refused before any work."""
+    p, k = cfg.privacy, cfg.privacy.max_sequences_per_unit
+    if p.unit == "sequence":
+        if k != 1:
+            raise UserError("privacy.max_sequences_per_unit applies to privacy.unit document or group only")
+        return
+    if cfg.runtime.parallel != "none":
+        raise UserError(f"privacy.unit {p.unit} trains in one process only (runtime.parallel: none)")
+    if p.max_batch_size is not None:
+        raise UserError(f"privacy.max_batch_size (truncated Poisson) is not supported with privacy.unit {p.unit}")
+    if cfg.runtime.micro_batch_size % k:
+        raise UserError(f"runtime.micro_batch_size {cfg.runtime.micro_batch_size} must be a multiple of "
+                        f"privacy.max_sequences_per_unit {k}: a micro-batch holds whole units")
 
 
 @dataclass
@@ -78,6 +98,7 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, config_dir: Path | None = None):
         self.cfg = cfg
+        _check_unit_options(cfg)
         self.out_dir = Path(cfg.out_dir)
         self.parallel = make_parallel(cfg.runtime.parallel, resolve_device(cfg.runtime.device))
         self.device = self.parallel.device
@@ -88,13 +109,17 @@ class Trainer:
         self._check_data_fits_model()
 
         p = cfg.privacy
-        self.num_examples = len(self.train_data)
+        # The sampled and accounted examples: sequences, or whole documents / groups (units).
+        self.unit_size = 1 if p.unit == "sequence" else p.max_sequences_per_unit
+        self.unit_ranges = None if p.unit == "sequence" else self._unit_ranges()
+        self.num_examples = len(self.train_data) if self.unit_ranges is None else len(self.unit_ranges[0])
+        what = "sequences" if p.unit == "sequence" else f"{p.unit}s"
         if p.expected_batch_size > self.num_examples:
             raise UserError(f"privacy.expected_batch_size {p.expected_batch_size} exceeds the "
-                            f"{self.num_examples} training sequences")
+                            f"{self.num_examples} training {what}")
         if p.delta >= 1 / self.num_examples:
             raise UserError(f"privacy.delta {p.delta:g} is not below 1/N = {1 / self.num_examples:.3g}: "
-                            "such a guarantee allows publishing a whole sequence")
+                            f"such a guarantee allows publishing one of the {what} whole")
         self.sampling_rate = p.expected_batch_size / self.num_examples
         # Truncated Poisson is accounted with the dataset size and the cap; plain Poisson needs neither.
         self.truncation = (dict(dataset_size=self.num_examples, max_batch_size=p.max_batch_size)
@@ -122,8 +147,12 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, p.steps, cfg.schedule))
-        self.sampler = PoissonSampler(self.num_examples, p.expected_batch_size, streams,
-                                      max_batch_size=p.max_batch_size, secure=p.secure_randomness)
+        if self.unit_ranges is None:
+            self.sampler = PoissonSampler(self.num_examples, p.expected_batch_size, streams,
+                                          max_batch_size=p.max_batch_size, secure=p.secure_randomness)
+        else:
+            self.sampler = UnitSampler(*self.unit_ranges, p.expected_batch_size, self.unit_size, streams,
+                                       secure=p.secure_randomness)
         self.noise = NoiseSource(streams, secure=p.secure_randomness)
         self.ledger = parent_ledger
         self.journal = LedgerJournal(self.out_dir / JOURNAL_FILE)  # every rank reads it; rank 0 writes
@@ -156,6 +185,13 @@ class Trainer:
         except UserError:
             held_out = None
         return train, (held_out if held_out is not None and len(held_out) else None)
+
+    def _unit_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        unit = self.cfg.privacy.unit
+        if self.train_data.unit != unit:
+            raise UserError(f"privacy.unit is {unit} but {self.train_data.path} is packed by "
+                            f"{self.train_data.unit}: prepare it with `dptrain data prepare --unit {unit}`")
+        return self.train_data.unit_ranges()
 
     def _check_data_fits_model(self) -> None:
         check_vocab(self.train_data, self.model_cfg)
@@ -240,7 +276,9 @@ class Trainer:
         layout = f"fsdp-{self.parallel.env.world_size}" if self.parallel.mode == "fsdp" else "one-stream"
         return {"draw": self.randomness["draw"], "layout": layout, "noise_multiplier": self.noise_multiplier,
                 "sampling_rate": self.sampling_rate, "dataset_size": self.truncation.get("dataset_size"),
-                "max_batch_size": self.truncation.get("max_batch_size")}
+                "max_batch_size": self.truncation.get("max_batch_size"),
+                **({} if self.cfg.privacy.unit == "sequence" else
+                   {"unit": self.cfg.privacy.unit, "max_sequences_per_unit": self.unit_size})}
 
     def _count_unreplayed_steps(self) -> None:
         """Steps journaled past the checkpoint that this run will not replay exactly: their outputs may
@@ -282,17 +320,19 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         p = self.cfg.privacy
-        indices = self.sampler.sample()
+        indices = self.sampler.sample()  # sequences, or units' rows [units, k] (-1: a padding row)
         if p.secure_randomness:  # an OS draw only rank 0 made; every rank needs the same batch
             indices = self.parallel.from_main(indices)
         self.engine.zero_grad()
         norms, losses = [], []
-        # This rank's share of the global batch (all of it in a single process).
-        for slots in self.parallel.micro_batches(indices, self.cfg.runtime.micro_batch_size):
+        k = self.unit_size
+        # This rank's share of the global batch (all of it in a single process); with units, each
+        # micro-batch holds whole units (k rows each) and one weight per unit.
+        for slots in self.parallel.micro_batches(indices.reshape(-1), self.cfg.runtime.micro_batch_size):
             inputs, targets = inputs_and_targets(self.train_data, slots, self.device)
-            weights = torch.from_numpy((slots >= 0).astype(np.float32)).to(self.device)
+            weights = torch.from_numpy((slots.reshape(-1, k) >= 0).any(1).astype(np.float32)).to(self.device)
             with self._autocast():
-                batch_norms = self.parallel.clipped_grad_sum(self.engine, inputs, targets, weights)
+                batch_norms = self.parallel.clipped_grad_sum(self.engine, inputs, targets, weights, k)
             real = weights > 0
             norms.append(batch_norms[real].detach().cpu())
             losses.append(self.engine.last_losses[real].float().cpu())
@@ -341,8 +381,9 @@ class Trainer:
         log = (MetricsLog(self.out_dir, cfg.logging, configio.to_dict(cfg), resume_step=self.step)
                if main else _NoLog())
         flops_per_token = training_flops_per_token(self.model_cfg, self.train_data.seq_len - 1)
-        # The expected batch, not the drawn one: the drawn size is a statistic of the private data.
-        expected_tokens = p.expected_batch_size * (self.train_data.seq_len - 1)
+        # The expected batch, not the drawn one: the drawn size is a statistic of the private data
+        # (with units: k row slots per unit, padding rows included, as the engine processes them).
+        expected_tokens = p.expected_batch_size * self.unit_size * (self.train_data.seq_len - 1)
         bar = progress_bar(total=p.steps, initial=self.step, desc="private training", unit="step",
                    disable=not (cfg.logging.progress and main), dynamic_ncols=True)
         try:
