@@ -22,33 +22,24 @@ from dptrain.errors import UserError
 from dptrain.privacy.accounting import epsilon_of_runs, make_run
 from dptrain.train.config import TrainConfig
 from dptrain.train.trainer import STATE_FILE, Trainer
+from tiny_runs import demo_data, tiny_run_config
 
-VOCAB = 512
 SIGMA, DELTA, BATCH = 1.0, 1e-5, 16
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from dptrain.data.demo import prepare_demo
+    return demo_data(tmp_path_factory.mktemp("demo"))
 
-    return prepare_demo(tmp_path_factory.mktemp("demo"), seq_len=32, vocab_size=VOCAB, num_records=400)
+
+DEFAULTS = {"privacy": {"noise_multiplier": SIGMA, "delta": DELTA, "expected_batch_size": BATCH, "steps": 3},
+            "runtime": {"micro_batch_size": 16, "device": "cpu"},
+            "eval": {"every": 0, "max_sequences": 8},
+            "checkpoint": {"every": 0, "keep_last": 1}}
 
 
 def make_config(data_dir, out_dir, **sections) -> TrainConfig:
-    raw = {
-        "model": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                      num_kv_heads=1, head_dim=16, max_seq_len=64, query_pre_attn_scalar=16.0),
-        "data": {"path": str(data_dir)},
-        "privacy": {"noise_multiplier": SIGMA, "delta": DELTA, "expected_batch_size": BATCH, "steps": 3},
-        "out_dir": str(out_dir),
-        "runtime": {"micro_batch_size": 16, "device": "cpu"},
-        "eval": {"every": 0, "max_sequences": 8},
-        "logging": {"wandb": "disabled", "progress": False},
-        "checkpoint": {"every": 0, "keep_last": 1},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    return configio.from_dict(TrainConfig, raw)
+    return tiny_run_config(data_dir, out_dir, DEFAULTS, **sections)
 
 
 def released_weights(out_dir) -> dict:

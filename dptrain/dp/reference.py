@@ -33,6 +33,11 @@ def naive_clipped_grad_sum(model: nn.Module, inputs: torch.Tensor, targets: torc
     params = unique_trainable(model)
     grads = per_example_grads(model, inputs, targets)
     dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    return _clip_and_sum(params, grads, dtype, max_grad_norm, weights)
+
+
+def _clip_and_sum(params, grads: list, dtype, max_grad_norm: float, weights):
+    """(norms, sum_i w_i min(1, C / ||g_i||) g_i) of per-example (or per-unit) gradients `grads`."""
     norms = torch.stack([torch.sqrt(sum(g.to(dtype).pow(2).sum() for g in gs)) for gs in grads])
     w = torch.ones(len(grads), dtype=dtype) if weights is None else weights.to(dtype)
     coef = w * torch.clamp(max_grad_norm / norms, max=1.0)
@@ -50,7 +55,7 @@ def naive_unit_clipped_grad_sum(model: nn.Module, inputs: torch.Tensor, targets:
     token losses (a row with every target ignored adds nothing), clipped as one vector."""
     params = unique_trainable(model)
     dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    norms, grads = [], []
+    grads = []
     for start in range(0, inputs.shape[0], unit_size):
         rows = slice(start, start + unit_size)
         logits = model(inputs[rows])
@@ -63,12 +68,4 @@ def naive_unit_clipped_grad_sum(model: nn.Module, inputs: torch.Tensor, targets:
         else:
             gs = [torch.zeros_like(p) for p in params]
         grads.append(gs)
-        norms.append(torch.sqrt(sum(g.to(dtype).pow(2).sum() for g in gs)))
-    norms = torch.stack(norms)
-    w = torch.ones(len(grads), dtype=dtype) if weights is None else weights.to(dtype)
-    coef = w * torch.clamp(max_grad_norm / norms, max=1.0)
-    total = [torch.zeros_like(p) for p in params]
-    for c, gs in zip(coef, grads):
-        for t, g in zip(total, gs):
-            t.add_(c.to(g.dtype) * g)
-    return norms, total
+    return _clip_and_sum(params, grads, dtype, max_grad_norm, weights)
