@@ -21,6 +21,9 @@ the Gaussian noise enters that sum exactly once per element:
   dptrain.privacy.randomness): no two slices and no two steps share a stream, and the stream needs
   no saved state. Secure randomness: every rank reads the OS CSPRNG.
 
+Document or group units (privacy.unit): shares and micro-batches are cut between units of k rows,
+so each unit is clipped whole on one rank (ddp; fsdp refuses units).
+
 Micro-batches: every rank runs the same number of them (from the largest share, known to all),
 padding with weight-0 slots, because FSDP's all-gathers and reduce-scatters happen inside every
 forward and backward. Under `ddp` the only collective is the final all-reduce, so a rank skips
@@ -71,11 +74,20 @@ class Parallel:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
 
-    def micro_batches(self, indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
-        """This rank's share of the global batch in slots of `size` (-1 = weight-0 padding)."""
+    def micro_batches(self, indices: np.ndarray, size: int, unit_size: int = 1) -> Iterator[np.ndarray]:
+        """This rank's share of the global batch in slots of `size` (-1 = weight-0 padding).
+
+        The batch is laid out as whole units of `unit_size` rows; the split keeps every unit on one
+        rank and in one micro-batch (`size` is a multiple of `unit_size`), so each rank clips whole
+        units exactly as one process would.
+        """
+        if size % unit_size or len(indices) % unit_size:
+            raise ValueError(f"slots of {size} and a batch of {len(indices)} rows must hold whole units of {unit_size}")
         world = self.env.world_size
-        mine = shard(indices, self.env.rank, world)
-        count = math.ceil(math.ceil(len(indices) / world) / size)  # the largest share's count
+        units = indices.reshape(-1, unit_size)
+        mine = shard(units, self.env.rank, world).reshape(-1)
+        # the largest share's count, in micro-batches of size // unit_size units
+        count = math.ceil(math.ceil(len(units) / world) / (size // unit_size))
         for start in range(0, count * size, size):
             chunk = mine[start:start + size]
             if not len(chunk) and not self.lockstep:
