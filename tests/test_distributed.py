@@ -333,14 +333,15 @@ def group_data(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_group_unit_ddp_on_two_processes_matches_one_process(group_data, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_group_unit_on_two_processes_matches_one_process(group_data, tmp_path, mode):
     k = 2
     one = Trainer(unit_config(group_data, tmp_path / "one", "none", k))
     one.noise_multiplier = 0.0
     batches = [one.sampler.rows_at(step) for step in range(STEPS)]
     for _ in range(STEPS):
         one.train_step()
-    run_distributed(_unit_worker, 2, "ddp", group_data, tmp_path / "two", tmp_path / "result.pt", k)
+    run_distributed(_unit_worker, 2, mode, group_data, tmp_path / "two", tmp_path / "result.pt", k)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     for batch, ranks in zip(batches, result["units"]):
         # every sampled unit whole on exactly one rank, in the batch's order
@@ -348,11 +349,6 @@ def test_group_unit_ddp_on_two_processes_matches_one_process(group_data, tmp_pat
     assert any(ranks[0] and ranks[1] for ranks in result["units"]), "no step split its units over both ranks"
     for name, ref in one.model.state_dict().items():
         torch.testing.assert_close(result["weights"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_fsdp_refuses_a_group_unit_with_one_line(group_data, tmp_path):
-    with pytest.raises(UserError, match="not fsdp"):
-        Trainer(unit_config(group_data, tmp_path, "fsdp", 2))
 
 
 # ---- without processes --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ the Gaussian noise enters that sum exactly once per element:
   no saved state. Secure randomness: every rank reads the OS CSPRNG.
 
 Document or group units (privacy.unit): shares and micro-batches are cut between units of k rows,
-so each unit is clipped whole on one rank (ddp; fsdp refuses units).
+so each unit is clipped whole on one rank; fsdp's second pass gives each row its unit's coefficient.
 
 Micro-batches: every rank runs the same number of them (from the largest share, known to all),
 padding with weight-0 slots, because FSDP's all-gathers and reduce-scatters happen inside every
@@ -176,14 +176,15 @@ class FullyShardedDP(Parallel):
         return model
 
     def clipped_grad_sum(self, engine, inputs, targets, weights, unit_size: int = 1) -> torch.Tensor:
-        if unit_size != 1:  # the trainer refuses units under fsdp; the second pass below is per row
-            raise UserError("fsdp clips one sequence per example (privacy.unit: sequence)")
-        norms = engine.clipped_grad_sum(inputs, targets, weights=weights, accumulate=False)
+        norms = engine.clipped_grad_sum(inputs, targets, weights=weights, accumulate=False, unit_size=unit_size)
         finite = torch.isfinite(norms)
         coef = torch.where(finite, weights.to(norms.dtype) * torch.clamp(engine.max_grad_norm / norms, max=1.0),
                            torch.zeros_like(norms))
-        # A non-finite example would turn the whole batch's gradient into NaN (0 * NaN): its row
-        # is replaced by padding tokens, which its zero coefficient then ignores.
+        # A unit's loss is the sum of its k rows' losses: each row takes its unit's coefficient,
+        # so sum_rows c_unit(row) L_row = sum_units c_u L_u (padding rows have zero loss).
+        coef, finite = coef.repeat_interleave(unit_size), finite.repeat_interleave(unit_size)
+        # A non-finite example would turn the whole batch's gradient into NaN (0 * NaN): its rows
+        # are replaced by padding tokens, which its zero coefficient then ignores.
         inputs = torch.where(finite[:, None].to(inputs.device), inputs, torch.zeros_like(inputs))
         # The clipped sum as the gradient of sum_i coef_i L_i, the head taken by chunks (no [B, T, V]
         # logits), under the caller's autocast if any.

@@ -79,8 +79,6 @@ def _check_unit_options(cfg: TrainConfig) -> None:
         if k != 1:
             raise UserError("privacy.max_sequences_per_unit applies to privacy.unit document or group only")
         return
-    if cfg.runtime.parallel == "fsdp":  # its second (re-weighted) pass clips per row, not per unit
-        raise UserError(f"privacy.unit {p.unit} trains with runtime.parallel none or ddp, not fsdp")
     if p.max_batch_size is not None:
         raise UserError(f"privacy.max_batch_size (truncated Poisson) is not supported with privacy.unit {p.unit}")
     if cfg.runtime.micro_batch_size % k:
