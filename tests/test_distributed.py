@@ -275,9 +275,9 @@ def _secure_worker(rank, world, data_dir, out_dir, result_file):
     trainer = Trainer(cfg)
     seen, cut = [], trainer.parallel.micro_batches
 
-    def recording(indices, size):
+    def recording(indices, size, **kwargs):
         seen.append(indices.tolist())
-        return cut(indices, size)
+        return cut(indices, size, **kwargs)
 
     trainer.parallel.micro_batches = recording
     for _ in range(STEPS):
@@ -296,7 +296,75 @@ def test_secure_randomness_gives_every_rank_rank_zeros_batch(data_dir, tmp_path)
     assert len(ranks[0]) == STEPS and ranks[0] == ranks[1]  # two own OS draws would differ
 
 
+def _unit_worker(rank, world, mode, data_dir, out_dir, result_file, k):
+    """A group-unit run with the noise off; records the weights and each rank's units per step."""
+    trainer = Trainer(unit_config(data_dir, out_dir, mode, k))
+    trainer.noise_multiplier = 0.0
+    units_per_rank = []
+    for _ in range(STEPS):
+        batch = trainer.sampler.rows_at(trainer.sampler.steps_taken).reshape(-1)
+        mine = [s.reshape(-1, k) for s in trainer.parallel.micro_batches(batch, 2 * k, unit_size=k)]
+        mine = [u.tolist() for s in mine for u in s if (u >= 0).any()]
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        units_per_rank.append(every)
+        trainer.train_step()
+    weights = trainer.parallel.full_state_dict(trainer.model)
+    if rank == 0:
+        torch.save({"weights": weights, "units": units_per_rank}, result_file)
+
+
+def unit_config(data_dir, out_dir, mode, k) -> TrainConfig:
+    cfg = make_config(data_dir, out_dir, mode)
+    cfg.privacy.unit, cfg.privacy.max_sequences_per_unit, cfg.privacy.expected_batch_size = "group", k, 5
+    cfg.runtime.micro_batch_size = 2 * k  # two units per micro-batch
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def group_data(data_dir, tmp_path_factory):
+    """The demo corpus packed by user: a unit is a user's (up to k) sequences."""
+    from dptrain.data import prepare
+
+    demo = data_dir.parent
+    return prepare([next(demo.glob("corpus-*")) / "private.jsonl"], next(demo.glob("tokenizer-*.model")), 16,
+                   tmp_path_factory.mktemp("by-user") / "prep", group_column="user_id", unit="group",
+                   eval_fraction=0.1, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_group_unit_on_two_processes_matches_one_process(group_data, tmp_path, mode):
+    k = 2
+    one = Trainer(unit_config(group_data, tmp_path / "one", "none", k))
+    one.noise_multiplier = 0.0
+    batches = [one.sampler.rows_at(step) for step in range(STEPS)]
+    for _ in range(STEPS):
+        one.train_step()
+    run_distributed(_unit_worker, 2, mode, group_data, tmp_path / "two", tmp_path / "result.pt", k)
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    for batch, ranks in zip(batches, result["units"]):
+        # every sampled unit whole on exactly one rank, in the batch's order
+        assert ranks[0] + ranks[1] == batch.tolist()
+    assert any(ranks[0] and ranks[1] for ranks in result["units"]), "no step split its units over both ranks"
+    for name, ref in one.model.state_dict().items():
+        torch.testing.assert_close(result["weights"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ---- without processes --------------------------------------------------------------------------
+def test_micro_batches_keep_each_unit_whole_on_one_rank():
+    units = np.array([[3, 4], [7, -1], [9, 10], [12, 13], [15, -1]], dtype=np.int64)
+    for cls in (DataParallel, FullyShardedDP):
+        seen = []
+        for rank in range(2):
+            for chunk in cls(DistEnv(rank, 2, rank)).micro_batches(units.reshape(-1), 4, unit_size=2):
+                assert len(chunk) == 4
+                seen += [u.tolist() for u in chunk.reshape(-1, 2) if (u >= 0).any()]
+        assert seen == units.tolist()  # rank 0: units 0-2, rank 1: units 3-4, none cut in two
+    with pytest.raises(ValueError, match="whole units"):
+        list(DataParallel(DistEnv(0, 2, 0)).micro_batches(units.reshape(-1), 3, unit_size=2))
+
+
 def test_micro_batches_cover_the_global_batch_once_in_lockstep():
     batch = np.array([3, 8, 9, 20, 21], dtype=np.int64)
     for cls in (DataParallel, FullyShardedDP):

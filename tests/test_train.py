@@ -257,7 +257,6 @@ def test_group_unit_step_is_the_naive_clipped_sum_of_sampled_units(group_data, t
 @pytest.mark.parametrize("sections, message", [
     ({"privacy": {"unit": "group", "max_sequences_per_unit": 3}}, "multiple of"),
     ({"privacy": {"unit": "group", "max_batch_size": 20}}, "truncated"),
-    ({"privacy": {"unit": "group"}, "runtime": {"parallel": "ddp"}}, "one process"),
     ({"privacy": {"max_sequences_per_unit": 2}}, "document or group only"),
     ({"privacy": {"unit": "document"}}, "packed by group"),
 ])

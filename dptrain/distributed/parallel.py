@@ -21,6 +21,9 @@ the Gaussian noise enters that sum exactly once per element:
   dptrain.privacy.randomness): no two slices and no two steps share a stream, and the stream needs
   no saved state. Secure randomness: every rank reads the OS CSPRNG.
 
+Document or group units (privacy.unit): shares and micro-batches are cut between units of k rows,
+so each unit is clipped whole on one rank; fsdp's second pass gives each row its unit's coefficient.
+
 Micro-batches: every rank runs the same number of them (from the largest share, known to all),
 padding with weight-0 slots, because FSDP's all-gathers and reduce-scatters happen inside every
 forward and backward. Under `ddp` the only collective is the final all-reduce, so a rank skips
@@ -71,11 +74,20 @@ class Parallel:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
 
-    def micro_batches(self, indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
-        """This rank's share of the global batch in slots of `size` (-1 = weight-0 padding)."""
+    def micro_batches(self, indices: np.ndarray, size: int, unit_size: int = 1) -> Iterator[np.ndarray]:
+        """This rank's share of the global batch in slots of `size` (-1 = weight-0 padding).
+
+        The batch is laid out as whole units of `unit_size` rows; the split keeps every unit on one
+        rank and in one micro-batch (`size` is a multiple of `unit_size`), so each rank clips whole
+        units exactly as one process would.
+        """
+        if size % unit_size or len(indices) % unit_size:
+            raise ValueError(f"slots of {size} and a batch of {len(indices)} rows must hold whole units of {unit_size}")
         world = self.env.world_size
-        mine = shard(indices, self.env.rank, world)
-        count = math.ceil(math.ceil(len(indices) / world) / size)  # the largest share's count
+        units = indices.reshape(-1, unit_size)
+        mine = shard(units, self.env.rank, world).reshape(-1)
+        # the largest share's count, in micro-batches of size // unit_size units
+        count = math.ceil(math.ceil(len(units) / world) / (size // unit_size))
         for start in range(0, count * size, size):
             chunk = mine[start:start + size]
             if not len(chunk) and not self.lockstep:
@@ -164,14 +176,15 @@ class FullyShardedDP(Parallel):
         return model
 
     def clipped_grad_sum(self, engine, inputs, targets, weights, unit_size: int = 1) -> torch.Tensor:
-        if unit_size != 1:  # the trainer refuses units under fsdp; the second pass below is per row
-            raise UserError("fsdp clips one sequence per example (privacy.unit: sequence)")
-        norms = engine.clipped_grad_sum(inputs, targets, weights=weights, accumulate=False)
+        norms = engine.clipped_grad_sum(inputs, targets, weights=weights, accumulate=False, unit_size=unit_size)
         finite = torch.isfinite(norms)
         coef = torch.where(finite, weights.to(norms.dtype) * torch.clamp(engine.max_grad_norm / norms, max=1.0),
                            torch.zeros_like(norms))
-        # A non-finite example would turn the whole batch's gradient into NaN (0 * NaN): its row
-        # is replaced by padding tokens, which its zero coefficient then ignores.
+        # A unit's loss is the sum of its k rows' losses: each row takes its unit's coefficient,
+        # so sum_rows c_unit(row) L_row = sum_units c_u L_u (padding rows have zero loss).
+        coef, finite = coef.repeat_interleave(unit_size), finite.repeat_interleave(unit_size)
+        # A non-finite example would turn the whole batch's gradient into NaN (0 * NaN): its rows
+        # are replaced by padding tokens, which its zero coefficient then ignores.
         inputs = torch.where(finite[:, None].to(inputs.device), inputs, torch.zeros_like(inputs))
         # The clipped sum as the gradient of sum_i coef_i L_i, the head taken by chunks (no [B, T, V]
         # logits), under the caller's autocast if any.

@@ -79,8 +79,6 @@ def _check_unit_options(cfg: TrainConfig) -> None:
         if k != 1:
             raise UserError("privacy.max_sequences_per_unit applies to privacy.unit document or group only")
         return
-    if cfg.runtime.parallel != "none":
-        raise UserError(f"privacy.unit {p.unit} trains in one process only (runtime.parallel: none)")
     if p.max_batch_size is not None:
         raise UserError(f"privacy.max_batch_size (truncated Poisson) is not supported with privacy.unit {p.unit}")
     if cfg.runtime.micro_batch_size % k:
@@ -328,7 +326,8 @@ class Trainer:
         k = self.unit_size
         # This rank's share of the global batch (all of it in a single process); with units, each
         # micro-batch holds whole units (k rows each) and one weight per unit.
-        for slots in self.parallel.micro_batches(indices.reshape(-1), self.cfg.runtime.micro_batch_size):
+        for slots in self.parallel.micro_batches(indices.reshape(-1), self.cfg.runtime.micro_batch_size,
+                                                  unit_size=k):
             inputs, targets = inputs_and_targets(self.train_data, slots, self.device)
             weights = torch.from_numpy((slots.reshape(-1, k) >= 0).any(1).astype(np.float32)).to(self.device)
             with self._autocast():
