@@ -26,6 +26,7 @@ from dptrain.distributed.parallel import DataParallel, FullyShardedDP, make_para
 from dptrain.errors import UserError
 from dptrain.train.config import TrainConfig
 from dptrain.train.trainer import Trainer
+from tiny_runs import demo_by_user
 
 VOCAB = 384
 STEPS = 3
@@ -324,12 +325,7 @@ def unit_config(data_dir, out_dir, mode, k) -> TrainConfig:
 @pytest.fixture(scope="module")
 def group_data(data_dir, tmp_path_factory):
     """The demo corpus packed by user: a unit is a user's (up to k) sequences."""
-    from dptrain.data import prepare
-
-    demo = data_dir.parent
-    return prepare([next(demo.glob("corpus-*")) / "private.jsonl"], next(demo.glob("tokenizer-*.model")), 16,
-                   tmp_path_factory.mktemp("by-user") / "prep", group_column="user_id", unit="group",
-                   eval_fraction=0.1, progress=False)
+    return demo_by_user(data_dir, tmp_path_factory.mktemp("by-user"), 16)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from dptrain.cli import main
 from dptrain.errors import UserError
 from dptrain.train.config import TrainConfig, load_train_config
 from dptrain.train.trainer import Trainer
-from tiny_runs import VOCAB, demo_data, tiny_run_config
+from tiny_runs import VOCAB, demo_by_user, demo_data, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +187,7 @@ def test_demo_config_is_valid():
 @pytest.fixture(scope="module")
 def group_data(data_dir, tmp_path_factory):
     """The demo corpus packed by user: no sequence mixes two users."""
-    from dptrain.data import prepare
-
-    demo = data_dir.parent
-    return prepare([next(demo.glob("corpus-*")) / "private.jsonl"], next(demo.glob("tokenizer-*.model")), 32,
-                   tmp_path_factory.mktemp("by-user") / "prep", group_column="user_id", unit="group",
-                   eval_fraction=0.1, progress=False)
+    return demo_by_user(data_dir, tmp_path_factory.mktemp("by-user"), 32)
 
 
 def test_data_packed_by_group_trains_at_sequence_level(group_data, tmp_path):

@@ -27,3 +27,12 @@ def tiny_run_config(data_dir, out_dir, defaults: dict, **sections) -> TrainConfi
         for section, values in update.items():
             raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     return configio.from_dict(TrainConfig, raw)
+
+
+def demo_by_user(data_dir, folder, seq_len: int):
+    """The demo corpus of `data_dir` packed by user: a unit is one user's sequences."""
+    from dptrain.data import prepare
+
+    demo = data_dir.parent
+    return prepare([next(demo.glob("corpus-*")) / "private.jsonl"], next(demo.glob("tokenizer-*.model")), seq_len,
+                   folder / "prep", group_column="user_id", unit="group", eval_fraction=0.1, progress=False)
