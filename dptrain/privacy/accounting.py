@@ -34,6 +34,12 @@ UPPER_BOUNDS = ("pld", "rdp")
 # FFT size of the certified accountant's composition grid. 2^16 keeps a call under half a second
 # and its bound within about 0.2% of a finer (2^18) bracket's upper end on the tested grid.
 CERTIFIED_GRID = 2 ** 16
+# RDP overstates epsilon by well under this factor where epsilon is a few units or more; a
+# certified bound further below RDP than this is cross-checked (see _implausibly_low).
+SUSPICIOUS_RDP_RATIO = 3.0
+# The silent failure seen (huge privacy losses) was at sigma ~0.2; the referee's grid validates the
+# certified bound from sigma 0.6 up, and agreement was checked by hand down to 0.25.
+CROSS_CHECK_BELOW_SIGMA = 0.5
 # Truncation is negligible once the chance that any step truncates, times (1 + e^eps), is at most
 # this share of delta; from there on the bound no longer depends on the cap.
 TRUNCATION_SHARE = 1e-3
@@ -155,10 +161,33 @@ def _certified_epsilon(runs: list[StepRun], delta: float, grid: int = CERTIFIED_
 
     rdp = _rdp_epsilon(runs, delta)
     try:
-        return min(rdp, composed_upper([(r.noise_multiplier, r.sampling_rate, r.count)
-                                        for r in runs], delta, grid=grid))
+        certified = composed_upper([(r.noise_multiplier, r.sampling_rate, r.count) for r in runs],
+                                   delta, grid=grid)
     except CertificationError:
-        return rdp
+        return _fallback(rdp, runs, delta)
+    suspicious = (min(r.noise_multiplier for r in runs) < CROSS_CHECK_BELOW_SIGMA
+                  and certified < rdp / SUSPICIOUS_RDP_RATIO)
+    if suspicious and _implausibly_low(certified, runs, delta):
+        return _fallback(rdp, runs, delta)  # the computation failed without saying so
+    return min(rdp, certified)
+
+
+def _fallback(rdp: float, runs: list[StepRun], delta: float) -> float:
+    """RDP where the certified computation cannot be used: the integer-order bound, or Opacus's
+    (fractional and larger orders), whichever is smaller; both are upper bounds."""
+    return min(rdp, _opacus_epsilon(runs, delta, "rdp"))
+
+
+def _implausibly_low(certified: float, runs: list[StepRun], delta: float) -> bool:
+    """True when the certified bound lies far below dp_accounting's PLD on a coarse grid: at very
+    small sigma (huge privacy losses) the FFT composition can fail silently (sigma 0.198, q 0.0225,
+    200 steps gave 4.5 against a true epsilon near 160). Checked only at small sigma when the bound
+    is already suspicious (below RDP / SUSPICIOUS_RDP_RATIO), so it costs nothing in the usual
+    regimes. It
+    only ever swaps the certified bound for RDP, also an upper bound, so it cannot make the result
+    unsound; its slack (half, less 0.05) is far wider than the coarse grid's overstatement."""
+    coarse = _pld_epsilon_at(runs, delta, PLD_COARSE_DISCRETIZATION)
+    return certified < 0.5 * coarse - 0.05
 
 
 def _rdp_epsilon(runs: list[StepRun], delta: float) -> float:
