@@ -107,3 +107,18 @@ def test_one_user_canaries_stay_in_one_users_records(tmp_path):
     assert clean(records) == clean(default)
     with pytest.raises(ValueError, match="canary_owner"):
         write_demo_corpus(tmp_path / "bad", canary_owner="everyone", **kwargs)
+
+
+def test_prepare_demo_one_user_by_group(tmp_path):
+    """The audit config's demo folder: packed by user, every secret's copies in its owner's unit."""
+    from dptrain.train.config import load_train_config
+
+    data = load_train_config("configs/demo-units-audit.yaml").data
+    assert (data.demo_canary_owner, data.demo_unit) == ("one-user", "group")
+    out = prepare_demo(tmp_path, seq_len=64, vocab_size=512, num_records=6_000,
+                       canary_owner=data.demo_canary_owner, unit=data.demo_unit)
+    assert out != prepare_demo(tmp_path, seq_len=64, vocab_size=512, num_records=6_000)  # own cache
+    train = PackedDataset(out, "train")
+    assert train.manifest["unit"] == "group"
+    canaries = json.loads((out / "canaries.json").read_text())
+    assert [(c["train_repeats"], c["eval_repeats"]) for c in canaries] == [(c["repeats"], 0) for c in canaries]
