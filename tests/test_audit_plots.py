@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from dptrain.audit.memorization import MemorizationResult
-from dptrain.audit.plots import plot_epsilon_curve, plot_memorization, plot_score_histogram
+from dptrain.audit.plots import (plot_epsilon_curve, plot_exposure_by_run, plot_memorization,
+                                 plot_score_histogram)
 from dptrain.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,3 +34,12 @@ def test_memorization_summary(tmp_path):
     dist = [0.0, 0.04, 0.1, 0.5, 0.9, 0.96]
     result = MemorizationResult(6, 50, 50, 0.1, 1, 3, 1 / 6, 0.5, dist)
     assert_png(plot_memorization(result, tmp_path / "mem.png"))
+
+
+def test_exposure_by_run(tmp_path):
+    rng = np.random.default_rng(0)
+    secrets = lambda slope: [{"train_repeats": r, "exposure": float(slope * r + rng.random())}  # noqa: E731
+                             for r in (0, 1, 4, 16) for _ in range(4)]
+    assert_png(plot_exposure_by_run({"sequence": secrets(0.5), "user": secrets(0.0)}, 1000, tmp_path / "runs.png"))
+    with pytest.raises(UserError):
+        plot_exposure_by_run({"sequence": secrets(0.5), "user": []}, 1000, tmp_path / "bad.png")

@@ -1,6 +1,7 @@
 """The bundled demo corpus: deterministic bytes, canaries planted exactly as listed, cached preparation."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -82,3 +83,42 @@ def test_cli_demo(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "canaries" in printed and "held out" in printed
+
+
+def test_one_user_canaries_stay_in_one_users_records(tmp_path):
+    """`canary_owner="one-user"`: every copy of a canary is in distinct records of its one owner."""
+    kwargs = dict(seed=0, num_records=6_000, num_public_paragraphs=50)
+    spread = write_demo_corpus(tmp_path / "spread", **kwargs)
+    paths = write_demo_corpus(tmp_path / "one", canary_owner="one-user", **kwargs)
+    records = [json.loads(line) for line in paths["private"].read_text().splitlines()]
+    canaries = json.loads(paths["canaries"].read_text())
+    owners = [c["owner"] for c in canaries if c["repeats"] > 0]
+    assert len(set(owners)) == len(owners)  # one owner per canary, none shared
+    for canary in canaries:
+        holders = [i for i, r in enumerate(records) if canary["text"] in r["text"]]
+        assert holders == canary["records"] and len(holders) == canary["repeats"]
+        assert {records[i]["user_id"] for i in holders} == ({canary["owner"]} if canary["repeats"] else set())
+    # only the canaries moved: the records without them and the public text are the default's
+    default = [json.loads(line) for line in spread["private"].read_text().splitlines()]
+    assert [r["user_id"] for r in records] == [r["user_id"] for r in default]
+    assert paths["public"].read_bytes() == spread["public"].read_bytes()
+    canary_texts = [c["text"] for c in canaries]
+    clean = lambda rs: [functools.reduce(lambda t, c: t.replace(" " + c, ""), canary_texts, r["text"]) for r in rs]  # noqa: E731
+    assert clean(records) == clean(default)
+    with pytest.raises(ValueError, match="canary_owner"):
+        write_demo_corpus(tmp_path / "bad", canary_owner="everyone", **kwargs)
+
+
+def test_prepare_demo_one_user_by_group(tmp_path):
+    """The audit config's demo folder: packed by user, every secret's copies in its owner's unit."""
+    from dptrain.train.config import load_train_config
+
+    data = load_train_config("configs/demo-units-audit.yaml").data
+    assert (data.demo_canary_owner, data.demo_unit) == ("one-user", "group")
+    out = prepare_demo(tmp_path, seq_len=64, vocab_size=512, num_records=6_000,
+                       canary_owner=data.demo_canary_owner, unit=data.demo_unit)
+    assert out != prepare_demo(tmp_path, seq_len=64, vocab_size=512, num_records=6_000)  # own cache
+    train = PackedDataset(out, "train")
+    assert train.manifest["unit"] == "group"
+    canaries = json.loads((out / "canaries.json").read_text())
+    assert [(c["train_repeats"], c["eval_repeats"]) for c in canaries] == [(c["repeats"], 0) for c in canaries]

@@ -53,7 +53,8 @@ def base_data_path(cfg: TrainConfig) -> Path:
     if cfg.data.source == "demo":
         from dptrain.data.demo import prepare_demo
 
-        path = prepare_demo(path, seq_len=cfg.data.demo_seq_len, vocab_size=cfg.data.demo_vocab_size)
+        path = prepare_demo(path, seq_len=cfg.data.demo_seq_len, vocab_size=cfg.data.demo_vocab_size,
+                            canary_owner=cfg.data.demo_canary_owner, unit=cfg.data.demo_unit)
     if not path.is_dir():
         raise UserError(f"data.path {path} does not exist: run `dptrain data prepare` first")
     return path

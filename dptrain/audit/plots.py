@@ -94,3 +94,31 @@ def plot_exposure(secrets: Sequence[Mapping], num_references: int, path: str | P
     ax.set_title(f"Secret exposure against {num_references} references", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_exposure_by_run(runs: Mapping[str, Sequence[Mapping]], num_references: int, path: str | Path) -> Path:
+    """Mean exposure by repeat count for several runs on the same secrets (e.g. privacy units)."""
+    if not runs or not all(runs.values()):
+        raise UserError("every run needs secrets to plot")
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    all_levels = set()
+    for i, (name, secrets) in enumerate(runs.items()):
+        repeats = np.array([s["train_repeats"] for s in secrets], dtype=float)
+        exposures = np.array([s["exposure"] for s in secrets], dtype=float)
+        levels = np.unique(repeats)
+        all_levels.update(levels.tolist())
+        ax.scatter(repeats, exposures, color=f"C{i}", alpha=0.35, s=14)
+        ax.plot(levels, [exposures[repeats == r].mean() for r in levels], color=f"C{i}", marker="o",
+                label=f"{name} (mean)")
+    ax.axhline(np.log2(num_references + 1), color="C3", linestyle="--", label="fully memorised")
+    ax.axhline(1 / np.log(2), color="grey", linestyle=":", label="never seen (expected)")
+    ax.set_xscale("symlog", linthresh=1)
+    ticks = sorted(all_levels)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(int(r)) for r in ticks])
+    ax.set_xlabel("training records containing the secret")
+    ax.set_ylabel("exposure (bits)")
+    ax.set_title(f"Secret exposure against {num_references} references", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

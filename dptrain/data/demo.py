@@ -19,6 +19,9 @@ DEMO_VERSION = 4  # part of every cache key: bump when the generator's output ch
 CANARY_REPEATS = (0, 1, 4, 16)  # 0: never planted, a control for extraction tests
 CANARIES_PER_REPEAT = 4
 RECORDS_PER_USER = 8
+# Where a canary's copies go: "spread" over random records (mostly of different users), or all
+# into records of "one-user", the case that only user-level privacy protects.
+CANARY_OWNERS = ("spread", "one-user")
 
 FIRST = ("Amara Bilal Carmen Dmitri Elena Farid Greta Hiro Ines Jonas Kemal Lena Mateo Nadia Oskar "
          "Priya Quinn Rosa Sven Tala Umar Vera Wen Ximena Yusuf Zoe Aiko Bruno Chiara Dario").split()
@@ -202,11 +205,15 @@ def make_canaries(seed: int) -> list[dict]:
 
 
 def write_demo_corpus(out_dir: str | Path, seed: int = 0, num_records: int = 6_000,
-                      num_public_paragraphs: int = 6_000) -> dict[str, Path]:
+                      num_public_paragraphs: int = 6_000, canary_owner: str = "spread") -> dict[str, Path]:
     """Write `private.jsonl` (text, user_id, kind), `public.txt` and `canaries.json` into `out_dir`.
 
-    Same arguments, same bytes. Each canary is appended to `repeats` distinct records.
+    Same arguments, same bytes. Each canary is appended to `repeats` distinct records: random ones
+    ("spread"), or records of one user ("one-user"; each planted canary gets its own user, named
+    as `owner` in canaries.json).
     """
+    if canary_owner not in CANARY_OWNERS:
+        raise ValueError(f"canary_owner must be one of {CANARY_OWNERS}, not {canary_owner!r}")
     out_dir = Path(out_dir)
     rng = random.Random(f"private-{seed}")
     num_users = max(1, num_records // RECORDS_PER_USER)
@@ -220,8 +227,12 @@ def write_demo_corpus(out_dir: str | Path, seed: int = 0, num_records: int = 6_0
     canaries = make_canaries(seed)
     if num_records < max(CANARY_REPEATS):
         raise ValueError(f"num_records must be at least {max(CANARY_REPEATS)} to plant every canary")
+    if canary_owner == "one-user":
+        # its own stream, so the records and the public text stay those of the default corpus
+        _plant_in_one_user(canaries, records, random.Random(f"owners-{seed}"))
     for canary in canaries:
-        canary["records"] = sorted(rng.sample(range(num_records), canary["repeats"]))
+        if canary_owner == "spread":
+            canary["records"] = sorted(rng.sample(range(num_records), canary["repeats"]))
         for i in canary["records"]:
             records[i]["text"] += " " + canary["text"]
     pub_rng = random.Random(f"public-{seed}")
@@ -237,33 +248,58 @@ def write_demo_corpus(out_dir: str | Path, seed: int = 0, num_records: int = 6_0
             "canaries": out_dir / "canaries.json"}
 
 
+def _plant_in_one_user(canaries: list[dict], records: list[dict], rng: random.Random) -> None:
+    """Give each planted canary a distinct owner with at least `repeats` records, and that many of them."""
+    by_user: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_user.setdefault(record["user_id"], []).append(i)
+    taken: set[str] = set()
+    for canary in sorted(canaries, key=lambda c: -c["repeats"]):  # the most demanding first
+        if canary["repeats"] == 0:
+            canary["owner"], canary["records"] = None, []
+            continue
+        owners = sorted(u for u, rows in by_user.items() if len(rows) >= canary["repeats"] and u not in taken)
+        if not owners:
+            raise ValueError(f"no user left with {canary['repeats']} records to own {canary['id']}: "
+                             "use more num_records")
+        owner = rng.choice(owners)
+        taken.add(owner)
+        canary["owner"] = owner
+        canary["records"] = sorted(rng.sample(by_user[owner], canary["repeats"]))
+
+
 def prepare_demo(out_dir: str | Path, seq_len: int = 128, vocab_size: int = 2048, seed: int = 0,
-                 num_records: int = 6_000, eval_fraction: float = 0.05, progress: bool = False) -> Path:
+                 num_records: int = 6_000, eval_fraction: float = 0.05, progress: bool = False,
+                 canary_owner: str = "spread", unit: str = "sequence") -> Path:
     """Corpus -> tokenizer trained on the PUBLIC text -> prepared folder; returns the folder.
 
     Each stage is cached under `out_dir` by its arguments and skipped when already there. The
     eval split holds out whole users (`user_id`), never those carrying a canary, so every planted
     canary is trained on. The prepared folder gets a `canaries.json` with each canary's text,
-    prefix, secret and how many train / eval documents contain it.
+    prefix, secret and how many train / eval documents contain it. `canary_owner`: see
+    `write_demo_corpus`; `unit`: how the folder is packed (`dptrain data prepare --unit`).
     """
     from dptrain.data.prepare import prepare
     from dptrain.data.tokenizer import train_tokenizer
 
     out_dir = Path(out_dir)
-    corpus = out_dir / f"corpus-v{DEMO_VERSION}-seed{seed}-n{num_records}"
+    # non-default choices name their own folders, so the default paths stay as they were
+    owner_tag = "" if canary_owner == "spread" else f"-{canary_owner}"
+    unit_tag = "" if unit == "sequence" else f"-by{unit}"
+    corpus = out_dir / f"corpus-v{DEMO_VERSION}-seed{seed}-n{num_records}{owner_tag}"
     if not (corpus / "canaries.json").exists():
-        write_demo_corpus(corpus, seed=seed, num_records=num_records)
+        write_demo_corpus(corpus, seed=seed, num_records=num_records, canary_owner=canary_owner)
     tokenizer = out_dir / f"tokenizer-v{DEMO_VERSION}-seed{seed}-vocab{vocab_size}.model"
     if not tokenizer.exists():
         # one thread: bit-reproducible, so every machine prepares the same demo tokens
         train_tokenizer([corpus / "public.txt"], vocab_size, tokenizer, num_threads=1, seed=seed)
     prepared = out_dir / (f"prepared-v{DEMO_VERSION}-seed{seed}-n{num_records}-vocab{vocab_size}"
-                          f"-seq{seq_len}-eval{eval_fraction:g}")
+                          f"-seq{seq_len}-eval{eval_fraction:g}{owner_tag}{unit_tag}")
     if not (prepared / "manifest.json").exists():
         canary_records = [r for c in json.loads((corpus / "canaries.json").read_text()) for r in c["records"]]
         prepare([corpus / "private.jsonl"], tokenizer, seq_len, prepared, group_column="user_id",
                 eval_fraction=eval_fraction, seed=seed, progress=progress,
-                keep_in_train=canary_records)
+                keep_in_train=canary_records, unit=unit)
         _write_split_canaries(corpus / "canaries.json", prepared)
     return prepared
 

@@ -172,7 +172,8 @@ class Trainer:
             from dptrain.data.demo import prepare_demo
 
             with self.parallel.main_first():  # one rank builds the shared folder
-                path = prepare_demo(path, seq_len=data_cfg.demo_seq_len, vocab_size=data_cfg.demo_vocab_size)
+                path = prepare_demo(path, seq_len=data_cfg.demo_seq_len, vocab_size=data_cfg.demo_vocab_size,
+                                    canary_owner=data_cfg.demo_canary_owner, unit=data_cfg.demo_unit)
         if not path.is_dir():
             raise UserError(f"data.path {path} does not exist: run `dptrain data prepare` first")
         train = PackedDataset(path, split="train")
