@@ -139,7 +139,7 @@ def test_a_million_stream_keys_draw_a_million_different_blocks():
 
 
 # ---- 3. continuation composes; sweeps share nothing --------------------------------------------
-def test_continuation_carries_the_ledger_and_draws_fresh_randomness(data_dir, tmp_path):
+def test_continuation_carries_the_ledger_and_draws_fresh_randomness(data_dir, tmp_path, monkeypatch):
     parent = Trainer(make_config(data_dir, tmp_path / "parent", runtime={"seed": 3}))
     parent.fit()
     (checkpoint,) = (tmp_path / "parent" / "checkpoints").glob("step-*")
@@ -154,6 +154,14 @@ def test_continuation_carries_the_ledger_and_draws_fresh_randomness(data_dir, tm
     assert report["epsilon"]["rdp"] == pytest.approx(epsilon_of_runs([make_run(SIGMA, q, 5)], DELTA, "rdp"))
     assert [entry["steps"] for entry in report["lineage"]] == [3]
     assert report["initialization"]["source"] == str(checkpoint)
+
+    # given relative, the lineage keeps it relative: the public ledger file publishes no file layout
+    monkeypatch.chdir(tmp_path)
+    relative = checkpoint.relative_to(tmp_path)
+    Trainer(make_config(data_dir, tmp_path / "child2", init_from=str(relative), privacy={"steps": 1})).fit()
+    (child_checkpoint,) = (tmp_path / "child2" / "checkpoints").glob("step-*")
+    published = (child_checkpoint / "privacy_ledger.json").read_text()
+    assert json.loads(published)["lineage"][0]["checkpoint"] == str(relative) and str(tmp_path) not in published
 
     with pytest.raises(UserError, match="noise_multiplier"):
         Trainer(make_config(data_dir, tmp_path / "c2", init_from=str(checkpoint),
@@ -326,8 +334,25 @@ def test_group_privacy_bounds_the_exact_gaussian_at_sensitivity_k(k):
     assert group_privacy(eps, delta, 1) == (eps, delta)
 
 
-def test_the_report_states_the_guarantee_per_document_and_user(data_dir, tmp_path):
+def test_the_default_report_releases_no_statistic_of_how_the_data_spans_sequences(data_dir, tmp_path):
+    """How many sequences a user's records fill is private data: by default the report gives the
+    group-privacy guarantee for fixed group sizes only, computed from (ε, δ) alone."""
+    from dptrain.privacy.group import group_privacy
+
     report = Trainer(make_config(data_dir, tmp_path, privacy={"steps": 1})).fit()
+    assert "units" not in report and "units" not in json.dumps(report.get("released_outside_guarantee", []))
+    eps = report["epsilon"]["pld"]
+    assert [row["size"] for row in report["group_privacy"]] == [2, 4, 8, 16, 32]
+    for row in report["group_privacy"]:
+        assert (row["epsilon"], row["delta"]) == group_privacy(eps, report["delta"], row["size"])
+    text = (tmp_path / "privacy_report.txt").read_text()
+    assert "per group" not in text and "group privacy (a secret or person spanning g sequences): g=2: (" in text
+
+
+def test_the_report_states_the_guarantee_per_document_and_user(data_dir, tmp_path):
+    report = Trainer(make_config(data_dir, tmp_path, privacy={"steps": 1},
+                                 logging={"private_metrics": True})).fit()
+    assert any(item.startswith("units:") for item in report["released_outside_guarantee"])
     users = report["units"]["group"]
     eps = report["epsilon"]["pld"]
     assert users["epsilon_of_largest"] == pytest.approx(users["sequences_max"] * eps)

@@ -241,11 +241,13 @@ def test_group_unit_step_is_the_naive_clipped_sum_of_sampled_units(group_data, t
     report = trainer.report()
     assert report["guarantee"].endswith("one group (all documents sharing a value of 'user_id')")
     assert report["unit"]["num_units"] == len(counts) and report["unit"]["max_sequences_per_unit"] == k
-    assert report["dataset_size"] == len(counts) and report["units"] == {}
+    assert report["dataset_size"] == len(counts) and "units" not in report  # data statistics: private
+    assert "sequences_per_unit_max" not in report["unit"]
     assert compared and report["sampling_rate"] == 3 / len(counts)
     from dptrain.train.report import summary
     text = summary(report)
-    assert f"units: {len(counts)} groups of up to {counts.max()} sequences" in text and "2 used per step" in text
+    assert f"units: {len(counts)} groups; at most 2 sequences each used per step" in text
+    assert "group privacy (a secret or person spanning g groups): g=2: (" in text
     assert "dataset " + str(len(counts)) + " groups" in text and "verified identity" in text
 
 

@@ -51,10 +51,9 @@ def base_data_path(cfg: TrainConfig) -> Path:
     """The prepared folder the config trains on (the demo is built here when missing)."""
     path = Path(cfg.data.path)
     if cfg.data.source == "demo":
-        from dptrain.data.demo import prepare_demo
+        from dptrain.data.demo import prepare_configured_demo
 
-        path = prepare_demo(path, seq_len=cfg.data.demo_seq_len, vocab_size=cfg.data.demo_vocab_size,
-                            canary_owner=cfg.data.demo_canary_owner, unit=cfg.data.demo_unit)
+        path = prepare_configured_demo(cfg.data)
     if not path.is_dir():
         raise UserError(f"data.path {path} does not exist: run `dptrain data prepare` first")
     return path

@@ -304,6 +304,13 @@ def prepare_demo(out_dir: str | Path, seq_len: int = 128, vocab_size: int = 2048
     return prepared
 
 
+def prepare_configured_demo(data_cfg) -> Path:
+    """`prepare_demo` with the `demo_*` fields of a run's data config (a `DataConfig`)."""
+    return prepare_demo(data_cfg.path, seq_len=data_cfg.demo_seq_len, vocab_size=data_cfg.demo_vocab_size,
+                        num_records=data_cfg.demo_records, canary_owner=data_cfg.demo_canary_owner,
+                        unit=data_cfg.demo_unit)
+
+
 def _write_split_canaries(canaries_path: Path, prepared: Path) -> None:
     """Count each canary's documents per split (written last; the manifest already exists)."""
     import numpy as np

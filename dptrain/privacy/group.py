@@ -50,6 +50,12 @@ def sequences_per_unit(data) -> dict:
     return out
 
 
+def group_guarantees(epsilon: float, delta: float, sizes) -> list[dict]:
+    """Group-privacy (ε, δ) for each group size in `sizes`: computed from the guarantee alone, so
+    the report can release it without saying how many sequences any real document or user spans."""
+    return [dict(zip(("size", "epsilon", "delta"), (k, *group_privacy(epsilon, delta, k)))) for k in sizes]
+
+
 def unit_guarantees(epsilon: float, delta: float, units: dict) -> dict:
     """The report section: sequences per unit and the group-privacy (ε, δ) of the largest unit."""
     section = {}

@@ -20,6 +20,7 @@ class DataConfig:
     source: Literal["prepared", "demo"] = "prepared"
     demo_seq_len: int = 128
     demo_vocab_size: int = 2048
+    demo_records: int = 6_000  # records in the demo corpus (fewer: more passes per step)
     demo_canary_owner: Literal["spread", "one-user"] = "spread"  # "one-user": each secret in one user's records
     demo_unit: Literal["sequence", "document", "group"] = "sequence"  # how the demo folder is packed
 

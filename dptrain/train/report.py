@@ -7,18 +7,20 @@ from pathlib import Path
 import numpy as np
 
 from dptrain.privacy.accounting import is_upper_bound
-from dptrain.privacy.group import sequences_per_unit, unit_guarantees
+from dptrain.privacy.group import group_guarantees, sequences_per_unit, unit_guarantees
 
-NOT_COVERED = [
+COMMON_NOT_COVERED = [
     "the tokenizer, when it was trained on the private data (train it on public text)",
     "hyper-parameter search: every run tried on the private data spends budget of its own",
     "the held-out evaluation split, which is not trained on but is read for the evaluation loss",
-    "text duplicated across many sequences: the unit is one sequence, so a secret repeated in k "
-    "sequences is protected only at group privacy (see 'units')",
+    "the size of the training set (sequences or units): it sets the sampling rate q, is released as "
+    "dataset_size and is treated as public by the accounting",
     "the run's private state (train_state.pt in each checkpoint): it holds the run's secret",
 ]
-# Training by document or group: the unit's own text is covered; what crosses units is not.
+# What crosses the unit is what stays outside.
 UNIT_NOT_COVERED = {
+    "sequence": ["text duplicated across many sequences, and a document or user spanning several: the unit is "
+                 "one sequence, so g sequences are protected only at group privacy (see 'group_privacy')"],
     "document": ["text duplicated across documents, and a person with several documents: each "
                  "document is one unit, so m documents are protected only at group privacy over m units"],
     "group": ["text shared by several groups (a secret copied into m groups' records is protected only "
@@ -26,6 +28,8 @@ UNIT_NOT_COVERED = {
               "a person whose records carry several values of the group column: the unit is the "
               "column's value, not a verified identity"],
 }
+# Group sizes the report gives the group-privacy guarantee for: public, unlike the data's own spans.
+GROUP_SIZES = (2, 4, 8, 16, 32)
 RANDOMNESS = {
     "secret": "a fresh 256-bit secret from the OS, kept only in the private train_state.pt",
     "seed": "an explicit runtime.seed: the guarantee holds only while that seed stays secret",
@@ -78,22 +82,26 @@ def privacy_report(trainer) -> dict:
         "privacy_unit": (f"one packed sequence of {trainer.train_data.seq_len} tokens" if unit == "sequence"
                          else _unit_description(trainer)),
         "dataset_unit": "sequences" if unit == "sequence" else f"{unit}s",
-        "units": (unit_guarantees(epsilons.get(p.accountant, 0.0), p.delta, _units(trainer))
-                  if unit == "sequence" else {}),
-        "not_covered": NOT_COVERED if unit == "sequence" else [*NOT_COVERED[:3], *UNIT_NOT_COVERED[unit],
-                                                               NOT_COVERED[4]],
+        "group_privacy": group_guarantees(epsilons.get(p.accountant, 0.0), p.delta, GROUP_SIZES),
+        "not_covered": [*COMMON_NOT_COVERED[:-1], *UNIT_NOT_COVERED[unit], COMMON_NOT_COVERED[-1]],
     }
     if unit != "sequence":
-        counts = trainer.unit_ranges[1]
         report["unit"] = {"kind": unit, "group_column": column if unit == "group" else None,
-                          "num_units": int(len(counts)), "max_sequences_per_unit": p.max_sequences_per_unit,
-                          "sequences_per_unit_max": int(counts.max()),
-                          "sequences_per_unit_mean": round(float(counts.mean()), 2)}
-    if trainer.cfg.logging.private_metrics:
+                          "num_units": trainer.num_examples, "max_sequences_per_unit": p.max_sequences_per_unit}
+    private = trainer.cfg.logging.private_metrics
+    if private:
+        # How many sequences the data's documents and users span: exact statistics of private data.
+        report["units"] = (unit_guarantees(epsilons.get(p.accountant, 0.0), p.delta, _units(trainer))
+                           if unit == "sequence" else {})
+        if unit != "sequence":
+            counts = trainer.unit_ranges[1]
+            report["unit"].update(sequences_per_unit_max=int(counts.max()),
+                                  sequences_per_unit_mean=round(float(counts.mean()), 2))
         report["released_outside_guarantee"] = [
             "per-step metrics prefixed 'private/' (training loss, clipped fraction, median gradient "
-            "norm, drawn batch size)", *PRIVATE_STATISTICS]
-    else:  # statistics of the private batches stay in the private state
+            "norm, drawn batch size)", *PRIVATE_STATISTICS,
+            "units: sequences per document and per group (largest and mean) of the training data"]
+    else:  # statistics of the private batches and data stay in the private state
         for key in PRIVATE_STATISTICS:
             del report[key]
     return report
@@ -128,9 +136,12 @@ def summary(report: dict) -> str:
         + (f", realised {sizes['mean']:.1f} on average ({sizes['min']}-{sizes['max']})" if sizes.get("mean") else ""),
         *_context_lines(report),
         f"  privacy unit: {report['privacy_unit']}",
-        *([f"  units: {u['num_units']} {u['kind']}s of up to {u['sequences_per_unit_max']} sequences "
-           f"(mean {u['sequences_per_unit_mean']:g}); at most {u['max_sequences_per_unit']} used per step"]
+        *([f"  units: {u['num_units']} {u['kind']}s"
+           + (f" of up to {u['sequences_per_unit_max']} sequences (mean {u['sequences_per_unit_mean']:g})"
+              if "sequences_per_unit_max" in u else "")
+           + f"; at most {u['max_sequences_per_unit']} sequences each used per step"]
           if (u := report.get("unit")) else []),
+        *_group_lines(report),
         *[f"  per {unit}: up to {u['sequences_max']} sequences (mean {u['sequences_mean']:g}); "
           + _largest_unit(u) for unit, u in report.get("units", {}).items()],
         "  not covered:",
@@ -157,6 +168,16 @@ def _context_lines(report: dict) -> list[str]:
             f"{t['name']} ({t['sha256'][:12]})" for t in tokenizer.get("trained_on", [])) or "unknown"
         lines.append(f"  tokenizer trained on: {source}")
     return lines
+
+
+def _group_lines(report: dict) -> list[str]:
+    rows = report.get("group_privacy") or []
+    if not rows:
+        return []
+    unit = report.get("unit", {}).get("kind", "sequence")
+    return [f"  group privacy (a secret or person spanning g {unit}s): "
+            + ", ".join(f"g={r['size']}: " + (f"({r['epsilon']:.3g}, {r['delta']:.2g})" if r["delta"] < 1
+                                              else "none") for r in rows)]
 
 
 def _largest_unit(u: dict) -> str:

@@ -169,11 +169,10 @@ class Trainer:
         data_cfg = self.cfg.data
         path = Path(data_cfg.path)
         if data_cfg.source == "demo":
-            from dptrain.data.demo import prepare_demo
+            from dptrain.data.demo import prepare_configured_demo
 
             with self.parallel.main_first():  # one rank builds the shared folder
-                path = prepare_demo(path, seq_len=data_cfg.demo_seq_len, vocab_size=data_cfg.demo_vocab_size,
-                                    canary_owner=data_cfg.demo_canary_owner, unit=data_cfg.demo_unit)
+                path = prepare_configured_demo(data_cfg)
         if not path.is_dir():
             raise UserError(f"data.path {path} does not exist: run `dptrain data prepare` first")
         train = PackedDataset(path, split="train")
@@ -237,7 +236,8 @@ class Trainer:
             spent = read_spent(source)  # an export, or an imported copy of one: the ledger travels with it
             if spent is not None:
                 ledger, lineage = spent
-                lineage = [*lineage, {"weights": str(source.resolve()), "ledger_steps": ledger.steps}]
+                # the path as the (public) config gives it: a resolved path would publish the file layout
+                lineage = [*lineage, {"weights": str(source), "ledger_steps": ledger.steps}]
                 return {"source": str(source), "kind": "weights of a dptrain run, its ledger continues"}, lineage, ledger
             if (source / "config.json").is_file() or is_public(source):
                 return {"source": str(source), "kind": "public weights (no record of private training), "
@@ -249,7 +249,7 @@ class Trainer:
         if source.parent.name == "checkpoints":  # its run may have gone on past this checkpoint
             record_entries(ledger, LedgerJournal(source.parent.parent / JOURNAL_FILE).released_after(state["step"]))
         lineage = [*state.get("lineage", []),
-                   {"checkpoint": str(source.resolve()), "steps": state["step"], "ledger_steps": ledger.steps}]
+                   {"checkpoint": str(source), "steps": state["step"], "ledger_steps": ledger.steps}]
         return {"source": str(source), "kind": "dptrain checkpoint, its ledger continues"}, lineage, ledger
 
     def _randomness(self, state: dict | None) -> dict:
