@@ -22,10 +22,10 @@ def law_file(tmp_path_factory):
 
 def test_fit_writes_both_laws(law_file):
     doc = json.loads(law_file.read_text())
-    assert set(doc["laws"]) == {"parametric", "semiparametric"}
+    assert set(doc["laws"]) == {"parametric", "parametric-decay", "semiparametric"}
     assert doc["default"] in doc["laws"]
     for law in doc["laws"].values():
-        assert law["holdout"]["rule"] == "largest-model"
+        assert set(law["holdout"]) == {"largest-model"}
         assert law["validity"]["M"] == [200000, 5000000]
 
 

@@ -19,7 +19,7 @@ def runs():
 
 @pytest.fixture(scope="module")
 def laws(runs):
-    return fit_all(runs, holdout="0.2", bootstrap=5)
+    return fit_all(runs, holdout=("0.2", "late"), bootstrap=5)
 
 
 def _inside_grid(law):
@@ -64,13 +64,16 @@ def test_irreducible_loss_comes_from_noise_free_runs():
 
 
 def test_law_files_without_a_fitted_squash_still_load(laws, tmp_path):
-    doc = laws["parametric"].to_dict()
-    old = {**doc, "params": {k: v for k, v in doc["params"].items() if k not in ("center", "log_width")}}
-    del old["irreducible_from"]
     from dptrain.scaling.law import FIXED_SQUASH, law_from_dict
 
+    doc = laws["parametric"].to_dict()
+    old = {**doc, "params": {k: v for k, v in doc["params"].items() if k not in FIXED_SQUASH}}
+    del old["irreducible_from"]
+
+    old["holdout"] = {"rule": "0.2", **doc["holdout"]["0.2"]}  # one rule, before rules were keyed
     law = law_from_dict(old)
     assert {k: law.params[k] for k in FIXED_SQUASH} == FIXED_SQUASH
+    assert law.holdout == {"0.2": doc["holdout"]["0.2"]}
 
 
 def test_semiparametric_recovers_the_law(laws):
@@ -81,11 +84,40 @@ def test_semiparametric_recovers_the_law(laws):
 
 
 def test_holdout_errors_are_small_and_recorded(laws, runs):
-    for law, bound in ((laws["parametric"], 0.02), (laws["semiparametric"], 0.06)):
-        h = law.holdout
+    for law, bound in ((laws["parametric"], 0.02), (laws["parametric-decay"], 0.02), (laws["semiparametric"], 0.06)):
+        h = law.holdout["0.2"]
         assert len(h["runs"]) == round(0.2 * len(runs))
         assert h["mean_abs_rel_error"] < bound
         assert h["max_abs_rel_error"] >= h["mean_abs_rel_error"]
+        # each run fitted on its first half, its end predicted: the right shape extrapolates in T
+        assert len(law.holdout["late"]["runs"]) == len(runs)
+    for name in ("parametric", "parametric-decay"):
+        assert laws[name].holdout["late"]["mean_abs_rel_error"] < 0.02
+    # the law's shape has no noise decay in T: the decaying shape finds (almost) none
+    assert laws["parametric-decay"].params["gamma3"] < 0.1 and laws["parametric"].params["gamma3"] == 0
+
+
+def test_a_noise_cost_that_shrinks_with_steps_needs_the_decaying_shape():
+    """Runs drawn from a law whose noise term decays as T^-0.5: the paper's shape cannot follow it
+    past the steps it was fitted on (the "late" holdout), the decaying shape can."""
+    true = illustrative_law()
+    true.params.update(gamma3=0.5, log_C=true.params["log_C"] + 0.5 * np.log(4000))
+    runs = synthetic_runs(true, seed=2)
+    laws = fit_all(runs, holdout=("late",), methods=("parametric", "parametric-decay"), bootstrap=0)
+    decay, paper = (laws[k].holdout["late"]["mean_abs_rel_error"] for k in ("parametric-decay", "parametric"))
+    assert decay < 0.02 and paper > 2 * decay
+    assert laws["parametric-decay"].params["gamma3"] == pytest.approx(0.5, abs=0.15)
+
+
+def test_a_law_is_validated_only_on_a_larger_model_and_longer_runs(laws):
+    law = laws["parametric"]
+    assert not law.validated()  # only the random and late rules were measured
+    ok = {"mean_abs_rel_error": 0.01, "max_abs_rel_error": 0.02, "runs": ["x"]}
+    law2 = law.__class__(law.method, law.params_key, law.validity, params=law.params,
+                         holdout={"largest-model": ok, "late": ok})
+    assert law2.validated()
+    law2.holdout["late"] = {**ok, "mean_abs_rel_error": 0.06}
+    assert not law2.validated() and law2.worst_holdout_error() == 0.06
 
 
 def test_semiparametric_is_monotone(laws):
@@ -136,6 +168,10 @@ def test_holdout_rules(runs):
     assert len(train) + len(held) == len(runs)
     _, held = split_holdout(runs, "longest")
     assert {r.steps for r in held} == {max(r.steps for r in runs)}
+    train, held = split_holdout(runs, "late")
+    assert held == runs and [t.run_id for t in train] == [r.run_id for r in runs]
+    for t, r in zip(train, runs):
+        assert t.steps <= r.steps / 2 and t.eval_curve == tuple(p for p in r.eval_curve if p[0] <= r.steps / 2)
     for bad in ("1.5", "most", "0"):
         with pytest.raises(UserError, match="holdout"):
             split_holdout(runs, bad)

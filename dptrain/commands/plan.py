@@ -7,6 +7,15 @@ import sys
 from dataclasses import asdict
 
 
+def law_holdout_summary(law) -> dict:
+    return {rule: {"mean_abs_rel_error": h["mean_abs_rel_error"], "max_abs_rel_error": h["max_abs_rel_error"]}
+            for rule, h in law.holdout.items()}
+
+
+def describe_holdout(law) -> str:
+    return ", ".join(f"{rule} {h['mean_abs_rel_error']:.1%}" for rule, h in law.holdout.items()) or "none recorded"
+
+
 def register(sub) -> None:
     parser = sub.add_parser("plan", help="choose model size, batch size and steps for a compute "
                                          "and privacy budget with a scaling law")
@@ -23,7 +32,7 @@ def register(sub) -> None:
                         help="k = privacy.max_sequences_per_unit (document or group units)")
     parser.add_argument("--law", default=None,
                         help="law JSON from `dptrain fit` (default: the law shipped with dptrain)")
-    parser.add_argument("--method", choices=["parametric", "semiparametric"], default=None,
+    parser.add_argument("--method", choices=["parametric", "parametric-decay", "semiparametric"], default=None,
                         help="which law in the file (default: the file's default)")
     parser.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
     parser.add_argument("--min-params", type=float, default=1e5)
@@ -49,7 +58,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from dptrain.errors import UserError
-    from dptrain.scaling.law import load_law
+    from dptrain.scaling.law import VALIDATION_BAR, load_law
     from dptrain.scaling.noise import confirm_pld
     from dptrain.scaling.plan import (MAX_EXTRAPOLATION, SATURATION_GAIN, SHIPPED_LAW, check_planned_data,
                                       chinchilla_params, describe_extrapolation, plan, replan_with_sigma,
@@ -101,7 +110,8 @@ def run(args) -> int:
 
     if args.json:
         json.dump({"plans": [asdict(p) for p in plans], "law_method": law.method,
-                   "law_validity": law.validity,
+                   "law_validity": law.validity, "law_holdout": law_holdout_summary(law),
+                   "law_validated": law.validated(),
                    "saturation": [{"compute": c, "best_loss": l, "gain": None if math.isnan(g) else g}
                                   for c, l, g in sat],
                    "nonprivate_params_chinchilla": nonprivate}, sys.stdout, indent=1)
@@ -127,6 +137,9 @@ def run(args) -> int:
                   + (f"  [on bound: {', '.join(p.edges)}]" if p.edges else ""))
         print(f"best: {describe_extrapolation(best)}")
         print(f"law fitted on {fitted}")
+        print(f"law holdout errors (mean): {describe_holdout(law)}"
+              + ("" if law.validated() else f"; NOT validated to {VALIDATION_BAR:.0%} on a larger model and "
+                 "longer runs: treat the predicted losses as rough"))
         print(f"sigma from the {best.accountant.upper()} accountant"
               + ("" if best.accountant == "pld" else " (an upper bound; --confirm-pld tightens it)"))
         print(f"non-private optimum (Chinchilla rule): {nonprivate:.3g} params, "
@@ -140,7 +153,9 @@ def run(args) -> int:
             print(f"not saturated: 10x more compute improves the predicted loss by {here:.2%}")
     if args.write_config:
         write_training_config(args.write_config, best, args.epsilon, args.delta, args.seq_len,
-                              args.data_path, unit=args.unit, sequences_per_unit=args.sequences_per_unit)
+                              args.data_path, unit=args.unit, sequences_per_unit=args.sequences_per_unit,
+                              notes=[f"law {law.method}, holdout errors (mean): {describe_holdout(law)}; "
+                                     + ("validated" if law.validated() else "not validated")])
         print(f"wrote {args.write_config}", file=sys.stderr if args.json else sys.stdout)
     if args.plot_dir:
         from dptrain.scaling.plots import plot_planner

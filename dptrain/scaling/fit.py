@@ -12,6 +12,7 @@ the noise-free runs when the sweep has them.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -115,17 +116,17 @@ PARAMETRIC_BOUNDS = {"log_E": (-10.0, 5.0), "log_A": (-10.0, 30.0), "alpha": (0.
                      "log_B": (-10.0, 30.0), "beta": (0.0, 3.0), "log_C": (-20.0, 20.0),
                      "gamma": (0.25, 4.0), "gamma2": (-2.0, 2.0),
                      "center": (math.log(1e-7), math.log(1.0)),
-                     "log_width": (math.log(0.3), math.log(5.0))}
+                     "log_width": (math.log(0.3), math.log(5.0)), "gamma3": (0.0, 2.0)}
 
 
 def _parametric_objective(theta, log_m, log_t, log_sb, log_loss):
     """Huber loss of the predicted log-loss, and its gradient in theta (PARAMETRIC_NAMES order)."""
-    log_e, log_a, alpha, log_b, beta, log_c, gamma, gamma2, center, log_width = theta
+    log_e, log_a, alpha, log_b, beta, log_c, gamma, gamma2, center, log_width, gamma3 = theta
     finite = np.isfinite(log_sb)  # sigma_bar = 0: no noise term at all
     z = np.where(finite, (np.where(finite, log_sb, 0.0) - center) / math.exp(log_width), -np.inf)
     log_s = -np.logaddexp(0.0, -z)  # log sigmoid(z); -inf where sigma_bar = 0
     t = np.stack([np.full_like(log_m, log_e), log_a - alpha * log_m, log_b - beta * log_t,
-                  log_c + gamma * log_s - gamma2 * log_m])
+                  log_c + gamma * log_s - gamma2 * log_m - gamma3 * log_t])
     top = t.max(axis=0)
     pred = top + np.log(np.exp(t - top).sum(axis=0))
     w = np.exp(t - pred)  # d pred / d t_k; the noise term's weight is 0 where sigma_bar = 0
@@ -138,7 +139,7 @@ def _parametric_objective(theta, log_m, log_t, log_sb, log_loss):
     jac = np.stack([w[0], w[1], -w[1] * log_m, w[2], -w[2] * log_t, w3,
                     w3 * np.where(finite, log_s, 0.0), -w3 * log_m,
                     w3 * gamma * dlog_s_dz * (-1.0 / math.exp(log_width)),
-                    w3 * gamma * dlog_s_dz * (-z0)])
+                    w3 * gamma * dlog_s_dz * (-z0), -w3 * log_t])
     return huber.sum(), jac @ psi
 
 
@@ -167,8 +168,9 @@ def _minimize(data, starts, bounds) -> np.ndarray:
     return best.x
 
 
-def fit_parametric(runs: list[RunResult], params_key: str = "total") -> ParametricLaw:
-    """The parametric law. With noise-free runs (sigma_bar = 0) among them, E, A, alpha, B and
+def fit_parametric(runs: list[RunResult], params_key: str = "total", decay: bool = False) -> ParametricLaw:
+    """The parametric law: McKenna et al.'s form, or with `decay` a noise term that may shrink with
+    T (gamma3 fitted in [0, 2]). With noise-free runs (sigma_bar = 0) among them, E, A, alpha, B and
     beta are first fitted on those alone, where the noise term is zero, and E is then held at that
     value while the rest is fitted on every run: the irreducible loss comes from runs that can
     measure it. Without noise-free runs everything is fitted jointly (`irreducible_from` says so)."""
@@ -178,6 +180,8 @@ def fit_parametric(runs: list[RunResult], params_key: str = "total") -> Parametr
     with np.errstate(divide="ignore"):
         data = (np.log(m), np.log(t), np.log(sb), np.log(loss))
     bounds = [PARAMETRIC_BOUNDS[name] for name in PARAMETRIC_NAMES]
+    if not decay:
+        bounds[-1] = (0.0, 0.0)
     log_floor = math.log(loss.min())
     grid = list(itertools.product([0.2, 0.5], [0.2, 0.5], [0.5, 1.5], [-0.3, 0.3], [0.0, 5.0]))
     center0 = float(np.log(np.median(sb[sb > 0]))) if (sb > 0).any() else -8.0
@@ -185,26 +189,29 @@ def fit_parametric(runs: list[RunResult], params_key: str = "total") -> Parametr
     irreducible_from = "joint fit"
     if noise_free.any() and len(set(m[noise_free])) >= 2 and len(set(t[noise_free])) >= 2:
         clean = tuple(d[noise_free] for d in data)
-        fixed_noise = [(-20.0, -20.0), (1.0, 1.0), (0.0, 0.0), (center0, center0), (0.0, 0.0)]
-        starts = [np.array([log_floor - 0.5, 3.0, a, 3.0, b, -20.0, 1.0, 0.0, center0, 0.0])
+        fixed_noise = [(-20.0, -20.0), (1.0, 1.0), (0.0, 0.0), (center0, center0), (0.0, 0.0), (0.0, 0.0)]
+        starts = [np.array([log_floor - 0.5, 3.0, a, 3.0, b, -20.0, 1.0, 0.0, center0, 0.0, 0.0])
                   for a, b in itertools.product([0.2, 0.5], [0.2, 0.5])]
         stage1 = _minimize(clean, starts, bounds[:5] + fixed_noise)
         bounds[0] = (float(stage1[0]), float(stage1[0]))
         log_floor = float(stage1[0]) + 0.5
         irreducible_from = "noise-free runs"
-    starts = [np.array([log_floor - 0.5, 3.0, alpha, 3.0, beta, log_c, gamma, gamma2, center0, 0.0])
-              for alpha, beta, gamma, gamma2, log_c in grid]
+    starts = [np.array([log_floor - 0.5, 3.0, alpha, 3.0, beta, log_c, gamma, gamma2, center0, 0.0,
+                        0.5 if decay else 0.0]) for alpha, beta, gamma, gamma2, log_c in grid]
     params = dict(zip(PARAMETRIC_NAMES, map(float, _minimize(data, starts, bounds))))
-    return ParametricLaw("parametric", params_key, validity_range(runs, params_key), params=params,
+    return ParametricLaw("parametric-decay" if decay else "parametric", params_key, validity_range(runs, params_key), params=params,
                          irreducible_from=irreducible_from)
 
 
-FITTERS = {"parametric": fit_parametric, "semiparametric": fit_semiparametric}
+FITTERS = {"parametric": fit_parametric,
+           "parametric-decay": lambda runs, params_key="total": fit_parametric(runs, params_key, decay=True),
+           "semiparametric": fit_semiparametric}
 BOOTSTRAP_RESAMPLES = 100
 
 
 def bootstrap_parametric(runs: list[RunResult], params_key: str = "total",
-                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[dict[str, float]]:
+                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                         decay: bool = False) -> list[dict[str, float]]:
     """Parametric coefficients refitted on `resamples` draws of the runs with replacement (a draw
     with too few model sizes or lengths to fit is skipped)."""
     rng = np.random.default_rng(seed)
@@ -212,15 +219,32 @@ def bootstrap_parametric(runs: list[RunResult], params_key: str = "total",
     for _ in progress_bar(range(resamples), desc="bootstrap", unit="fit", disable=None):
         draw = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
         try:
-            fits.append(fit_parametric(draw, params_key).params)
+            fits.append(fit_parametric(draw, params_key, decay=decay).params)
         except UserError:
             continue
     return fits
 
 
+LATE_FRACTION = 0.5  # the "late" rule fits each run's first half and predicts its end
+
+
+def truncated(run: RunResult, fraction: float) -> RunResult:
+    """`run` as if it had stopped at `fraction` of its steps (its curve cut there). A true shorter
+    run only when every evaluated step is an end point: a constant learning rate after warm-up."""
+    cut = tuple(p for p in run.eval_curve if p[0] <= fraction * run.steps)
+    if not any(step > 0 for step, _ in cut):
+        raise UserError(f"run {run.run_id}: no eval point after step 0 in its first {fraction:g} "
+                        "(the 'late' holdout needs several points per run)")
+    return dataclasses.replace(run, eval_curve=cut, steps=cut[-1][0])
+
+
 def split_holdout(runs: list[RunResult], rule: str, seed: int = 0) -> tuple[list, list]:
-    """(train, held out) runs. `rule`: a fraction like "0.2" (random runs), "largest-model"
-    (every run of the largest M) or "longest" (the runs with the most steps)."""
+    """(runs to fit, runs whose final loss is predicted). `rule`: a fraction like "0.2" (random
+    runs), "largest-model" (every run of the largest M), "longest" (the runs with the most steps) or
+    "late" (every run fitted on its first half, predicted at its end: 2x further in T; valid for
+    sweeps with a constant learning rate, where every evaluated step is an end point)."""
+    if rule == "late":
+        return [truncated(r, LATE_FRACTION) for r in runs], list(runs)
     if rule == "largest-model":
         top = max(r.params_total for r in runs)
         held = [r for r in runs if r.params_total == top]
@@ -231,8 +255,8 @@ def split_holdout(runs: list[RunResult], rule: str, seed: int = 0) -> tuple[list
         try:
             fraction = float(rule)
         except ValueError:
-            raise UserError(f"--holdout {rule!r}: expected a fraction in (0, 1), 'largest-model' "
-                            "or 'longest'") from None
+            raise UserError(f"--holdout {rule!r}: expected a fraction in (0, 1), 'largest-model', "
+                            "'longest' or 'late'") from None
         if not 0 < fraction < 1:
             raise UserError(f"--holdout {rule}: the fraction must be in (0, 1)")
         order = np.random.default_rng(seed).permutation(len(runs))
@@ -254,19 +278,21 @@ def holdout_error(law: ScalingLaw, held: list[RunResult]) -> dict:
             "max_abs_rel_error": float(rel.max())}
 
 
-def fit_all(runs: list[RunResult], holdout: str | None = "0.2", params_key: str = "total",
+def fit_all(runs: list[RunResult], holdout=("0.2",), params_key: str = "total",
             methods=tuple(FITTERS), bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, ScalingLaw]:
-    """Each method fitted on all runs; its `holdout` entry gives the errors, on the held-out runs,
-    of the same method fitted without them. The parametric law also gets `bootstrap` refits."""
+    """Each method fitted on all runs; its `holdout` entry gives, per rule in `holdout` (a rule or
+    a sequence of them, see `split_holdout`), the errors on the held-out runs of the same method
+    fitted without them. The parametric laws also get `bootstrap` refits."""
+    rules = [holdout] if isinstance(holdout, str) else list(holdout or ())
     laws = {}
     for name in progress_bar(methods, desc="fitting", unit="method", disable=None):
         fitter = FITTERS[name]
         law = fitter(runs, params_key)
-        if holdout:
-            train, held = split_holdout(runs, holdout)
-            law.holdout = {"rule": holdout, "fitted_on": "the other runs",
-                           **holdout_error(fitter(train, params_key), held)}
-        if name == "parametric" and bootstrap:
-            law.bootstrap = bootstrap_parametric(runs, params_key, bootstrap)
+        for rule in rules:
+            train, held = split_holdout(runs, rule)
+            law.holdout[rule] = {"fitted_on": "the other runs" if rule != "late" else "each run's first half",
+                                 **holdout_error(fitter(train, params_key), held)}
+        if isinstance(law, ParametricLaw) and bootstrap:
+            law.bootstrap = bootstrap_parametric(runs, params_key, bootstrap, decay=name == "parametric-decay")
         laws[name] = law
     return laws

@@ -19,10 +19,13 @@ from dptrain.errors import UserError
 
 FORMAT = "dptrain-scaling-law/1"
 PARAMETRIC_NAMES = ("log_E", "log_A", "alpha", "log_B", "beta", "log_C", "gamma", "gamma2",
-                    "center", "log_width")
-# The squashing sigmoid of McKenna et al. (centre -8, width 1.6 in log sigma_bar): what a law
-# file written before the centre and width were fitted used.
-FIXED_SQUASH = {"center": -8.0, "log_width": math.log(1.6)}
+                    "center", "log_width", "gamma3")
+# What a law file written before these were fitted used: the squashing sigmoid of McKenna et al.
+# (centre -8, width 1.6 in log sigma_bar) and a noise term that does not decay with T.
+FIXED_SQUASH = {"center": -8.0, "log_width": math.log(1.6), "gamma3": 0.0}
+
+
+VALIDATION_BAR = 0.05  # holdout error a law must stay under to be shipped
 
 
 class ExtrapolationWarning(UserWarning):
@@ -42,7 +45,25 @@ class ScalingLaw:
     method: str
     params_key: str  # "total" or "nonembed": which parameter count M means
     validity: dict[str, list[float]]  # {"M": [lo, hi], "T": [lo, hi], "sigma_bar": [lo, hi]}
-    holdout: dict = field(default_factory=dict)  # errors of a fit without the held-out runs
+    # Per holdout rule ("0.2", "largest-model", "late", ...): errors of a fit without the held-out runs.
+    holdout: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if "rule" in self.holdout:  # a law file of one rule, written before rules were keyed
+            rule = self.holdout["rule"]
+            self.holdout = {rule: {k: v for k, v in self.holdout.items() if k != "rule"}}
+
+    def validated(self, bar: float = VALIDATION_BAR) -> bool:
+        """Whether the law predicts, within `bar` mean relative error, the final loss of both a
+        larger model (the "largest-model" holdout) and longer runs ("late" or "longest") than
+        those it was fitted on: the test for a law the planner may ship."""
+        longer = self.holdout.get("late") or self.holdout.get("longest")
+        larger = self.holdout.get("largest-model")
+        return bool(longer and larger and max(longer["mean_abs_rel_error"], larger["mean_abs_rel_error"]) < bar)
+
+    def worst_holdout_error(self) -> float:
+        """The largest mean relative error over the recorded holdout rules (inf with none)."""
+        return max((h["mean_abs_rel_error"] for h in self.holdout.values()), default=math.inf)
 
     def in_range(self, M, T, sigma_bar) -> np.ndarray:
         ok = np.ones(np.broadcast(M, T, sigma_bar).shape, dtype=bool)
@@ -88,8 +109,10 @@ class ScalingLaw:
 
 @dataclass
 class ParametricLaw(ScalingLaw):
-    """L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2 (coefficients kept as logs),
-    sigma_bar' = sigmoid((log sigma_bar - center) / width).
+    """L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / (M^gamma2 T^gamma3) (coefficients kept
+    as logs), sigma_bar' = sigmoid((log sigma_bar - center) / width). McKenna et al.'s form has
+    gamma3 = 0 (method "parametric"); "parametric-decay" fits gamma3 >= 0, a noise cost that shrinks
+    as training goes on (noise slows training more than it raises the loss it ends at).
 
     `bootstrap`: the coefficients refitted on resamples of the runs (drawn with replacement), whose
     spread gives each prediction an interval: the uncertainty that comes from which runs were
@@ -101,6 +124,7 @@ class ParametricLaw(ScalingLaw):
     irreducible_from: str = "joint fit"
 
     def __post_init__(self):
+        super().__post_init__()
         self.params = {**FIXED_SQUASH, **self.params}
         self.bootstrap = [{**FIXED_SQUASH, **p} for p in self.bootstrap]
 
@@ -121,7 +145,7 @@ class ParametricLaw(ScalingLaw):
             np.full_like(log_m, p["log_E"]),
             p["log_A"] - p["alpha"] * log_m,
             p["log_B"] - p["beta"] * log_t,
-            p["log_C"] + p["gamma"] * log_s - p["gamma2"] * log_m))
+            p["log_C"] + p["gamma"] * log_s - p["gamma2"] * log_m - p["gamma3"] * log_t))
 
     def _predict(self, M, T, sigma_bar) -> np.ndarray:
         return np.exp(self.log_terms(M, T, sigma_bar)).sum(axis=0)
@@ -138,6 +162,7 @@ class SemiParametricLaw(ScalingLaw):
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # log M, log T, log sb, log L
 
     def __post_init__(self):
+        super().__post_init__()
         self.points = np.asarray(self.points, dtype=float)
         xyz, values = self.points[:, :3], self.points[:, 3]
         self._linear = LinearNDInterpolator(xyz, values, rescale=True)
@@ -162,7 +187,7 @@ class SemiParametricLaw(ScalingLaw):
         return {**super().to_dict(), "points": self.points.tolist()}
 
 
-_KINDS = {"parametric": ParametricLaw, "semiparametric": SemiParametricLaw}
+_KINDS = {"parametric": ParametricLaw, "parametric-decay": ParametricLaw, "semiparametric": SemiParametricLaw}
 
 
 def law_from_dict(d: dict) -> ScalingLaw:

@@ -251,9 +251,11 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
 
 
 def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: float, seq_len: int,
-                          data_path: str | Path, unit: str = "sequence", sequences_per_unit: int = 1) -> None:
+                          data_path: str | Path, unit: str = "sequence", sequences_per_unit: int = 1,
+                          notes: list[str] = ()) -> None:
     path = Path(path)
     cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent,
                           unit=unit, sequences_per_unit=sequences_per_unit)
     path.write_text(f"# planned for {p.params:.3g} parameters (nearest config: {p.nearest_config})\n"
-                    f"# {describe_extrapolation(p)}\n" + yaml.safe_dump(cfg, sort_keys=False))
+                    f"# {describe_extrapolation(p)}\n" + "".join(f"# {note}\n" for note in notes)
+                    + yaml.safe_dump(cfg, sort_keys=False))
