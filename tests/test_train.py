@@ -214,10 +214,14 @@ def test_group_unit_step_is_the_naive_clipped_sum_of_sampled_units(group_data, t
     captured = []
     privatize = trainer.parallel.privatize
 
+    residuals = []
+
     def capture(engine, sigma, expected, noise, step):
         assert expected == 3  # normalised by the expected number of units
         captured.append([p.grad.clone() for p in unique_trainable(trainer.model)])
         privatize(engine, sigma, expected, noise, step)
+        residuals.append(torch.cat([(p.grad - c / 3).flatten() for p, c in
+                                    zip(unique_trainable(trainer.model), captured[-1])]).double().numpy())
     trainer.parallel.privatize = capture
     compared = 0
     for step in range(2):
@@ -238,6 +242,13 @@ def test_group_unit_step_is_the_naive_clipped_sum_of_sampled_units(group_data, t
         _, ref = naive_unit_clipped_grad_sum(model, inputs, targets, 0.5, k)
         for got, want in zip(captured[-1], ref):
             assert float((got - want).norm() / want.norm().clamp(min=1e-30)) < 1e-5
+    # on top of the units' clipped sum: noise σC once per step, divided by the expected units
+    from scipy import stats
+    std = trainer.noise_multiplier * 0.5 / 3
+    for residual in residuals:
+        assert stats.kstest(residual, "norm", args=(0, std)).pvalue > 1e-4
+        for wrong in (std / k, std * k):  # divided by expected sequences, or noise per sequence
+            assert stats.kstest(residual, "norm", args=(0, wrong)).pvalue < 1e-6
     report = trainer.report()
     assert report["guarantee"].endswith("one group (all documents sharing a value of 'user_id')")
     assert report["unit"]["num_units"] == len(counts) and report["unit"]["max_sequences_per_unit"] == k
