@@ -1,23 +1,26 @@
-"""Train the configuration `dptrain plan` recommends with the shipped law, and compare the held-out
-loss it reaches with the law's prediction.
+"""Train what `dptrain plan` recommends, and model sizes next to it at the same compute, and compare
+the held-out losses they reach with the law's predictions.
 
-The run uses the sweep's data and training protocol (optimizer, schedule, evaluation: the law is
-conditional on them) and the plan's model, batch size, steps and noise, via `--write-config`.
-From the repository root:
+The plan's configuration (the shipped model config nearest its M, its batch, steps and σ, written
+by `--write-config`) is trained with the sweep's data and protocol (optimizer, schedule, evaluation:
+the law is conditional on them), once per seed. Each comparison model is trained at the same batch
+and compute (T = C / (6 M B S)), σ calibrated by the trainer to the same (ε, δ). A seed sets the
+public initial weights; sampling and noise draw a fresh secret every run. From the repository root:
 
-    python benchmarks/scaling_validation.py --compute 1e12 --epsilon 8
+    python benchmarks/scaling_validation.py --law LAW.json --compute 4e12 --epsilon 8 --seeds 0 1
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
 from dptrain.data import PackedDataset
 from dptrain.data.demo import prepare_demo
-from dptrain.model import parameter_counts
+from dptrain.model import DecoderConfig, parameter_counts
 from dptrain.scaling.law import load_law
-from dptrain.scaling.plan import SHIPPED_LAW, plan, write_training_config
+from dptrain.scaling.plan import MODEL_CONFIG_DIR, SHIPPED_LAW, plan, write_training_config
 from dptrain.scaling.sweep import load_spec
 from dptrain.train.config import load_train_config
 from dptrain.train.trainer import Trainer
@@ -27,12 +30,35 @@ def flat(prefix: str, section: dict) -> list[str]:
     return [f"{prefix}.{k}={v}" for k, v in section.items() if not isinstance(v, (dict, list))]
 
 
+def neighbours(config: str) -> list[str]:
+    """The shipped ladder rungs just below and above `config` (by total parameters)."""
+    sizes = {p.stem: parameter_counts(DecoderConfig.from_yaml(p))["total"]
+             for p in MODEL_CONFIG_DIR.glob("ladder-*.yaml")}
+    order = sorted(sizes, key=sizes.get)
+    i = order.index(config)
+    return [name for name in (order[i - 1] if i else None, order[i + 1] if i + 1 < len(order) else None) if name]
+
+
+def train(config: Path, overrides: list[str]) -> tuple[Trainer, float]:
+    cfg = load_train_config(config, overrides)
+    start = time.perf_counter()
+    trainer = Trainer(cfg, config_dir=config.parent)
+    trainer.fit()
+    return trainer, time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compute", type=float, default=1e12)
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--spec", default="scaling/sweep-cpu.yaml")
+    ap.add_argument("--law", default=str(SHIPPED_LAW))
+    ap.add_argument("--method", default=None, help="law method (default: the file's default)")
+    ap.add_argument("--spec", default="scaling/sweep-cpu-v2.yaml", help="sweep whose data and protocol to use")
+    ap.add_argument("--max-steps", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--compare", nargs="*", default=None,
+                    help="model configs to train at the same compute (default: the rungs next to the plan's)")
     ap.add_argument("--out", default="runs/validate")
     args = ap.parse_args()
 
@@ -40,42 +66,50 @@ def main() -> None:
     d = base["data"]
     data = prepare_demo(d["path"], seq_len=d["demo_seq_len"], vocab_size=d["demo_vocab_size"])
     n = len(PackedDataset(data, "train"))
-    law = load_law(SHIPPED_LAW)
-    best = plan(law, args.compute, args.epsilon, args.delta, n, d["demo_seq_len"], top=1)[0]
-    print(f"plan ({law.method}): M {best.params:.3g} -> {best.nearest_config}, B {best.batch_size}, "
-          f"T {best.steps}, sigma {best.sigma:.4g} (sigma_bar {best.sigma_bar:.3g}), "
-          f"predicted loss {best.loss:.4f}")
+    law = load_law(args.law, args.method)
+    best = plan(law, args.compute, args.epsilon, args.delta, n, d["demo_seq_len"], top=1,
+                max_steps=args.max_steps)[0]
+    print(f"plan ({law.method}, {args.law}): C {args.compute:.3g}, eps {args.epsilon:g}, N {n}: M {best.params:.3g} "
+          f"-> {best.nearest_config}, B {best.batch_size}, T {best.steps}, sigma {best.sigma:.4g} "
+          f"(sigma_bar {best.sigma_bar:.3g}), predicted loss {best.loss:.4f}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = out / "train.yaml"
     write_training_config(config, best, args.epsilon, args.delta, d["demo_seq_len"], str(data))
     # the sweep's protocol; the plan decides model, batch, steps and noise
-    overrides = [f"out_dir={out / 'run'}", "logging.wandb=disabled", "checkpoint.every=0",
-                 "optimizer.betas=[" + ",".join(map(str, base["optimizer"]["betas"])) + "]"]
-    overrides += [o for key in ("optimizer", "schedule", "runtime", "eval")
-                  for o in flat(key, base.get(key, {}))]
-    cfg = load_train_config(config, overrides)
-    start = time.perf_counter()
-    trainer = Trainer(cfg, config_dir=config.parent)
-    trainer.fit()
-    wall = time.perf_counter() - start
-
-    tail = [loss for _, loss in trainer.eval_history[-3:]]
-    achieved = sum(tail) / len(tail)  # the sweep's final loss: mean of the last 3 eval points
-    m = parameter_counts(trainer.model_cfg)[law.params_key if law.params_key == "total" else "non_embedding"]
-    sigma_bar = trainer.noise_multiplier / cfg.privacy.expected_batch_size
-    print(f"trained {best.nearest_config} ({m:,} params), B {cfg.privacy.expected_batch_size}, "
-          f"T {cfg.privacy.steps}, sigma {trainer.noise_multiplier:.6g}, "
-          f"epsilon {trainer.ledger.epsilon(args.delta, cfg.privacy.accountant):.3g} in {wall:.0f} s")
-    print(f"achieved held-out loss {achieved:.4f}")
-    for method in ("parametric", "semiparametric"):
-        other = load_law(SHIPPED_LAW, method)
-        pred = float(other.predict(m, cfg.privacy.steps, sigma_bar))
-        print(f"{method:15s} predicts {pred:.4f} for the trained config: "
-              f"error {(pred - achieved) / achieved:+.2%}")
-    print(f"plan's prediction at its own M {best.params:.3g}: {best.loss:.4f} "
-          f"({(best.loss - achieved) / achieved:+.2%})")
+    protocol = ["logging.wandb=disabled", "checkpoint.every=0",
+                "optimizer.betas=[" + ",".join(map(str, base["optimizer"]["betas"])) + "]"]
+    protocol += [o for key in ("optimizer", "schedule", "runtime", "eval") for o in flat(key, base.get(key, {}))]
+    seq_tokens = d["demo_seq_len"] - 1  # tokens predicted per sequence, as the planner counts S
+    runs = {}
+    for name in [best.nearest_config, *(neighbours(best.nearest_config) if args.compare is None else args.compare)]:
+        m = parameter_counts(DecoderConfig.from_yaml(MODEL_CONFIG_DIR / f"{name}.yaml"))["total"]
+        if name == best.nearest_config:
+            steps, change = best.steps, []
+        else:  # the same compute and batch: fewer steps for a larger model; σ for the same budget
+            steps = max(1, round(args.compute / (6 * m * best.batch_size * seq_tokens)))
+            change = [f"model={(MODEL_CONFIG_DIR / f'{name}.yaml').resolve()}", f"privacy.steps={steps}",
+                      "privacy.noise_multiplier=null"]
+        for seed in args.seeds:
+            trainer, wall = train(config, [*protocol, *change, f"runtime.init_seed={seed}",
+                                           f"out_dir={out / f'{name}-s{seed}'}"])
+            tail = [loss for _, loss in trainer.eval_history[-3:]]
+            achieved = sum(tail) / len(tail)  # the sweep's final loss: mean of the last 3 eval points
+            sigma_bar = trainer.noise_multiplier / trainer.cfg.privacy.expected_batch_size
+            predicted = float(law.predict(m, steps, sigma_bar, warn=False))
+            runs.setdefault(name, []).append(achieved)
+            print(f"{name:9s} M {m:>9,} B {best.batch_size} T {steps:5d} sigma {trainer.noise_multiplier:.4g} "
+                  f"seed {seed}: achieved {achieved:.4f}, law {predicted:.4f} ({(predicted - achieved) / achieved:+.2%}), "
+                  f"epsilon {trainer.ledger.epsilon(args.delta, trainer.cfg.privacy.accountant):.3g}, {wall:.0f} s",
+                  flush=True)
+    means = {name: statistics.mean(v) for name, v in runs.items()}
+    planned = means[best.nearest_config]
+    print("mean over seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    print(f"planned run: law at the trained config {float(law.predict(parameter_counts(DecoderConfig.from_yaml(MODEL_CONFIG_DIR / f'{best.nearest_config}.yaml'))['total'], best.steps, best.sigma_bar, warn=False)):.4f}, "
+          f"plan's own figure at M {best.params:.3g}: {best.loss:.4f} ({(best.loss - planned) / planned:+.2%}); "
+          f"beats " + ", ".join(f"{k} ({'yes' if planned < v else 'no'})" for k, v in means.items()
+                                if k != best.nearest_config))
 
 
 if __name__ == "__main__":
