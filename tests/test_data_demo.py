@@ -114,10 +114,15 @@ def test_prepare_demo_one_user_by_group(tmp_path):
     from dptrain.train.config import load_train_config
 
     data = load_train_config("configs/demo-units-audit.yaml").data
-    assert (data.demo_canary_owner, data.demo_unit) == ("one-user", "group")
-    out = prepare_demo(tmp_path, seq_len=64, vocab_size=512, num_records=6_000,
+    assert (data.demo_canary_owner, data.demo_unit, data.demo_records) == ("one-user", "group", 2_000)
+    out = prepare_demo(tmp_path, seq_len=64, vocab_size=512, num_records=data.demo_records,
                        canary_owner=data.demo_canary_owner, unit=data.demo_unit)
-    assert out != prepare_demo(tmp_path, seq_len=64, vocab_size=512, num_records=6_000)  # own cache
+    assert out != prepare_demo(tmp_path, seq_len=64, vocab_size=512, num_records=data.demo_records)  # own cache
+    from dataclasses import replace
+
+    from dptrain.data.demo import prepare_configured_demo
+    # what the trainer builds from the config's demo_* fields (here at a smaller size and vocabulary)
+    assert prepare_configured_demo(replace(data, path=str(tmp_path), demo_seq_len=64, demo_vocab_size=512)) == out
     train = PackedDataset(out, "train")
     assert train.manifest["unit"] == "group"
     canaries = json.loads((out / "canaries.json").read_text())
