@@ -237,3 +237,16 @@ def test_tiny_noise_never_understates_epsilon(sigma):
     q, steps, delta = 0.02247, 200, 1e-5
     reported = epsilon(sigma, q, steps, delta, "pld")
     assert epsilon(sigma, q, steps, delta, "prv") * 0.99 <= reported <= epsilon(sigma, q, steps, delta, "rdp")
+
+
+def test_the_prv_estimate_declines_a_huge_epsilon_instead_of_exhausting_memory():
+    """At σ 0.117, q 0.023, 800 steps Opacus's PRV grid took over 13 GiB; the ledger's report
+    leaves the estimate out above PRV_MAX_EPSILON (by RDP) and keeps both upper bounds."""
+    from dptrain.privacy.accounting import PRV_MAX_EPSILON, EstimateUnavailable, PrivacyLedger
+
+    ledger = PrivacyLedger()
+    ledger.record(0.117, 0.023, count=100)
+    assert ledger.epsilon(1e-5, "rdp") > PRV_MAX_EPSILON
+    with pytest.raises(EstimateUnavailable, match="PRV"):
+        ledger.epsilon(1e-5, "prv")
+    assert set(ledger.epsilons(1e-5)) == {"pld", "rdp"}

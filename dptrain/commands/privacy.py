@@ -47,12 +47,18 @@ def _accountants(choice: str, truncated: bool) -> list[str]:
 
 
 def run_epsilon(args) -> int:
-    from dptrain.privacy.accounting import epsilon, is_upper_bound
+    from dptrain.privacy.accounting import EstimateUnavailable, epsilon, is_upper_bound
 
     truncated = args.max_batch_size is not None or args.dataset_size is not None
-    results = {a: epsilon(args.noise_multiplier, args.sampling_rate, args.steps, args.delta, a,
-                          dataset_size=args.dataset_size, max_batch_size=args.max_batch_size)
-               for a in _accountants(args.accountant, truncated)}
+    results, declined = {}, []
+    for a in _accountants(args.accountant, truncated):
+        try:
+            results[a] = epsilon(args.noise_multiplier, args.sampling_rate, args.steps, args.delta, a,
+                                 dataset_size=args.dataset_size, max_batch_size=args.max_batch_size)
+        except EstimateUnavailable as err:
+            if args.accountant != "all":
+                raise
+            declined.append(str(err))
     if args.json:
         print(json.dumps({"noise_multiplier": args.noise_multiplier,
                           "sampling_rate": args.sampling_rate, "steps": args.steps,
@@ -65,6 +71,8 @@ def run_epsilon(args) -> int:
             print(f"epsilon ({name}) = {value:.4f} at delta = {args.delta:g} ({kind})")
         if args.accountant == "all" and truncated:
             print("rdp, prv: not applicable to truncated Poisson sampling")
+        for reason in declined:
+            print(reason)
     return 0
 
 
