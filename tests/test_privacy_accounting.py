@@ -245,7 +245,7 @@ def test_the_prv_estimate_declines_a_huge_epsilon_instead_of_exhausting_memory()
     from dptrain.privacy.accounting import PRV_MAX_EPSILON, EstimateUnavailable, PrivacyLedger
 
     ledger = PrivacyLedger()
-    ledger.record(0.117, 0.023, count=100)
+    ledger.record(0.117, 0.023, count=800)
     assert ledger.epsilon(1e-5, "rdp") > PRV_MAX_EPSILON
     with pytest.raises(EstimateUnavailable, match="PRV"):
         ledger.epsilon(1e-5, "prv")
