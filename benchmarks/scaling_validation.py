@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--method", default=None, help="law method (default: the file's default)")
     ap.add_argument("--spec", default="scaling/sweep-cpu-v2.yaml", help="sweep whose data and protocol to use")
     ap.add_argument("--max-steps", type=int, default=1000)
+    ap.add_argument("--min-params", type=float, default=1e5, help="smallest model the planner considers")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--compare", nargs="*", default=None,
                     help="model configs to train at the same compute (default: the rungs next to the plan's)")
@@ -68,7 +69,7 @@ def main() -> None:
     n = len(PackedDataset(data, "train"))
     law = load_law(args.law, args.method)
     best = plan(law, args.compute, args.epsilon, args.delta, n, d["demo_seq_len"], top=1,
-                max_steps=args.max_steps)[0]
+                max_steps=args.max_steps, min_params=args.min_params)[0]
     print(f"plan ({law.method}, {args.law}): C {args.compute:.3g}, eps {args.epsilon:g}, N {n}: M {best.params:.3g} "
           f"-> {best.nearest_config}, B {best.batch_size}, T {best.steps}, sigma {best.sigma:.4g} "
           f"(sigma_bar {best.sigma_bar:.3g}), predicted loss {best.loss:.4f}")
