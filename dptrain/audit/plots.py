@@ -84,16 +84,21 @@ def plot_exposure(secrets: Sequence[Mapping], num_references: int, path: str | P
     ax = fig.add_subplot()
     ax.scatter(repeats, exposures, alpha=0.7, label="secret")
     ax.plot(levels, [exposures[repeats == r].mean() for r in levels], color="C1", marker="o", label="mean")
+    _finish_exposure_axes(ax, levels, num_references, "training sequences containing the secret")
+    return _save(fig, path)
+
+
+def _finish_exposure_axes(ax, levels, num_references: int, xlabel: str) -> None:
+    """Reference lines (fully memorised, never seen), repeat-count axis, labels and legend."""
     ax.axhline(np.log2(num_references + 1), color="C3", linestyle="--", label="fully memorised")
     ax.axhline(1 / np.log(2), color="grey", linestyle=":", label="never seen (expected)")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(levels)
     ax.set_xticklabels([str(int(r)) for r in levels])
-    ax.set_xlabel("training sequences containing the secret")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("exposure (bits)")
     ax.set_title(f"Secret exposure against {num_references} references", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 def plot_exposure_by_run(runs: Mapping[str, Sequence[Mapping]], num_references: int, path: str | Path) -> Path:
@@ -111,14 +116,5 @@ def plot_exposure_by_run(runs: Mapping[str, Sequence[Mapping]], num_references: 
         ax.scatter(repeats, exposures, color=f"C{i}", alpha=0.35, s=14)
         ax.plot(levels, [exposures[repeats == r].mean() for r in levels], color=f"C{i}", marker="o",
                 label=f"{name} (mean)")
-    ax.axhline(np.log2(num_references + 1), color="C3", linestyle="--", label="fully memorised")
-    ax.axhline(1 / np.log(2), color="grey", linestyle=":", label="never seen (expected)")
-    ax.set_xscale("symlog", linthresh=1)
-    ticks = sorted(all_levels)
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(int(r)) for r in ticks])
-    ax.set_xlabel("training records containing the secret")
-    ax.set_ylabel("exposure (bits)")
-    ax.set_title(f"Secret exposure against {num_references} references", fontsize=9)
-    ax.legend(fontsize=8)
+    _finish_exposure_axes(ax, sorted(all_levels), num_references, "training records containing the secret")
     return _save(fig, path)
