@@ -13,6 +13,7 @@ the noise-free runs when the sweep has them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import warnings
@@ -204,22 +205,22 @@ def fit_parametric(runs: list[RunResult], params_key: str = "total", decay: bool
 
 
 FITTERS = {"parametric": fit_parametric,
-           "parametric-decay": lambda runs, params_key="total": fit_parametric(runs, params_key, decay=True),
+           "parametric-decay": functools.partial(fit_parametric, decay=True),
            "semiparametric": fit_semiparametric}
 BOOTSTRAP_RESAMPLES = 100
 
 
 def bootstrap_parametric(runs: list[RunResult], params_key: str = "total",
                          resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-                         decay: bool = False) -> list[dict[str, float]]:
-    """Parametric coefficients refitted on `resamples` draws of the runs with replacement (a draw
-    with too few model sizes or lengths to fit is skipped)."""
+                         fitter=fit_parametric) -> list[dict[str, float]]:
+    """Coefficients of a parametric `fitter` refitted on `resamples` draws of the runs with
+    replacement (a draw with too few model sizes or lengths to fit is skipped)."""
     rng = np.random.default_rng(seed)
     fits = []
     for _ in progress_bar(range(resamples), desc="bootstrap", unit="fit", disable=None):
         draw = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
         try:
-            fits.append(fit_parametric(draw, params_key, decay=decay).params)
+            fits.append(fitter(draw, params_key).params)
         except UserError:
             continue
     return fits
@@ -293,6 +294,6 @@ def fit_all(runs: list[RunResult], holdout=("0.2",), params_key: str = "total",
             law.holdout[rule] = {"fitted_on": "the other runs" if rule != "late" else "each run's first half",
                                  **holdout_error(fitter(train, params_key), held)}
         if isinstance(law, ParametricLaw) and bootstrap:
-            law.bootstrap = bootstrap_parametric(runs, params_key, bootstrap, decay=name == "parametric-decay")
+            law.bootstrap = bootstrap_parametric(runs, params_key, bootstrap, fitter=fitter)
         laws[name] = law
     return laws
