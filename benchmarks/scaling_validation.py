@@ -83,7 +83,7 @@ def main() -> None:
                 "optimizer.betas=[" + ",".join(map(str, base["optimizer"]["betas"])) + "]"]
     protocol += [o for key in ("optimizer", "schedule", "runtime", "eval") for o in flat(key, base.get(key, {}))]
     seq_tokens = d["demo_seq_len"] - 1  # tokens predicted per sequence, as the planner counts S
-    runs = {}
+    runs, predictions = {}, {}
     for name in [best.nearest_config, *(neighbours(best.nearest_config) if args.compare is None else args.compare)]:
         m = parameter_counts(DecoderConfig.from_yaml(MODEL_CONFIG_DIR / f"{name}.yaml"))["total"]
         if name == best.nearest_config:
@@ -100,6 +100,7 @@ def main() -> None:
             sigma_bar = trainer.noise_multiplier / trainer.cfg.privacy.expected_batch_size
             predicted = float(law.predict(m, steps, sigma_bar, warn=False))
             runs.setdefault(name, []).append(achieved)
+            predictions[name] = predicted
             print(f"{name:9s} M {m:>9,} B {best.batch_size} T {steps:5d} sigma {trainer.noise_multiplier:.4g} "
                   f"seed {seed}: achieved {achieved:.4f}, law {predicted:.4f} ({(predicted - achieved) / achieved:+.2%}), "
                   f"epsilon {trainer.ledger.epsilon(args.delta, trainer.cfg.privacy.accountant):.3g}, {wall:.0f} s",
@@ -107,7 +108,7 @@ def main() -> None:
     means = {name: statistics.mean(v) for name, v in runs.items()}
     planned = means[best.nearest_config]
     print("mean over seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    print(f"planned run: law at the trained config {float(law.predict(parameter_counts(DecoderConfig.from_yaml(MODEL_CONFIG_DIR / f'{best.nearest_config}.yaml'))['total'], best.steps, best.sigma_bar, warn=False)):.4f}, "
+    print(f"planned run: law at the trained config {predictions[best.nearest_config]:.4f}, "
           f"plan's own figure at M {best.params:.3g}: {best.loss:.4f} ({(best.loss - planned) / planned:+.2%}); "
           f"beats " + ", ".join(f"{k} ({'yes' if planned < v else 'no'})" for k, v in means.items()
                                 if k != best.nearest_config))
