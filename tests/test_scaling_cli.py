@@ -74,6 +74,18 @@ def test_search_bounds_are_options_and_flagged(law_file, capsys):
     assert any("steps max" in p["edges"] or "batch max" in p["edges"] for p in plans)
 
 
+def test_smallest_model_searched_is_the_laws_smallest_by_default(law_file, capsys):
+    argv = ["plan", "--compute", "3e14", "--epsilon", "2", "--delta", "1e-8", "--data-size", "10000000",
+            "--seq-len", "256", "--law", str(law_file), "--json", "--top", "5", "--allow-extrapolation"]
+    assert main(argv) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert min(p["params"] for p in plans) >= 2e5 * (1 - 1e-9)  # the law was fitted on 2e5..5e6
+    assert "params min" in plans[0]["edges"]  # near the bound: a smaller model might do better
+    assert main([*argv, "--min-params", "5e4"]) == 0  # a bound given by hand replaces the law's
+    wider = json.loads(capsys.readouterr().out)["plans"]
+    assert "params min" not in wider[0]["edges"] and wider[0]["params"] == plans[0]["params"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["fit", "missing.csv", "--out", "x.json"], "not found"),
     (["plan", "--compute", "1e3", "--epsilon", "1", "--delta", "1e-8", "--data-size", "10000000",

@@ -35,7 +35,9 @@ def register(sub) -> None:
     parser.add_argument("--method", choices=["parametric", "parametric-decay", "semiparametric"], default=None,
                         help="which law in the file (default: the file's default)")
     parser.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
-    parser.add_argument("--min-params", type=float, default=1e5)
+    parser.add_argument("--min-params", type=float, default=None,
+                        help="smallest model searched (default: the smallest the law was fitted on; "
+                             "a plan on that bound is flagged, since a smaller model may do better)")
     parser.add_argument("--max-params", type=float, default=1e12)
     parser.add_argument("--max-steps", type=float, default=1e7, help="largest T searched (default 1e7)")
     parser.add_argument("--max-batch", type=float, default=None,
@@ -82,7 +84,8 @@ def run(args) -> int:
                             "`dptrain fit RESULTS.csv --out LAW.json` and pass --law LAW.json")
         args.law = str(SHIPPED_LAW)
     law = load_law(args.law, args.method)
-    bounds = {"min_params": args.min_params, "max_params": args.max_params}
+    min_params = law.validity["M"][0] if args.min_params is None else args.min_params
+    bounds = {"min_params": min_params, "max_params": args.max_params}
     budget = (args.epsilon, args.delta, args.data_size, example_tokens)
     if args.max_steps < 10 or (args.max_batch is not None and args.max_batch < 16):
         raise UserError("--max-steps must be at least 10 and --max-batch at least 16")
