@@ -88,7 +88,7 @@ def test_empty_batch_is_a_step_of_pure_noise(data_dir, tmp_path):
 
 def test_calibrated_run_stays_within_budget_and_reports_it(data_dir, tmp_path):
     cfg = make_config(data_dir, tmp_path, privacy={"noise_multiplier": None, "target_epsilon": 4.0,
-                                                   "steps": 3})
+                                                   "steps": 3}, checkpoint={"every": 2, "keep_last": 2})
     trainer = Trainer(cfg)
     report = trainer.fit()
     assert report["steps"] == 3
@@ -101,6 +101,11 @@ def test_calibrated_run_stays_within_budget_and_reports_it(data_dir, tmp_path):
     # PRV's point value is shown only as what it is
     assert saved["estimates"] == ["prv"] and "prv " in text and "(estimate, not a guarantee)" in text
     assert "pld " in text and "pld {:.4g} (estimate".format(report["epsilon"]["pld"]) not in text
+    # a checkpoint before the end carries the bounds, not the (slow) estimate
+    early = json.loads((tmp_path / "checkpoints" / "step-00000002" / "privacy_report.json").read_text())
+    assert set(early["epsilon"]) == {"pld", "rdp"} and early["estimates"] == []
+    final = json.loads((tmp_path / "checkpoints" / "step-00000003" / "privacy_report.json").read_text())
+    assert final["epsilon"] == saved["epsilon"]
 
 
 def test_only_upper_bounds_calibrate_and_check_the_budget(data_dir, tmp_path):

@@ -390,11 +390,14 @@ class PrivacyLedger:
     def epsilon(self, delta: float, accountant: str = "pld") -> float:
         return epsilon_of_runs(self._runs, delta, accountant)
 
-    def epsilons(self, delta: float) -> dict[str, float]:
+    def epsilons(self, delta: float, estimates: bool = True) -> dict[str, float]:
         """Epsilon under every accountant that can bound this ledger (an estimate that declines
-        the ledger, PRV at a very large epsilon, is left out)."""
+        the ledger, PRV at a very large epsilon, is left out); `estimates=False` keeps only the
+        upper bounds."""
         out = {}
         for accountant in applicable_accountants(self._runs):
+            if not estimates and not is_upper_bound(accountant):
+                continue
             try:
                 out[accountant] = self.epsilon(delta, accountant)
             except EstimateUnavailable:

@@ -41,7 +41,9 @@ PRIVATE_STATISTICS = ("realised_batch_size", "truncated_steps", "nonfinite_examp
 def privacy_report(trainer) -> dict:
     p = trainer.cfg.privacy
     sizes = np.asarray(trainer.batch_sizes, dtype=np.int64)
-    epsilons = trainer.ledger.epsilons(p.delta) if trainer.ledger.steps else {}
+    # PRV's estimate (seconds to a minute at large epsilon) only in the final report, not every checkpoint's
+    epsilons = (trainer.ledger.epsilons(p.delta, estimates=trainer.step >= p.steps)
+                if trainer.ledger.steps else {})
     unit = p.unit
     column = trainer.train_data.manifest.get("group_column")
     named = {"sequence": "one training sequence", "document": "one training document (all its sequences)",
