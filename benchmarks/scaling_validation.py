@@ -1,20 +1,24 @@
-"""Train what `dptrain plan` recommends, and model sizes next to it at the same compute, and compare
-the held-out losses they reach with the law's predictions.
+"""Train what `dptrain plan` recommends, and models half and twice its size at the same compute, and
+compare the held-out losses they reach with the law's predictions.
 
-The plan's configuration (the shipped model config nearest its M, its batch, steps and σ, written
-by `--write-config`, σ recalibrated with the PLD accountant as there) is trained with the sweep's data
-and protocol (optimizer, schedule, evaluation: the law is conditional on them), once per seed. Each comparison model is trained at the same batch
-and compute (T = C / (6 M B S)), σ calibrated by the trainer to the same (ε, δ). A seed sets the
-public initial weights; sampling and noise draw a fresh secret every run. From the repository root:
+The plan (its batch, steps and σ, as `--write-config` writes them, σ recalibrated with the PLD
+accountant as there) is trained at the planned model size itself: the script writes a decoder
+config of that many parameters (the shape of `ladder-0`/`ladder-1`, two layers, hidden size chosen to
+match), with the sweep's data and protocol (optimizer, schedule, evaluation: the law is conditional
+on them), once per seed. The comparison models (0.5x and 2x by default) train at the same compute
+and steps, their batch scaled inversely to their size, σ calibrated by the trainer to the same
+(ε, δ). A seed sets the public initial weights; sampling and noise draw a fresh secret every run.
+From the repository root:
 
     python benchmarks/scaling_validation.py --law LAW.json --spec scaling/sweep-cpu-v3.yaml \
-        --compute 4e12 --epsilon 8 --seeds 0 1
+        --compute 2e12 --epsilon 8 --seeds 0 1
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from dptrain.data import PackedDataset
@@ -27,18 +31,25 @@ from dptrain.scaling.sweep import load_spec
 from dptrain.train.config import load_train_config
 from dptrain.train.trainer import Trainer
 
+SHAPE = MODEL_CONFIG_DIR / "ladder-1.yaml"  # two layers, two query heads, one key-value head
+
+
+def sized_model(params: float, vocab_size: int) -> tuple[DecoderConfig, int]:
+    """The `SHAPE` decoder whose total parameter count is nearest `params` (hidden size a multiple of 4, MLP 4x)."""
+    base = replace(DecoderConfig.from_yaml(SHAPE), vocab_size=vocab_size)
+
+    def at(hidden: int) -> DecoderConfig:
+        head = hidden // base.num_heads
+        return replace(base, hidden_size=hidden, intermediate_size=4 * hidden, head_dim=head,
+                       query_pre_attn_scalar=float(head))
+
+    cfg = min((at(h) for h in range(8, 513, 4)),
+              key=lambda c: abs(parameter_counts(c)["total"] / params - 1))
+    return cfg, parameter_counts(cfg)["total"]
+
 
 def flat(prefix: str, section: dict) -> list[str]:
     return [f"{prefix}.{k}={v}" for k, v in section.items() if not isinstance(v, (dict, list))]
-
-
-def neighbours(config: str) -> list[str]:
-    """The shipped ladder rungs just below and above `config` (by total parameters)."""
-    sizes = {p.stem: parameter_counts(DecoderConfig.from_yaml(p))["total"]
-             for p in MODEL_CONFIG_DIR.glob("ladder-*.yaml")}
-    order = sorted(sizes, key=sizes.get)
-    i = order.index(config)
-    return [name for name in (order[i - 1] if i else None, order[i + 1] if i + 1 < len(order) else None) if name]
 
 
 def train(config: Path, overrides: list[str]) -> tuple[Trainer, float]:
@@ -61,8 +72,8 @@ def main() -> None:
     ap.add_argument("--min-params", type=float, default=None,
                     help="smallest model the planner considers (default: the law's smallest fitted model)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--compare", nargs="*", default=None,
-                    help="model configs to train at the same compute (default: the rungs next to the plan's)")
+    ap.add_argument("--sizes", type=float, nargs="*", default=[0.5, 2.0],
+                    help="comparison model sizes, as multiples of the planned one (same compute)")
     ap.add_argument("--out", default="runs/validate")
     args = ap.parse_args()
 
@@ -80,7 +91,7 @@ def main() -> None:
     best = replan_with_sigma(law, best, confirm_pld(args.epsilon, delta, best.batch_size / n, best.steps),
                              seq_len, "pld")  # as `dptrain plan --write-config` does
     print(f"plan ({law.method}, {args.law}): C {args.compute:.3g}, eps {args.epsilon:g}, N {n}: M {best.params:.3g} "
-          f"-> {best.nearest_config}, B {best.batch_size}, T {best.steps}, sigma {best.sigma:.4g} "
+          f"(nearest shipped config {best.nearest_config}), B {best.batch_size}, T {best.steps}, sigma {best.sigma:.4g} "
           f"(sigma_bar {best.sigma_bar:.3g}), predicted loss {best.loss:.4f}")
 
     out = Path(args.out)
@@ -88,40 +99,41 @@ def main() -> None:
     config = out / "train.yaml"
     write_training_config(config, best, args.epsilon, delta, seq_len, str(data))
     # the sweep's protocol; the plan decides model, batch, steps and noise
-    protocol = ["logging.wandb=disabled", "checkpoint.every=0",
+    protocol = ["logging.wandb=disabled", "logging.progress=false", "checkpoint.every=0",
                 "optimizer.betas=[" + ",".join(map(str, base["optimizer"]["betas"])) + "]"]
     protocol += [o for key in ("optimizer", "schedule", "runtime", "eval") for o in flat(key, base.get(key, {}))]
-    seq_tokens = seq_len - 1  # tokens predicted per sequence, as the planner counts S
-    runs, predictions = {}, {}
-    for name in [best.nearest_config, *(neighbours(best.nearest_config) if args.compare is None else args.compare)]:
-        m = parameter_counts(DecoderConfig.from_yaml(MODEL_CONFIG_DIR / f"{name}.yaml"))["total"]
-        if name == best.nearest_config:
-            steps, change = best.steps, []
-        else:  # the same compute and batch: fewer steps for a larger model; σ for the same budget
-            steps = max(1, round(args.compute / (6 * m * best.batch_size * seq_tokens)))
-            change = [f"model={(MODEL_CONFIG_DIR / f'{name}.yaml').resolve()}", f"privacy.steps={steps}",
-                      "privacy.noise_multiplier=null"]
+    vocab_size = train_split.manifest["vocab_size"]
+    runs, predictions, sizes = {}, {}, {}
+    for factor in [1.0, *args.sizes]:
+        model, m = sized_model(best.params * factor, vocab_size)
+        name = "plan" if factor == 1.0 else f"{factor:g}x"
+        model_file = out / f"model-{name}.yaml"
+        model.to_yaml(model_file)
+        # the same compute and steps: the batch scales inversely with the model; σ for the same budget
+        batch = best.batch_size if factor == 1.0 else max(1, round(best.batch_size * best.params / m))
+        change = [f"model={model_file.resolve()}"]
+        if factor != 1.0:
+            change += [f"privacy.expected_batch_size={batch}", "privacy.noise_multiplier=null"]
         for seed in args.seeds:
             trainer, wall = train(config, [*protocol, *change, f"runtime.init_seed={seed}",
                                            f"out_dir={out / f'{name}-s{seed}'}"])
             tail = [loss for _, loss in trainer.eval_history[-3:]]
             achieved = sum(tail) / len(tail)  # the sweep's final loss: mean of the last 3 eval points
-            sigma_bar = trainer.noise_multiplier / trainer.cfg.privacy.expected_batch_size
-            predicted = float(law.predict(m, steps, sigma_bar, warn=False))
+            sigma_bar = trainer.noise_multiplier / batch
+            predicted = float(law.predict(m, best.steps, sigma_bar, warn=False))
             runs.setdefault(name, []).append(achieved)
-            predictions[name] = predicted
-            print(f"{name:9s} M {m:>9,} B {best.batch_size} T {steps:5d} sigma {trainer.noise_multiplier:.4g} "
+            predictions[name], sizes[name] = predicted, m
+            print(f"{name:5s} M {m:>9,} B {batch:5d} T {best.steps:5d} sigma {trainer.noise_multiplier:.4g} "
                   f"seed {seed}: achieved {achieved:.4f}, law {predicted:.4f} ({(predicted - achieved) / achieved:+.2%}), "
-                  f"epsilon {trainer.ledger.epsilon(delta, trainer.cfg.privacy.accountant):.3g}, {wall:.0f} s",
+                  f"epsilon {trainer.ledger.epsilon(delta, trainer.cfg.privacy.accountant):.4g}, {wall:.0f} s",
                   flush=True)
     means = {name: statistics.mean(v) for name, v in runs.items()}
-    planned = means[best.nearest_config]
-    print("mean over seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    print(f"planned run: law at the trained config {predictions[best.nearest_config]:.4f}, "
-          f"plan's own figure at M {best.params:.3g}: {best.loss:.4f} ({(best.loss - planned) / planned:+.2%}); "
-          f"beats " + ", ".join(f"{k} ({'yes' if planned < v else 'no'})" for k, v in means.items()
-                                if k != best.nearest_config))
-
+    planned = means["plan"]
+    print("mean over seeds: " + ", ".join(f"{k} (M {sizes[k]:,}) {v:.4f}" for k, v in means.items()))
+    print(f"planned run: law {predictions['plan']:.4f} at the trained size "
+          f"({(predictions['plan'] - planned) / planned:+.2%} against the mean achieved), plan's own figure "
+          f"{best.loss:.4f} at M {best.params:.4g}; beats " +
+          ", ".join(f"{k} ({'yes' if planned < v else 'no'})" for k, v in means.items() if k != "plan"))
 
 if __name__ == "__main__":
     main()
