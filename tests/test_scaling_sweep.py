@@ -1,7 +1,9 @@
 """The sweep runner (real trainer, rows appended, reruns skipped), plan configs the trainer accepts,
 and the shipped law."""
+import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,6 +17,8 @@ from dptrain.scaling.results import read_results
 from dptrain.scaling.sweep import expand, load_spec, run_sweep
 from dptrain.train.config import load_train_config
 from dptrain.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MICRO_MODEL = dict(vocab_size=2048, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                    num_kv_heads=1, head_dim=16, max_seq_len=64, query_pre_attn_scalar=16.0)
@@ -146,3 +150,19 @@ def test_plan_config_loads_and_trains(micro_data, tmp_path):
     assert main([*base, "--data-size", str(n)]) == 2
     assert main([*base, "--data-size", str(10 * n), "--data-path", str(data)]) == 2
     assert not (tmp_path / "other.yaml").exists()
+
+
+def test_stdlib_corpus_splits_modules_from_test_suites(tmp_path):
+    """The v3 sweep's corpus: modules train, test suites train only the tokenizer, installed
+    packages are left out (they differ between machines)."""
+    spec = importlib.util.spec_from_file_location("stdlib_corpus", ROOT / "scaling" / "stdlib_corpus.py")
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    for rel in ("os.py", "json/decoder.py", "test/test_os.py", "idlelib/idle_test/test_x.py",
+                "unittest/test/test_case.py", "site-packages/numpy/core.py", "json/README"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    modules, tests = corpus.library_files(tmp_path)
+    names = lambda paths: [p.relative_to(tmp_path).as_posix() for p in paths]  # noqa: E731
+    assert names(modules) == ["json/decoder.py", "os.py"]
+    assert names(tests) == ["idlelib/idle_test/test_x.py", "test/test_os.py", "unittest/test/test_case.py"]
