@@ -25,8 +25,7 @@ from dptrain.data import PackedDataset
 from dptrain.data.demo import prepare_demo
 from dptrain.model import DecoderConfig, parameter_counts
 from dptrain.scaling.law import load_law
-from dptrain.scaling.noise import confirm_pld
-from dptrain.scaling.plan import MODEL_CONFIG_DIR, SHIPPED_LAW, plan, replan_with_sigma, write_training_config
+from dptrain.scaling.plan import MODEL_CONFIG_DIR, SHIPPED_LAW, plan, with_pld_sigma, write_training_config
 from dptrain.scaling.sweep import load_spec
 from dptrain.train.config import load_train_config
 from dptrain.train.trainer import Trainer
@@ -85,11 +84,9 @@ def main() -> None:
     n, seq_len = len(train_split), train_split.seq_len
     delta = base["privacy"]["delta"] if args.delta is None else args.delta
     law = load_law(args.law, args.method)
-    min_params = law.validity["M"][0] if args.min_params is None else args.min_params
     best = plan(law, args.compute, args.epsilon, delta, n, seq_len, top=1,
-                max_steps=args.max_steps, min_params=min_params)[0]
-    best = replan_with_sigma(law, best, confirm_pld(args.epsilon, delta, best.batch_size / n, best.steps),
-                             seq_len, "pld")  # as `dptrain plan --write-config` does
+                max_steps=args.max_steps, min_params=args.min_params)[0]
+    best = with_pld_sigma(law, best, args.epsilon, delta, n, seq_len)  # as `dptrain plan --write-config` does
     print(f"plan ({law.method}, {args.law}): C {args.compute:.3g}, eps {args.epsilon:g}, N {n}: M {best.params:.3g} "
           f"(nearest shipped config {best.nearest_config}), B {best.batch_size}, T {best.steps}, sigma {best.sigma:.4g} "
           f"(sigma_bar {best.sigma_bar:.3g}), predicted loss {best.loss:.4f}")

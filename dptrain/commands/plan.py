@@ -61,10 +61,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from dptrain.errors import UserError
     from dptrain.scaling.law import VALIDATION_BAR, load_law
-    from dptrain.scaling.noise import confirm_pld
     from dptrain.scaling.plan import (MAX_EXTRAPOLATION, SATURATION_GAIN, SHIPPED_LAW, check_planned_data,
-                                      chinchilla_params, describe_extrapolation, plan, replan_with_sigma,
-                                      saturation, write_training_config)
+                                      chinchilla_params, describe_extrapolation, plan,
+                                      saturation, with_pld_sigma, write_training_config)
 
     if args.top < 1:
         raise UserError("--top must be at least 1")
@@ -84,8 +83,7 @@ def run(args) -> int:
                             "`dptrain fit RESULTS.csv --out LAW.json` and pass --law LAW.json")
         args.law = str(SHIPPED_LAW)
     law = load_law(args.law, args.method)
-    min_params = law.validity["M"][0] if args.min_params is None else args.min_params
-    bounds = {"min_params": min_params, "max_params": args.max_params}
+    bounds = {"min_params": args.min_params, "max_params": args.max_params}
     budget = (args.epsilon, args.delta, args.data_size, example_tokens)
     if args.max_steps < 10 or (args.max_batch is not None and args.max_batch < 16):
         raise UserError("--max-steps must be at least 10 and --max-batch at least 16")
@@ -100,9 +98,7 @@ def run(args) -> int:
                         f"{plans[0].extrapolation:.3g}x ({describe_extrapolation(plans[0])}); its loss "
                         "is a guess. Fit a law on runs nearer this budget, or pass --allow-extrapolation")
     if args.confirm_pld or args.write_config:  # a written config gets the trainer's own accountant's σ
-        best = plans[0]
-        sigma = confirm_pld(args.epsilon, args.delta, best.batch_size / args.data_size, best.steps)
-        plans[0] = replan_with_sigma(law, best, sigma, example_tokens, "pld")
+        plans[0] = with_pld_sigma(law, plans[0], args.epsilon, args.delta, args.data_size, example_tokens)
     best = plans[0]
     outside = [p for p in plans if p.extrapolation > 1]
     if outside:

@@ -18,7 +18,7 @@ import yaml
 
 from dptrain.errors import UserError
 from dptrain.scaling.law import ScalingLaw
-from dptrain.scaling.noise import calibrate_rdp
+from dptrain.scaling.noise import calibrate_rdp, confirm_pld
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 SHIPPED_LAW = Path(__file__).resolve().parents[1] / "assets" / "scaling_law.json"  # from a real sweep
@@ -116,14 +116,17 @@ def candidates(law: ScalingLaw, compute: float, grid: Grid, seq_len: int,
 
 def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_size: int,
          seq_len: int, top: int = 5, configs: dict[str, int] | None = None,
-         max_steps: int = MAX_STEPS, max_batch: int | None = None, **bounds) -> list[Plan]:
+         max_steps: int = MAX_STEPS, max_batch: int | None = None, min_params: float | None = None,
+         max_params: float = 1e12) -> list[Plan]:
     """The `top` configurations of lowest predicted loss, best first, each with how far it lies
-    outside the law's fitted range and which search bounds it touches."""
+    outside the law's fitted range and which search bounds it touches. Models below `min_params`
+    (default: the smallest the law was fitted on) are not searched."""
     if compute <= 0 or seq_len <= 0:
         raise UserError("compute and sequence length must be positive")
     grid = noise_grid(float(epsilon), float(delta), int(data_size), max_steps=int(max_steps),
                       max_batch=None if max_batch is None else int(max_batch))
-    c = candidates(law, compute, grid, seq_len, **bounds)
+    min_params = law.validity["M"][0] if min_params is None else min_params
+    c = candidates(law, compute, grid, seq_len, min_params, max_params)
     finite = np.isfinite(c["loss"])
     if not finite.any():
         raise UserError(f"no configuration fits compute {compute:.3g} with epsilon {epsilon} and "
@@ -132,7 +135,7 @@ def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_siz
     order = np.argsort(np.where(finite, c["loss"], np.inf))[:top]
     limits = {"batch": (grid.batch_sizes[0], grid.batch_sizes[-1]),
               "steps": (grid.steps[0], grid.steps[-1]),
-              "params": (bounds.get("min_params", 1e5), bounds.get("max_params", 1e12))}
+              "params": (min_params, max_params)}
     plans = [_make_plan(c["M"][i], int(c["B"][i]), int(c["T"][i]), c["sigma"][i], c["loss"][i],
                         seq_len, configs) for i in order if finite[i]]
     return [_with_honesty(law, p, limits) for p in plans]
@@ -174,6 +177,13 @@ def replan_with_sigma(law: ScalingLaw, p: Plan, sigma: float, seq_len: int, acco
     loss = float(law.predict(p.params, p.steps, sigma / p.batch_size, warn=False))
     return _with_honesty(law, Plan(**{**asdict(p), "sigma": sigma, "sigma_bar": sigma / p.batch_size,
                                        "loss": loss, "accountant": accountant}))
+
+
+def with_pld_sigma(law: ScalingLaw, p: Plan, epsilon: float, delta: float, data_size: int,
+                   seq_len: int) -> Plan:
+    """`p` with σ recalibrated by the certified PLD accountant, the one the trainer uses."""
+    sigma = confirm_pld(epsilon, delta, p.batch_size / data_size, p.steps)
+    return replan_with_sigma(law, p, sigma, seq_len, "pld")
 
 
 def best_loss(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_size: int,
