@@ -14,14 +14,13 @@ From the repository root: `python scaling/stdlib_corpus.py runs/stdlib-data` (ab
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import sysconfig
 from pathlib import Path
 
 from dptrain.data.prepare import prepare
-from dptrain.data.tokenizer import train_tokenizer
+from dptrain.data.tokenizer import sha256_file, train_tokenizer
 
 VOCAB_SIZE = 2048
 SEQ_LEN = 64  # 63 predicted tokens per sequence, as in the demo-corpus sweeps
@@ -48,7 +47,8 @@ def read_text(path: Path) -> str | None:
         return None
 
 
-def build(out: Path) -> Path:
+def build(out: Path) -> dict:
+    """Write the corpus, its tokenizer and `prepared/` into `out`; returns what `corpus.json` records."""
     root = Path(sysconfig.get_paths()["stdlib"])
     modules, tests = library_files(root)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,23 +65,20 @@ def build(out: Path) -> Path:
             if text:
                 f.writelines(line.rstrip() + "\n" for line in text.splitlines() if line.strip())
     tokenizer = train_tokenizer([tokenizer_text], VOCAB_SIZE, out / "tokenizer.model", num_threads=2)
-    prepared = prepare([documents], tokenizer, SEQ_LEN, out / "prepared", eval_fraction=EVAL_FRACTION,
-                       seed=0)
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    prepare([documents], tokenizer, SEQ_LEN, out / "prepared", eval_fraction=EVAL_FRACTION, seed=0)
     manifest = {
         "python": platform.python_version(), "module_files": len(modules), "test_files": len(tests),
-        "modules_sha256": digest(documents), "tokenizer_text_sha256": digest(tokenizer_text),
+        "modules_sha256": sha256_file(documents), "tokenizer_text_sha256": sha256_file(tokenizer_text),
         "vocab_size": VOCAB_SIZE, "seq_len": SEQ_LEN, "eval_fraction": EVAL_FRACTION,
     }
     (out / "corpus.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return prepared
+    return manifest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder to write (its prepared/ is the sweep's data)")
-    prepared = build(parser.parse_args().out)
-    print(json.dumps(json.loads((prepared.parent / "corpus.json").read_text()), indent=1))
+    print(json.dumps(build(parser.parse_args().out), indent=1))
 
 
 if __name__ == "__main__":
