@@ -294,3 +294,18 @@ def test_group_unit_run_resumes_bit_for_bit(group_data, tmp_path):
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert straight.batch_sizes == resumed.batch_sizes
+
+
+def test_running_epsilon_is_logged_on_the_logged_steps(data_dir, tmp_path):
+    from dptrain.privacy.accounting import StepRun
+    from dptrain.privacy.running import running_epsilon
+
+    trainer = Trainer(make_config(data_dir, tmp_path, privacy={"steps": 5}, logging={"every": 2}))
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["epsilon"] for r in rows if "epsilon" in r}
+    assert sorted(logged) == [2, 4, 5]  # every 2 steps, and the last
+    q = 16 / len(trainer.train_data)
+    for step, eps in logged.items():  # the bound for the steps taken so far, not a stale one
+        assert eps == pytest.approx(running_epsilon([StepRun(1.0, q, step)], 1e-5), rel=1e-9)
+    assert logged[2] < logged[4] < logged[5]
