@@ -16,6 +16,7 @@ From the repository root:
 from __future__ import annotations
 
 import argparse
+import datetime
 import statistics
 import time
 from dataclasses import replace
@@ -26,7 +27,8 @@ from dptrain.data.demo import prepare_demo
 from dptrain.model import DecoderConfig, parameter_counts
 from dptrain.scaling.law import load_law
 from dptrain.scaling.plan import MODEL_CONFIG_DIR, SHIPPED_LAW, plan, with_pld_sigma, write_training_config
-from dptrain.scaling.sweep import load_spec
+from dptrain.scaling.results import RunResult, append_results
+from dptrain.scaling.sweep import device_name, load_spec
 from dptrain.train.config import load_train_config
 from dptrain.train.trainer import Trainer
 
@@ -59,6 +61,17 @@ def train(config: Path, overrides: list[str]) -> tuple[Trainer, float]:
     return trainer, time.perf_counter() - start
 
 
+def run_result(trainer: Trainer, run_id: str, name: str, batch: int, steps: int, wall: float) -> RunResult:
+    counts = parameter_counts(trainer.model_cfg)
+    seq_len = trainer.train_data.seq_len - 1
+    sigma = trainer.noise_multiplier
+    return RunResult(run_id, f"validation-{name}", counts["total"], counts["non_embedding"], batch, steps,
+                     sigma, sigma / batch, seq_len, batch * seq_len * steps,
+                     tuple((int(s), float(l)) for s, l in trainer.eval_history), round(wall, 2),
+                     device_name(trainer.device),
+                     datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compute", type=float, default=1e12)
@@ -74,6 +87,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="*", default=[0.5, 2.0],
                     help="comparison model sizes, as multiples of the planned one (same compute)")
     ap.add_argument("--out", default="runs/validate")
+    ap.add_argument("--results", default=None,
+                    help="also append every run to this results CSV (as a sweep would), so a later "
+                         "law can be fitted on it")
     args = ap.parse_args()
 
     base = load_spec(args.spec).base
@@ -96,7 +112,7 @@ def main() -> None:
     config = out / "train.yaml"
     write_training_config(config, best, args.epsilon, delta, seq_len, str(data))
     # the sweep's protocol; the plan decides model, batch, steps and noise
-    protocol = ["logging.wandb=disabled", "logging.progress=false", "checkpoint.every=0",
+    protocol = ["logging.wandb=disabled", "logging.progress=false", "logging.every=50", "checkpoint.every=0",
                 "optimizer.betas=[" + ",".join(map(str, base["optimizer"]["betas"])) + "]"]
     protocol += [o for key in ("optimizer", "schedule", "runtime", "eval") for o in flat(key, base.get(key, {}))]
     vocab_size = train_split.manifest["vocab_size"]
@@ -117,8 +133,11 @@ def main() -> None:
             tail = [loss for _, loss in trainer.eval_history[-3:]]
             achieved = sum(tail) / len(tail)  # the sweep's final loss: mean of the last 3 eval points
             sigma_bar = trainer.noise_multiplier / batch
-            predicted = float(law.predict(m, best.steps, sigma_bar, warn=False))
+            predicted = float(law.predict(m, best.steps, sigma_bar, batch, warn=False))
             runs.setdefault(name, []).append(achieved)
+            if args.results:
+                append_results(args.results, [run_result(
+                    trainer, f"{out.name}-{name}-s{seed}", name, batch, best.steps, wall)])
             predictions[name], sizes[name] = predicted, m
             print(f"{name:5s} M {m:>9,} B {batch:5d} T {best.steps:5d} sigma {trainer.noise_multiplier:.4g} "
                   f"seed {seed}: achieved {achieved:.4f}, law {predicted:.4f} ({(predicted - achieved) / achieved:+.2%}), "

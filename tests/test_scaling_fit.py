@@ -1,4 +1,5 @@
 """Both fits on synthetic sweeps drawn from a known law plus 0.5% noise."""
+import dataclasses
 import warnings
 
 import numpy as np
@@ -107,6 +108,29 @@ def test_a_noise_cost_that_shrinks_with_steps_needs_the_decaying_shape():
     decay, paper = (laws[k].holdout["late"]["mean_abs_rel_error"] for k in ("parametric-decay", "parametric"))
     assert decay < 0.02 and paper > 2 * decay
     assert laws["parametric-decay"].params["gamma3"] == pytest.approx(0.5, abs=0.15)
+
+
+def test_a_data_term_that_falls_with_the_batch_needs_the_batch_shape():
+    """Runs at two batch sizes drawn from a law whose data term falls as b^-0.2: the paper's shape,
+    which sees the batch only through sigma_bar, cannot tell them apart; the batch shape recovers the
+    exponent, and then needs the batch to predict and checks it against its fitted range."""
+    true = illustrative_law()
+    true.params.update(beta_batch=0.2, log_B=true.params["log_B"] + 0.2 * np.log(128))
+    runs = [dataclasses.replace(r, run_id=f"{r.run_id}-b{b}")
+            for b in (32, 512) for r in synthetic_runs(true, batch_size=b, seed=3)]
+    laws = fit_all(runs, holdout=("0.2",), methods=("parametric", "parametric-batch"), bootstrap=0)
+    batch, paper = (laws[k].holdout["0.2"]["mean_abs_rel_error"] for k in ("parametric-batch", "parametric"))
+    law = laws["parametric-batch"]
+    assert batch < 0.02 and paper > 2 * batch
+    assert law.params["beta_batch"] == pytest.approx(0.2, abs=0.05) and laws["parametric"].params["beta_batch"] == 0
+    assert law.validity["batch"] == [32, 512]
+    with pytest.raises(ValueError, match="batch size"):
+        law.predict(1e6, 1000, 1e-4)
+    assert law.predict(1e6, 1000, 1e-4, 64) == pytest.approx(float(true.predict(1e6, 1000, 1e-4, 64)), rel=0.02)
+    assert law.outside_factors(1e6, 1000, 1e-4, 2048)["batch"] == pytest.approx(4.0)
+    assert "batch" not in laws["parametric"].outside_factors(1e6, 1000, 1e-4, 2048)  # it does not read it
+    # one batch size cannot identify the exponent: fit_all leaves the batch shape out
+    assert "parametric-batch" not in fit_all(runs[:len(runs) // 2], holdout=None, bootstrap=0)
 
 
 def test_a_law_is_validated_only_on_a_larger_model_and_longer_runs(laws):

@@ -8,7 +8,9 @@ Isotonic regression is scipy's (`scipy.optimize.isotonic_regression`, pool-adjac
 Parametric: L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / M^gamma2 with
 sigma_bar' = sigmoid((log sigma_bar - center) / width), centre and width fitted; Huber loss on
 log-loss residuals, bounded L-BFGS from a grid of starting points, best end point kept. E comes from
-the noise-free runs when the sweep has them.
+the noise-free runs when the sweep has them. Two variants each free one more exponent:
+"parametric-decay" a noise term that decays with T, "parametric-batch" a data term B/(T^beta
+b^beta_batch) that falls with the batch size b too.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ def validity_range(runs: list[RunResult], params_key: str) -> dict[str, list[flo
     ms = [r.params(params_key) for r in runs]
     first = [next((s for s, _ in r.eval_curve if s > 0), r.steps) for r in runs]
     sbs = [r.sigma_bar for r in runs]
+    bs = [r.batch_size for r in runs]
     return {"M": [min(ms), max(ms)], "T": [max(1, min(first)), max(r.steps for r in runs)],
-            "sigma_bar": [min(sbs), max(sbs)]}
+            "sigma_bar": [min(sbs), max(sbs)], "batch": [min(bs), max(bs)]}
 
 
 def smooth_curve(run: RunResult, window: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -117,16 +120,20 @@ PARAMETRIC_BOUNDS = {"log_E": (-10.0, 5.0), "log_A": (-10.0, 30.0), "alpha": (0.
                      "log_B": (-10.0, 30.0), "beta": (0.0, 3.0), "log_C": (-20.0, 20.0),
                      "gamma": (0.25, 4.0), "gamma2": (-2.0, 2.0),
                      "center": (math.log(1e-7), math.log(1.0)),
-                     "log_width": (math.log(0.3), math.log(5.0)), "gamma3": (0.0, 2.0)}
+                     "log_width": (math.log(0.3), math.log(5.0)), "gamma3": (0.0, 2.0),
+                     "beta_batch": (0.0, 1.0)}
+# The exponents each variant frees (the others are held at 0).
+FREED = {"parametric": (), "parametric-decay": ("gamma3",), "parametric-batch": ("beta_batch",)}
 
 
-def _parametric_objective(theta, log_m, log_t, log_sb, log_loss):
+def _parametric_objective(theta, log_m, log_t, log_sb, log_batch, log_loss):
     """Huber loss of the predicted log-loss, and its gradient in theta (PARAMETRIC_NAMES order)."""
-    log_e, log_a, alpha, log_b, beta, log_c, gamma, gamma2, center, log_width, gamma3 = theta
+    log_e, log_a, alpha, log_b, beta, log_c, gamma, gamma2, center, log_width, gamma3, beta_batch = theta
     finite = np.isfinite(log_sb)  # sigma_bar = 0: no noise term at all
     z = np.where(finite, (np.where(finite, log_sb, 0.0) - center) / math.exp(log_width), -np.inf)
     log_s = -np.logaddexp(0.0, -z)  # log sigmoid(z); -inf where sigma_bar = 0
-    t = np.stack([np.full_like(log_m, log_e), log_a - alpha * log_m, log_b - beta * log_t,
+    t = np.stack([np.full_like(log_m, log_e), log_a - alpha * log_m,
+                  log_b - beta * log_t - beta_batch * log_batch,
                   log_c + gamma * log_s - gamma2 * log_m - gamma3 * log_t])
     top = t.max(axis=0)
     pred = top + np.log(np.exp(t - top).sum(axis=0))
@@ -140,17 +147,18 @@ def _parametric_objective(theta, log_m, log_t, log_sb, log_loss):
     jac = np.stack([w[0], w[1], -w[1] * log_m, w[2], -w[2] * log_t, w3,
                     w3 * np.where(finite, log_s, 0.0), -w3 * log_m,
                     w3 * gamma * dlog_s_dz * (-1.0 / math.exp(log_width)),
-                    w3 * gamma * dlog_s_dz * (-z0), -w3 * log_t])
+                    w3 * gamma * dlog_s_dz * (-z0), -w3 * log_t, -w[2] * log_batch])
     return huber.sum(), jac @ psi
 
 
 def parametric_points(runs: list[RunResult], params_key: str, min_fraction: float = 0.1):
-    """(M, T, sigma_bar, loss) from every smoothed curve point past `min_fraction` of the run."""
+    """(M, T, sigma_bar, batch, loss) from every smoothed curve point past `min_fraction` of the run."""
     rows = []
     for run in runs:
         steps, loss = smooth_curve(run)
         keep = steps >= min_fraction * run.steps
-        rows += [(run.params(params_key), s, run.sigma_bar, l) for s, l in zip(steps[keep], loss[keep])]
+        rows += [(run.params(params_key), s, run.sigma_bar, run.batch_size, l)
+                 for s, l in zip(steps[keep], loss[keep])]
     return np.array(rows, dtype=float).T
 
 
@@ -169,20 +177,23 @@ def _minimize(data, starts, bounds) -> np.ndarray:
     return best.x
 
 
-def fit_parametric(runs: list[RunResult], params_key: str = "total", decay: bool = False) -> ParametricLaw:
-    """The parametric law: McKenna et al.'s form, or with `decay` a noise term that may shrink with
-    T (gamma3 fitted in [0, 2]). With noise-free runs (sigma_bar = 0) among them, E, A, alpha, B and
-    beta are first fitted on those alone, where the noise term is zero, and E is then held at that
-    value while the rest is fitted on every run: the irreducible loss comes from runs that can
+def fit_parametric(runs: list[RunResult], params_key: str = "total",
+                   method: str = "parametric") -> ParametricLaw:
+    """The parametric law of `method` (see FREED): McKenna et al.'s form, or with one more exponent
+    fitted. With noise-free runs (sigma_bar = 0) among them, E, A, alpha, B and beta (and
+    beta_batch) are first fitted on those alone, where the noise term is zero, and E is then held at
+    that value while the rest is fitted on every run: the irreducible loss comes from runs that can
     measure it. Without noise-free runs everything is fitted jointly (`irreducible_from` says so)."""
-    m, t, sb, loss = parametric_points(runs, params_key)
+    m, t, sb, batch, loss = parametric_points(runs, params_key)
     if len(set(m)) < 2 or len(set(t)) < 2:
         raise UserError("the parametric fit needs runs of at least two model sizes and lengths")
     with np.errstate(divide="ignore"):
-        data = (np.log(m), np.log(t), np.log(sb), np.log(loss))
+        data = (np.log(m), np.log(t), np.log(sb), np.log(batch), np.log(loss))
     bounds = [PARAMETRIC_BOUNDS[name] for name in PARAMETRIC_NAMES]
-    if not decay:
-        bounds[-1] = (0.0, 0.0)
+    freed = set(FREED[method]) - ({"beta_batch"} if len(set(batch)) < 2 else set())  # one batch: unidentified
+    for name in ("gamma3", "beta_batch"):
+        if name not in freed:
+            bounds[PARAMETRIC_NAMES.index(name)] = (0.0, 0.0)
     log_floor = math.log(loss.min())
     grid = list(itertools.product([0.2, 0.5], [0.2, 0.5], [0.5, 1.5], [-0.3, 0.3], [0.0, 5.0]))
     center0 = float(np.log(np.median(sb[sb > 0]))) if (sb > 0).any() else -8.0
@@ -191,21 +202,22 @@ def fit_parametric(runs: list[RunResult], params_key: str = "total", decay: bool
     if noise_free.any() and len(set(m[noise_free])) >= 2 and len(set(t[noise_free])) >= 2:
         clean = tuple(d[noise_free] for d in data)
         fixed_noise = [(-20.0, -20.0), (1.0, 1.0), (0.0, 0.0), (center0, center0), (0.0, 0.0), (0.0, 0.0)]
-        starts = [np.array([log_floor - 0.5, 3.0, a, 3.0, b, -20.0, 1.0, 0.0, center0, 0.0, 0.0])
+        starts = [np.array([log_floor - 0.5, 3.0, a, 3.0, b, -20.0, 1.0, 0.0, center0, 0.0, 0.0, 0.1])
                   for a, b in itertools.product([0.2, 0.5], [0.2, 0.5])]
-        stage1 = _minimize(clean, starts, bounds[:5] + fixed_noise)
+        stage1 = _minimize(clean, starts, bounds[:5] + fixed_noise + bounds[-1:])
         bounds[0] = (float(stage1[0]), float(stage1[0]))
         log_floor = float(stage1[0]) + 0.5
         irreducible_from = "noise-free runs"
     starts = [np.array([log_floor - 0.5, 3.0, alpha, 3.0, beta, log_c, gamma, gamma2, center0, 0.0,
-                        0.5 if decay else 0.0]) for alpha, beta, gamma, gamma2, log_c in grid]
+                        0.5, 0.1]) for alpha, beta, gamma, gamma2, log_c in grid]
     params = dict(zip(PARAMETRIC_NAMES, map(float, _minimize(data, starts, bounds))))
-    return ParametricLaw("parametric-decay" if decay else "parametric", params_key, validity_range(runs, params_key), params=params,
+    return ParametricLaw(method, params_key, validity_range(runs, params_key), params=params,
                          irreducible_from=irreducible_from)
 
 
 FITTERS = {"parametric": fit_parametric,
-           "parametric-decay": functools.partial(fit_parametric, decay=True),
+           "parametric-decay": functools.partial(fit_parametric, method="parametric-decay"),
+           "parametric-batch": functools.partial(fit_parametric, method="parametric-batch"),
            "semiparametric": fit_semiparametric}
 BOOTSTRAP_RESAMPLES = 100
 
@@ -272,7 +284,8 @@ def split_holdout(runs: list[RunResult], rule: str, seed: int = 0) -> tuple[list
 def holdout_error(law: ScalingLaw, held: list[RunResult]) -> dict:
     """Mean and max absolute relative error of the predicted final loss on held-out runs."""
     m = np.array([r.params(law.params_key) for r in held], dtype=float)
-    pred = law.predict(m, [r.steps for r in held], [r.sigma_bar for r in held], warn=False)
+    pred = law.predict(m, [r.steps for r in held], [r.sigma_bar for r in held],
+                       [r.batch_size for r in held], warn=False)
     actual = np.array([r.final_loss() for r in held])
     rel = np.abs(pred - actual) / actual
     return {"runs": [r.run_id for r in held], "mean_abs_rel_error": float(rel.mean()),
@@ -280,11 +293,15 @@ def holdout_error(law: ScalingLaw, held: list[RunResult]) -> dict:
 
 
 def fit_all(runs: list[RunResult], holdout=("0.2",), params_key: str = "total",
-            methods=tuple(FITTERS), bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, ScalingLaw]:
-    """Each method fitted on all runs; its `holdout` entry gives, per rule in `holdout` (a rule or
-    a sequence of them, see `split_holdout`), the errors on the held-out runs of the same method
+            methods=None, bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, ScalingLaw]:
+    """Each method (default: every one the runs can inform; parametric-batch needs two batch
+    sizes) fitted on all runs; its `holdout` entry gives, per rule in `holdout` (a rule or a
+    sequence of them, see `split_holdout`), the errors on the held-out runs of the same method
     fitted without them. The parametric laws also get `bootstrap` refits."""
     rules = [holdout] if isinstance(holdout, str) else list(holdout or ())
+    if methods is None:
+        one_batch = len({r.batch_size for r in runs}) < 2
+        methods = [name for name in FITTERS if not (one_batch and name == "parametric-batch")]
     laws = {}
     for name in progress_bar(methods, desc="fitting", unit="method", disable=None):
         fitter = FITTERS[name]

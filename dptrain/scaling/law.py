@@ -1,8 +1,10 @@
-"""Fitted scaling laws L(M, T, sigma_bar): prediction, validity range, JSON save/load.
+"""Fitted scaling laws L(M, T, sigma_bar[, B]): prediction, validity range, JSON save/load.
 
-M is the parameter count (total or non-embedding, recorded in `params_key`), T the number of steps
-and sigma_bar = sigma / B the noise-batch ratio. A law knows the range of the data it was fitted on;
-predictions outside it still work but raise an `ExtrapolationWarning`.
+M is the parameter count (total or non-embedding, recorded in `params_key`), T the number of steps,
+sigma_bar = sigma / B the noise-batch ratio and B the expected batch size, which only the
+"parametric-batch" law reads (where noise is small a larger batch is also more data per step). A
+law knows the range of the data it was fitted on; predictions outside it still work but raise an
+`ExtrapolationWarning`.
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from dptrain.errors import UserError
 
 FORMAT = "dptrain-scaling-law/1"
 PARAMETRIC_NAMES = ("log_E", "log_A", "alpha", "log_B", "beta", "log_C", "gamma", "gamma2",
-                    "center", "log_width", "gamma3")
+                    "center", "log_width", "gamma3", "beta_batch")
 # What a law file written before these were fitted used: the squashing sigmoid of McKenna et al.
-# (centre -8, width 1.6 in log sigma_bar) and a noise term that does not decay with T.
-FIXED_SQUASH = {"center": -8.0, "log_width": math.log(1.6), "gamma3": 0.0}
+# (centre -8, width 1.6 in log sigma_bar), a noise term that does not decay with T, and a data term
+# in steps alone.
+FIXED_SQUASH = {"center": -8.0, "log_width": math.log(1.6), "gamma3": 0.0, "beta_batch": 0.0}
 
 
 VALIDATION_BAR = 0.05  # holdout error a law must stay under to be shipped
@@ -44,7 +47,9 @@ def squashed_noise(sigma_bar: np.ndarray, center: float = FIXED_SQUASH["center"]
 class ScalingLaw:
     method: str
     params_key: str  # "total" or "nonembed": which parameter count M means
-    validity: dict[str, list[float]]  # {"M": [lo, hi], "T": [lo, hi], "sigma_bar": [lo, hi]}
+    # {"M": [lo, hi], "T": [lo, hi], "sigma_bar": [lo, hi], "batch": [lo, hi]} ("batch" only in
+    # laws fitted since it was recorded)
+    validity: dict[str, list[float]]
     # Per holdout rule ("0.2", "largest-model", "late", ...): errors of a fit without the held-out runs.
     holdout: dict = field(default_factory=dict)
 
@@ -65,41 +70,58 @@ class ScalingLaw:
         """The largest mean relative error over the recorded holdout rules (inf with none)."""
         return max((h["mean_abs_rel_error"] for h in self.holdout.values()), default=math.inf)
 
-    def in_range(self, M, T, sigma_bar) -> np.ndarray:
+    @property
+    def reads_batch(self) -> bool:
+        """Whether predictions depend on the batch size beyond sigma_bar."""
+        return False
+
+    def _coordinates(self, M, T, sigma_bar, batch) -> list[tuple[str, object]]:
+        """The (axis, value) pairs a range check covers: the batch where the law reads it."""
+        coords = [("M", M), ("T", T), ("sigma_bar", sigma_bar)]
+        if self.reads_batch and "batch" in self.validity and batch is not None:
+            coords.append(("batch", batch))
+        return coords
+
+    def in_range(self, M, T, sigma_bar, batch=None) -> np.ndarray:
         ok = np.ones(np.broadcast(M, T, sigma_bar).shape, dtype=bool)
-        for name, value in (("M", M), ("T", T), ("sigma_bar", sigma_bar)):
+        for name, value in self._coordinates(M, T, sigma_bar, batch):
             lo, hi = self.validity[name]
             ok &= (np.asarray(value) >= lo * (1 - 1e-9)) & (np.asarray(value) <= hi * (1 + 1e-9))
         return ok
 
-    def outside_factors(self, M: float, T: float, sigma_bar: float) -> dict[str, float]:
+    def outside_factors(self, M: float, T: float, sigma_bar: float, batch: float | None = None) -> dict[str, float]:
         """How far each coordinate lies outside the fitted range, as a factor: 1 inside, 3 when
         three times below the lowest or above the highest value fitted (inf for sigma_bar = 0
-        against a range of noisy runs)."""
+        against a range of noisy runs). The batch is checked where the law reads it."""
         factors = {}
-        for name, value in (("M", M), ("T", T), ("sigma_bar", sigma_bar)):
+        for name, value in self._coordinates(M, T, sigma_bar, batch):
             lo, hi = self.validity[name]
             value = float(value)
             below = lo / value if value > 0 else (math.inf if lo > 0 else 1.0)
             factors[name] = max(1.0, below, value / hi)
         return factors
 
-    def interval(self, M: float, T: float, sigma_bar: float, level: float = 0.9) -> tuple | None:
+    def interval(self, M: float, T: float, sigma_bar: float, batch: float | None = None,
+                 level: float = 0.9) -> tuple | None:
         """A `level` interval of the predicted loss from the law's bootstrap refits, or None."""
         return None
 
-    def predict(self, M, T, sigma_bar, warn: bool = True) -> np.ndarray:
-        M, T, sigma_bar = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(M, T, sigma_bar))
-        if warn and not self.in_range(M, T, sigma_bar).all():
+    def predict(self, M, T, sigma_bar, batch=None, warn: bool = True) -> np.ndarray:
+        """Predicted loss; `batch` (the expected batch size) is needed by a law that reads it."""
+        if self.reads_batch and batch is None:
+            raise ValueError(f"the {self.method} law depends on the batch size: pass batch")
+        batch = 1.0 if batch is None else batch  # unread by a law that does not depend on it
+        M, T, sigma_bar, batch = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(M, T, sigma_bar, batch))
+        if warn and not self.in_range(M, T, sigma_bar, batch).all():
             v = self.validity
             warnings.warn(
                 f"{self.method} scaling law queried outside its fitted range "
                 f"(M {v['M'][0]:.3g}..{v['M'][1]:.3g}, T {v['T'][0]:.3g}..{v['T'][1]:.3g}, "
                 f"sigma_bar {v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}): extrapolating",
                 ExtrapolationWarning, stacklevel=2)
-        return self._predict(M, T, sigma_bar)
+        return self._predict(M, T, sigma_bar, batch)
 
-    def _predict(self, M, T, sigma_bar) -> np.ndarray:
+    def _predict(self, M, T, sigma_bar, batch) -> np.ndarray:
         raise NotImplementedError
 
     def to_dict(self) -> dict:
@@ -109,10 +131,13 @@ class ScalingLaw:
 
 @dataclass
 class ParametricLaw(ScalingLaw):
-    """L = E + A/M^alpha + B/T^beta + C * sigma_bar'^gamma / (M^gamma2 T^gamma3) (coefficients kept
-    as logs), sigma_bar' = sigmoid((log sigma_bar - center) / width). McKenna et al.'s form has
-    gamma3 = 0 (method "parametric"); "parametric-decay" fits gamma3 >= 0, a noise cost that shrinks
-    as training goes on (noise slows training more than it raises the loss it ends at).
+    """L = E + A/M^alpha + B/(T^beta b^beta_batch) + C * sigma_bar'^gamma / (M^gamma2 T^gamma3)
+    (coefficients kept as logs), sigma_bar' = sigmoid((log sigma_bar - center) / width), b the
+    expected batch size. McKenna et al.'s form has gamma3 = beta_batch = 0 (method "parametric");
+    "parametric-decay" fits gamma3 >= 0, a noise cost that shrinks as training goes on (noise slows
+    training more than it raises the loss it ends at); "parametric-batch" fits beta_batch >= 0, a
+    data term that also falls with the batch (a larger batch is more data per step, which matters
+    where the noise is small; where it is large, the noise term holds the loss up whatever the batch).
 
     `bootstrap`: the coefficients refitted on resamples of the runs (drawn with replacement), whose
     spread gives each prediction an interval: the uncertainty that comes from which runs were
@@ -128,27 +153,33 @@ class ParametricLaw(ScalingLaw):
         self.params = {**FIXED_SQUASH, **self.params}
         self.bootstrap = [{**FIXED_SQUASH, **p} for p in self.bootstrap]
 
-    def interval(self, M: float, T: float, sigma_bar: float, level: float = 0.9) -> tuple | None:
+    @property
+    def reads_batch(self) -> bool:
+        return self.params["beta_batch"] != 0
+
+    def interval(self, M: float, T: float, sigma_bar: float, batch: float | None = None,
+                 level: float = 0.9) -> tuple | None:
         if not self.bootstrap:
             return None
+        batch = 1.0 if batch is None else batch
         preds = [ParametricLaw(self.method, self.params_key, self.validity, params=p)._predict(
-            *(np.asarray(x, dtype=float) for x in (M, T, sigma_bar))) for p in self.bootstrap]
+            *(np.asarray(x, dtype=float) for x in (M, T, sigma_bar, batch))) for p in self.bootstrap]
         lo, hi = np.quantile(np.asarray(preds, dtype=float), [(1 - level) / 2, (1 + level) / 2])
         return float(lo), float(hi)
 
-    def log_terms(self, M, T, sigma_bar) -> np.ndarray:
+    def log_terms(self, M, T, sigma_bar, batch=1.0) -> np.ndarray:
         p = self.params
         with np.errstate(divide="ignore"):
             log_s = np.log(squashed_noise(sigma_bar, p["center"], p["log_width"]))
-        log_m, log_t = np.log(M), np.log(T)
+        log_m, log_t, log_b = np.log(M), np.log(T), np.log(batch)
         return np.stack(np.broadcast_arrays(
             np.full_like(log_m, p["log_E"]),
             p["log_A"] - p["alpha"] * log_m,
-            p["log_B"] - p["beta"] * log_t,
+            p["log_B"] - p["beta"] * log_t - p["beta_batch"] * log_b,
             p["log_C"] + p["gamma"] * log_s - p["gamma2"] * log_m - p["gamma3"] * log_t))
 
-    def _predict(self, M, T, sigma_bar) -> np.ndarray:
-        return np.exp(self.log_terms(M, T, sigma_bar)).sum(axis=0)
+    def _predict(self, M, T, sigma_bar, batch) -> np.ndarray:
+        return np.exp(self.log_terms(M, T, sigma_bar, batch)).sum(axis=0)
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "params": self.params, "irreducible_from": self.irreducible_from,
@@ -171,7 +202,7 @@ class SemiParametricLaw(ScalingLaw):
         span = xyz.max(axis=0) - xyz.min(axis=0)
         self._box = (xyz.min(axis=0) + 1e-9 * span, xyz.max(axis=0) - 1e-9 * span)
 
-    def _predict(self, M, T, sigma_bar) -> np.ndarray:
+    def _predict(self, M, T, sigma_bar, batch) -> np.ndarray:
         with np.errstate(divide="ignore"):
             xyz = np.stack([np.log(M), np.log(T), np.log(sigma_bar)], axis=-1).reshape(-1, 3)
         # beyond the data each coordinate is held at its edge (the loss stays flat), then any point
@@ -187,7 +218,8 @@ class SemiParametricLaw(ScalingLaw):
         return {**super().to_dict(), "points": self.points.tolist()}
 
 
-_KINDS = {"parametric": ParametricLaw, "parametric-decay": ParametricLaw, "semiparametric": SemiParametricLaw}
+_KINDS = {"parametric": ParametricLaw, "parametric-decay": ParametricLaw, "parametric-batch": ParametricLaw,
+          "semiparametric": SemiParametricLaw}
 
 
 def law_from_dict(d: dict) -> ScalingLaw:

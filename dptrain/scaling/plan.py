@@ -110,7 +110,7 @@ def candidates(law: ScalingLaw, compute: float, grid: Grid, seq_len: int,
     m = c / (6 * seq_len * b * t)
     ok = (m >= min_params) & (m <= max_params) & np.isfinite(sigma)
     m, b, t, sigma = m[ok], b[ok], t[ok], sigma[ok]
-    loss = law.predict(m, t, sigma / b, warn=False) if m.size else np.zeros(0)
+    loss = law.predict(m, t, sigma / b, b, warn=False) if m.size else np.zeros(0)
     return {"M": m, "B": b, "T": t, "sigma": sigma, "loss": loss}
 
 
@@ -158,8 +158,8 @@ def _with_honesty(law: ScalingLaw, p: Plan, limits: dict | None = None) -> Plan:
             edges.append(f"{name} min")
         if hi is not None and value >= hi / 10 ** 0.25:
             edges.append(f"{name} max")
-    return Plan(**{**asdict(p), "outside": law.outside_factors(p.params, p.steps, p.sigma_bar),
-                   "interval": law.interval(p.params, p.steps, p.sigma_bar),
+    return Plan(**{**asdict(p), "outside": law.outside_factors(p.params, p.steps, p.sigma_bar, p.batch_size),
+                   "interval": law.interval(p.params, p.steps, p.sigma_bar, p.batch_size),
                    "edges": tuple(dict.fromkeys(edges))})
 
 
@@ -174,7 +174,7 @@ def describe_extrapolation(p: Plan) -> str:
 
 
 def replan_with_sigma(law: ScalingLaw, p: Plan, sigma: float, seq_len: int, accountant: str) -> Plan:
-    loss = float(law.predict(p.params, p.steps, sigma / p.batch_size, warn=False))
+    loss = float(law.predict(p.params, p.steps, sigma / p.batch_size, p.batch_size, warn=False))
     return _with_honesty(law, Plan(**{**asdict(p), "sigma": sigma, "sigma_bar": sigma / p.batch_size,
                                        "loss": loss, "accountant": accountant}))
 

@@ -29,7 +29,8 @@ def synthetic_runs(law: ParametricLaw, sizes=(2e5, 6e5, 2e6, 6e6), sigma_bars=(1
         for sb in sigma_bars:
             for t in steps:
                 eval_steps = np.unique(np.linspace(t / evals, t, evals).astype(int))
-                loss = law.predict(m, eval_steps, sb, warn=False) * (1 + noise * rng.standard_normal(len(eval_steps)))
+                loss = (law.predict(m, eval_steps, sb, batch_size, warn=False)
+                        * (1 + noise * rng.standard_normal(len(eval_steps))))
                 runs.append(RunResult(
                     run_id=f"m{m:.0e}-sb{sb:.0e}-t{t}", model="synthetic", params_total=int(m),
                     params_nonembed=int(m * 0.8), batch_size=batch_size, steps=t,
