@@ -32,7 +32,7 @@ def register(sub) -> None:
                         help="k = privacy.max_sequences_per_unit (document or group units)")
     parser.add_argument("--law", default=None,
                         help="law JSON from `dptrain fit` (default: the law shipped with dptrain)")
-    parser.add_argument("--method", choices=["parametric", "parametric-decay", "semiparametric"], default=None,
+    parser.add_argument("--method", choices=["parametric", "parametric-decay", "parametric-batch", "semiparametric"], default=None,
                         help="which law in the file (default: the file's default)")
     parser.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
     parser.add_argument("--min-params", type=float, default=None,
@@ -92,7 +92,8 @@ def run(args) -> int:
     plans = plan(law, args.compute, *budget, top=args.top, **search, **bounds)
     v = law.validity
     fitted = (f"M {v['M'][0]:.3g}..{v['M'][1]:.3g}, T {v['T'][0]:.3g}..{v['T'][1]:.3g}, sigma_bar "
-              f"{v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}")
+              f"{v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}"
+              + (f", batch {v['batch'][0]:.3g}..{v['batch'][1]:.3g}" if law.reads_batch else ""))
     if plans[0].extrapolation > MAX_EXTRAPOLATION and not args.allow_extrapolation:
         raise UserError(f"the best plan lies outside the law's fitted range ({fitted}) by up to "
                         f"{plans[0].extrapolation:.3g}x ({describe_extrapolation(plans[0])}); its loss "
