@@ -133,6 +133,50 @@ def test_a_data_term_that_falls_with_the_batch_needs_the_batch_shape():
     assert "parametric-batch" not in fit_all(runs[:len(runs) // 2], holdout=None, bootstrap=0)
 
 
+def _ceiling_truth():
+    from dptrain.scaling.law import CeilingLaw
+
+    params = {"log_E": np.log(1.8), "log_A": np.log(126.0), "alpha": 0.3, "log_B": np.log(15.8),
+              "beta": 0.4, "beta_batch": 0.1, "center": np.log(3e-4), "log_width": np.log(1.6),
+              "gamma": 1.0, "log_F": np.log(6.0), "log_G": np.log(10.0), "phi": 0.3}
+    return CeilingLaw("ceiling", "total", {"M": [1e5, 1e10], "T": [10, 1e7], "sigma_bar": [0, 1e-1],
+                                           "batch": [1, 1e7]}, params=params)
+
+
+def test_ceiling_gradient_is_the_objectives_derivative():
+    from scipy.optimize import approx_fprime
+
+    from dptrain.scaling.fit import _ceiling_objective
+
+    rng = np.random.default_rng(0)
+    with np.errstate(divide="ignore"):
+        data = (np.log(rng.uniform(1e4, 1e6, 60)), np.log(rng.uniform(50, 1000, 60)),
+                np.log(rng.choice([0.0, 1e-3, 4e-3, 1.6e-2], 60)), np.log(rng.choice([32.0, 128.0], 60)),
+                np.log(rng.uniform(2, 4, 60)))
+    theta = np.array([0.3, 3.0, 0.3, 2.8, 0.4, 0.05, -5.5, 0.1, 0.9, 1.1, 2.4, 0.35])
+    numeric = approx_fprime(theta, lambda x: _ceiling_objective(x, *data)[0], 1e-7)
+    np.testing.assert_allclose(_ceiling_objective(theta, *data)[1], numeric, atol=1e-6)
+
+
+def test_the_ceiling_law_recovers_a_ceiling():
+    """Runs (noise-free ones among them, two batch sizes) drawn from a ceiling law: the ceiling fit
+    predicts them within 2% inside the fitted range, with E from the noise-free runs; the paper's
+    additive shape, whose noise cost cannot shrink with the distance to the ceiling, does worse."""
+    true = _ceiling_truth()
+    runs = [dataclasses.replace(r, run_id=f"{r.run_id}-b{b}") for b in (64, 512)
+            for r in synthetic_runs(true, sigma_bars=(0.0, 1e-5, 1e-4, 1e-3), batch_size=b, seed=4)]
+    laws = fit_all(runs, holdout=("0.2",), methods=("parametric", "ceiling"), bootstrap=0)
+    law = laws["ceiling"]
+    assert law.irreducible_from == "noise-free runs" and law.reads_batch
+    m, t, sb = _inside_grid(dataclasses.replace(law, validity={**law.validity, "sigma_bar": [1e-5, 1e-3]}))
+    rel = np.abs(law.predict(m, t, sb, 128) / true.predict(m, t, sb, 128, warn=False) - 1)
+    assert rel.max() < 0.02
+    assert law.params["beta_batch"] == pytest.approx(0.1, abs=0.03)
+    assert law.params["gamma"] == pytest.approx(1.0, abs=0.25)
+    ceiling, paper = (laws[k].holdout["0.2"]["mean_abs_rel_error"] for k in ("ceiling", "parametric"))
+    assert ceiling < 0.01 and paper > 2 * ceiling
+
+
 def test_a_law_is_validated_only_on_a_larger_model_and_longer_runs(laws):
     law = laws["parametric"]
     assert not law.validated()  # only the random and late rules were measured

@@ -107,14 +107,16 @@ def test_spec_errors_are_one_line(micro_data, tmp_path, capsys):
 def test_shipped_law_loads_and_predicts_in_range():
     law = load_law(SHIPPED_LAW)
     v = law.validity
-    m, t, sb = [(lo * hi) ** 0.5 for lo, hi in (v["M"], v["T"], v["sigma_bar"])]
+    m, t, sb, b = [(lo * hi) ** 0.5 for lo, hi in (v["M"], v["T"], v["sigma_bar"], v.get("batch", (32, 32)))]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # inside the range: no extrapolation warning
-        loss = float(law.predict(m, t, sb))
+        loss = float(law.predict(m, t, sb, b))
     assert 0 < loss < 8  # below the loss of a uniform guess over the 2048-token vocabulary (7.62)
-    # more steps and less noise never predict a higher loss
-    assert law.predict(m, v["T"][1], sb) <= law.predict(m, v["T"][0], sb)
-    assert law.predict(m, t, v["sigma_bar"][0]) <= law.predict(m, t, v["sigma_bar"][1])
+    # more steps, less noise and a larger batch never predict a higher loss
+    assert law.predict(m, v["T"][1], sb, b) <= law.predict(m, v["T"][0], sb, b)
+    assert law.predict(m, t, v["sigma_bar"][0], b) <= law.predict(m, t, v["sigma_bar"][1], b)
+    if law.reads_batch:
+        assert law.predict(m, t, sb, v["batch"][1]) < law.predict(m, t, sb, v["batch"][0])
     # only a validated law ships: it predicted a larger model and longer runs within 5% on average
     assert law.validated() and {"largest-model", "late"} <= set(law.holdout)
     assert all(h["runs"] and h["mean_abs_rel_error"] < 0.05 for h in law.holdout.values())

@@ -26,7 +26,8 @@ from threadpoolctl import threadpool_limits
 
 from dptrain.errors import UserError
 from dptrain.progress import progress_bar
-from dptrain.scaling.law import PARAMETRIC_NAMES, ParametricLaw, ScalingLaw, SemiParametricLaw
+from dptrain.scaling.law import (CEILING_NAMES, PARAMETRIC_NAMES, CeilingLaw, ParametricLaw, ScalingLaw,
+                                 SemiParametricLaw)
 from dptrain.scaling.results import RunResult
 
 HUBER_DELTA = 1e-3
@@ -162,15 +163,15 @@ def parametric_points(runs: list[RunResult], params_key: str, min_fraction: floa
     return np.array(rows, dtype=float).T
 
 
-def _minimize(data, starts, bounds) -> np.ndarray:
-    """The best L-BFGS-B end point over `starts` (arrays in PARAMETRIC_NAMES order)."""
+def _minimize(data, starts, bounds, objective=_parametric_objective) -> np.ndarray:
+    """The best L-BFGS-B end point of `objective` over `starts`."""
     best = None
     for theta0 in starts:
         theta0 = np.clip(theta0, [lo for lo, _ in bounds], [hi for _, hi in bounds])
         # one BLAS thread: L-BFGS-B's tiny vector ops run many times slower with thread hand-offs
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", RuntimeWarning)
-            res = minimize(_parametric_objective, theta0, args=data, jac=True, method="L-BFGS-B",
+            res = minimize(objective, theta0, args=data, jac=True, method="L-BFGS-B",
                            bounds=bounds, options={"maxiter": 2000})
         if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
             best = res
@@ -215,9 +216,71 @@ def fit_parametric(runs: list[RunResult], params_key: str = "total",
                          irreducible_from=irreducible_from)
 
 
+CEILING_BOUNDS = {**{k: v for k, v in PARAMETRIC_BOUNDS.items() if k in CEILING_NAMES},
+                  "log_F": (-10.0, 5.0), "log_G": (-10.0, 10.0), "phi": (0.0, 3.0)}
+
+
+def _ceiling_objective(theta, log_m, log_t, log_sb, log_batch, log_loss):
+    """Huber loss of the ceiling law's log-loss, and its gradient in theta (CEILING_NAMES order)."""
+    log_e, log_a, alpha, log_b, beta, beta_batch, center, log_width, gamma, log_f, log_g, phi = theta
+    finite = np.isfinite(log_sb)
+    width = math.exp(log_width)
+    z = np.where(finite, (np.where(finite, log_sb, 0.0) - center) / width, 0.0)
+    log_sig = -np.logaddexp(0.0, -z)
+    s = np.where(finite, np.exp(gamma * log_sig), 0.0)  # 0 without noise
+    e = math.exp(log_e)
+    a = np.exp(log_a - alpha * log_m)
+    d = np.exp(log_b - beta * log_t - beta_batch * log_batch)
+    g = np.exp(log_g - phi * log_t)
+    clean, ceiling = e + a + d, math.exp(log_f) + g
+    pred = (1 - s) * clean + s * ceiling
+    r = np.log(pred) - log_loss
+    huber = np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
+    psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA) / pred  # d huber / d pred
+    ds = (ceiling - clean) * s  # d pred / d log s
+    dlog_s_dz = gamma / (1.0 + np.exp(z))  # gamma * sigmoid(-z)
+    jac = np.stack([(1 - s) * e + 0 * log_m, (1 - s) * a, -(1 - s) * a * log_m, (1 - s) * d,
+                    -(1 - s) * d * log_t, -(1 - s) * d * log_batch,
+                    ds * dlog_s_dz * (-1.0 / width), ds * dlog_s_dz * (-z),
+                    np.where(finite, ds * log_sig, 0.0),
+                    s * math.exp(log_f), s * g, -s * g * log_t])
+    return huber.sum(), jac @ psi
+
+
+def fit_ceiling(runs: list[RunResult], params_key: str = "total") -> CeilingLaw:
+    """The ceiling law (`CeilingLaw`). As for the parametric law, E (with A, alpha, B, beta and
+    beta_batch) is first fitted on the noise-free runs when there are some, and E then held; the
+    batch exponent is held at 0 when the runs share one batch size."""
+    m, t, sb, batch, loss = parametric_points(runs, params_key)
+    if len(set(m)) < 2 or len(set(t)) < 2 or not (sb > 0).any():
+        raise UserError("the ceiling fit needs noisy runs and runs of at least two model sizes and lengths")
+    with np.errstate(divide="ignore"):
+        data = (np.log(m), np.log(t), np.log(sb), np.log(batch), np.log(loss))
+    bounds = [CEILING_BOUNDS[name] for name in CEILING_NAMES]
+    if len(set(batch)) < 2:
+        bounds[CEILING_NAMES.index("beta_batch")] = (0.0, 0.0)
+    center0 = float(np.log(np.median(sb[sb > 0])))
+    log_top = float(np.log(loss.max()))
+    noise_free = sb == 0
+    irreducible_from = "joint fit"
+    if noise_free.any() and len(set(m[noise_free])) >= 2 and len(set(t[noise_free])) >= 2:
+        clean_data = tuple(x[noise_free] for x in data)
+        starts = [np.array([log_top - 1.5, 3.0, a, 3.0, b, 0.05, center0, 0.0, 1.0, log_top, 0.0, 0.5])
+                  for a, b in itertools.product([0.2, 0.5], [0.2, 0.5])]
+        stage1 = _minimize(clean_data, starts, bounds, _ceiling_objective)  # s = 0: noise terms idle
+        bounds[0] = (float(stage1[0]), float(stage1[0]))
+        irreducible_from = "noise-free runs"
+    starts = [np.array([log_top - 1.5, 3.0, alpha, 3.0, beta, 0.05, center0, 0.0, gamma, log_top - 0.5, log_g, 0.3])
+              for alpha, beta, gamma, log_g in itertools.product([0.2, 0.5], [0.2, 0.5], [0.5, 1.5], [-2.0, 2.0])]
+    params = dict(zip(CEILING_NAMES, map(float, _minimize(data, starts, bounds, _ceiling_objective))))
+    return CeilingLaw("ceiling", params_key, validity_range(runs, params_key), params=params,
+                      irreducible_from=irreducible_from)
+
+
 FITTERS = {"parametric": fit_parametric,
            "parametric-decay": functools.partial(fit_parametric, method="parametric-decay"),
            "parametric-batch": functools.partial(fit_parametric, method="parametric-batch"),
+           "ceiling": fit_ceiling,
            "semiparametric": fit_semiparametric}
 BOOTSTRAP_RESAMPLES = 100
 
