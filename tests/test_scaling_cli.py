@@ -31,7 +31,7 @@ def test_fit_writes_every_law_the_runs_inform(law_file):
 
 
 def test_plan_json_config_and_plots(law_file, tmp_path, capsys):
-    config, plots = tmp_path / "train.yaml", tmp_path / "plots"
+    config, plots = tmp_path / "new" / "train.yaml", tmp_path / "plots"  # a folder not yet made
     assert main(["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8",
                  "--data-size", "10000000", "--seq-len", "256", "--law", str(law_file), "--json",
                  "--top", "3", "--write-config", str(config), "--data-path", str(tmp_path / "data"),

@@ -266,6 +266,7 @@ def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: floa
     path = Path(path)
     cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent,
                           unit=unit, sequences_per_unit=sequences_per_unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# planned for {p.params:.3g} parameters (nearest config: {p.nearest_config})\n"
                     f"# {describe_extrapolation(p)}\n" + "".join(f"# {note}\n" for note in notes)
                     + yaml.safe_dump(cfg, sort_keys=False))
