@@ -162,16 +162,25 @@ def test_corrupt_checkpoint_is_a_user_error(data_dir, tmp_path):
 
 
 def test_train_cli_exports_and_reports(data_dir, tmp_path, capsys):
-    cfg = make_config(data_dir, tmp_path / "run", privacy={"steps": 2},
+    from dptrain.privacy.accounting import StepRun
+    from dptrain.privacy.running import running_epsilon
+
+    cfg = make_config(data_dir, tmp_path / "run", privacy={"steps": 3},
                       export={"hf_dir": str(tmp_path / "hf"), "sample_prompt": "Patient", "sample_tokens": 5})
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(configio.to_dict(cfg)))
-    assert main(["train", str(path), "eval.every=1"]) == 0
+    assert main(["train", str(path), "eval.every=1", "logging.every=2"]) == 0
     out = capsys.readouterr().out
     assert "Privacy guarantee" in out and "sample (temperature 0.8): Patient" in out
     assert (tmp_path / "hf" / "config.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval/loss" in r for r in rows) and any("epsilon" in r for r in rows)
+    assert any("eval/loss" in r for r in rows)
+    # the running epsilon, on the logged steps only (every 2 and the last), for the steps taken so far
+    logged = {r["step"]: r["epsilon"] for r in rows if "epsilon" in r}
+    assert sorted(logged) == [2, 3] and logged[2] < logged[3]
+    q = json.loads((tmp_path / "run" / "privacy_report.json").read_text())["sampling_rate"]
+    for step, eps in logged.items():
+        assert eps == pytest.approx(running_epsilon([StepRun(1.0, q, step)], 1e-5), rel=1e-9)
 
 
 def test_config_typo_exits_2_with_one_line(tmp_path, capsys):
@@ -295,17 +304,3 @@ def test_group_unit_run_resumes_bit_for_bit(group_data, tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert straight.batch_sizes == resumed.batch_sizes
 
-
-def test_running_epsilon_is_logged_on_the_logged_steps(data_dir, tmp_path):
-    from dptrain.privacy.accounting import StepRun
-    from dptrain.privacy.running import running_epsilon
-
-    trainer = Trainer(make_config(data_dir, tmp_path, privacy={"steps": 5}, logging={"every": 2}))
-    trainer.fit()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    logged = {r["step"]: r["epsilon"] for r in rows if "epsilon" in r}
-    assert sorted(logged) == [2, 4, 5]  # every 2 steps, and the last
-    q = 16 / len(trainer.train_data)
-    for step, eps in logged.items():  # the bound for the steps taken so far, not a stale one
-        assert eps == pytest.approx(running_epsilon([StepRun(1.0, q, step)], 1e-5), rel=1e-9)
-    assert logged[2] < logged[4] < logged[5]
