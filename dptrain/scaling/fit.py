@@ -355,6 +355,12 @@ def holdout_error(law: ScalingLaw, held: list[RunResult]) -> dict:
             "max_abs_rel_error": float(rel.max())}
 
 
+def applicable_methods(runs: list[RunResult]) -> list[str]:
+    """The methods the runs can inform: all but parametric-batch when they share one batch size."""
+    one_batch = len({r.batch_size for r in runs}) < 2
+    return [name for name in FITTERS if not (one_batch and name == "parametric-batch")]
+
+
 def fit_all(runs: list[RunResult], holdout=("0.2",), params_key: str = "total",
             methods=None, bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, ScalingLaw]:
     """Each method (default: every one the runs can inform; parametric-batch needs two batch
@@ -362,10 +368,8 @@ def fit_all(runs: list[RunResult], holdout=("0.2",), params_key: str = "total",
     sequence of them, see `split_holdout`), the errors on the held-out runs of the same method
     fitted without them. The parametric laws also get `bootstrap` refits."""
     rules = [holdout] if isinstance(holdout, str) else list(holdout or ())
-    if methods is None:
-        one_batch = len({r.batch_size for r in runs}) < 2
-        methods = [name for name in FITTERS if not (one_batch and name == "parametric-batch")]
     laws = {}
+    methods = applicable_methods(runs) if methods is None else methods
     for name in progress_bar(methods, desc="fitting", unit="method", disable=None):
         fitter = FITTERS[name]
         law = fitter(runs, params_key)
