@@ -102,7 +102,7 @@ def main() -> None:
     law = load_law(args.law, args.method)
     best = plan(law, args.compute, args.epsilon, delta, n, seq_len, top=1,
                 max_steps=args.max_steps, min_params=args.min_params)[0]
-    best = with_pld_sigma(law, best, args.epsilon, delta, n, seq_len)  # as `dptrain plan --write-config` does
+    best = with_pld_sigma(law, best, args.epsilon, delta, n)  # as `dptrain plan --write-config` does
     print(f"plan ({law.method}, {args.law}): C {args.compute:.3g}, eps {args.epsilon:g}, N {n}: M {best.params:.3g} "
           f"(nearest shipped config {best.nearest_config}), B {best.batch_size}, T {best.steps}, sigma {best.sigma:.4g} "
           f"(sigma_bar {best.sigma_bar:.3g}), predicted loss {best.loss:.4f}")

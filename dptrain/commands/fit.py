@@ -43,7 +43,7 @@ def run(args) -> int:
     save_laws(args.out, laws, default)
     v = next(iter(laws.values())).validity
     print(f"{len(runs)} runs; M {v['M'][0]:.3g}..{v['M'][1]:.3g}, T {v['T'][0]:.3g}..{v['T'][1]:.3g}, "
-          f"sigma_bar {v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}")
+          f"sigma_bar {v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}, batch {v['batch'][0]:.3g}..{v['batch'][1]:.3g}")
     for name, law in laws.items():
         errs = "; ".join(f"{rule} ({len(h['runs'])} runs): {h['mean_abs_rel_error']:.2%} mean, "
                          f"{h['max_abs_rel_error']:.2%} max" for rule, h in law.holdout.items()) or "no holdout"

@@ -99,7 +99,7 @@ def run(args) -> int:
                         f"{plans[0].extrapolation:.3g}x ({describe_extrapolation(plans[0])}); its loss "
                         "is a guess. Fit a law on runs nearer this budget, or pass --allow-extrapolation")
     if args.confirm_pld or args.write_config:  # a written config gets the trainer's own accountant's σ
-        plans[0] = with_pld_sigma(law, plans[0], args.epsilon, args.delta, args.data_size, example_tokens)
+        plans[0] = with_pld_sigma(law, plans[0], args.epsilon, args.delta, args.data_size)
     best = plans[0]
     outside = [p for p in plans if p.extrapolation > 1]
     if outside:

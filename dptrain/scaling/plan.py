@@ -173,17 +173,16 @@ def describe_extrapolation(p: Plan) -> str:
     return f"predicted loss {p.loss:.4f}, {where}{interval}{edges}"
 
 
-def replan_with_sigma(law: ScalingLaw, p: Plan, sigma: float, seq_len: int, accountant: str) -> Plan:
+def replan_with_sigma(law: ScalingLaw, p: Plan, sigma: float, accountant: str) -> Plan:
     loss = float(law.predict(p.params, p.steps, sigma / p.batch_size, p.batch_size, warn=False))
     return _with_honesty(law, Plan(**{**asdict(p), "sigma": sigma, "sigma_bar": sigma / p.batch_size,
                                        "loss": loss, "accountant": accountant}))
 
 
-def with_pld_sigma(law: ScalingLaw, p: Plan, epsilon: float, delta: float, data_size: int,
-                   seq_len: int) -> Plan:
+def with_pld_sigma(law: ScalingLaw, p: Plan, epsilon: float, delta: float, data_size: int) -> Plan:
     """`p` with σ recalibrated by the certified PLD accountant, the one the trainer uses."""
     sigma = confirm_pld(epsilon, delta, p.batch_size / data_size, p.steps)
-    return replan_with_sigma(law, p, sigma, seq_len, "pld")
+    return replan_with_sigma(law, p, sigma, "pld")
 
 
 def best_loss(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_size: int,
