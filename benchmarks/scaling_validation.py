@@ -16,7 +16,6 @@ From the repository root:
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import time
 from dataclasses import replace
@@ -27,8 +26,8 @@ from dptrain.data.demo import prepare_demo
 from dptrain.model import DecoderConfig, parameter_counts
 from dptrain.scaling.law import load_law
 from dptrain.scaling.plan import MODEL_CONFIG_DIR, SHIPPED_LAW, plan, with_pld_sigma, write_training_config
-from dptrain.scaling.results import RunResult, append_results
-from dptrain.scaling.sweep import device_name, load_spec
+from dptrain.scaling.results import append_results
+from dptrain.scaling.sweep import load_spec, result_row
 from dptrain.train.config import load_train_config
 from dptrain.train.trainer import Trainer
 
@@ -59,17 +58,6 @@ def train(config: Path, overrides: list[str]) -> tuple[Trainer, float]:
     trainer = Trainer(cfg, config_dir=config.parent)
     trainer.fit()
     return trainer, time.perf_counter() - start
-
-
-def run_result(trainer: Trainer, run_id: str, name: str, batch: int, steps: int, wall: float) -> RunResult:
-    counts = parameter_counts(trainer.model_cfg)
-    seq_len = trainer.train_data.seq_len - 1
-    sigma = trainer.noise_multiplier
-    return RunResult(run_id, f"validation-{name}", counts["total"], counts["non_embedding"], batch, steps,
-                     sigma, sigma / batch, seq_len, batch * seq_len * steps,
-                     tuple((int(s), float(l)) for s, l in trainer.eval_history), round(wall, 2),
-                     device_name(trainer.device),
-                     datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def main() -> None:
@@ -136,8 +124,9 @@ def main() -> None:
             predicted = float(law.predict(m, best.steps, sigma_bar, batch, warn=False))
             runs.setdefault(name, []).append(achieved)
             if args.results:
-                append_results(args.results, [run_result(
-                    trainer, f"{out.name}-{name}-s{seed}", name, batch, best.steps, wall)])
+                append_results(args.results, [result_row(
+                    trainer, f"{out.name}-{name}-s{seed}", f"validation-{name}", batch, best.steps,
+                    trainer.noise_multiplier, sigma_bar, trainer.eval_history, wall)])
             predictions[name], sizes[name] = predicted, m
             print(f"{name:5s} M {m:>9,} B {batch:5d} T {best.steps:5d} sigma {trainer.noise_multiplier:.4g} "
                   f"seed {seed}: achieved {achieved:.4f}, law {predicted:.4f} ({(predicted - achieved) / achieved:+.2%}), "

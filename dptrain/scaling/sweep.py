@@ -141,14 +141,20 @@ def execute(spec: SweepSpec, run: SweepRun, on_step=None) -> RunResult:
             curve.append((trainer.step, trainer.evaluate()))
         if on_step:
             on_step()
-    wall = time.perf_counter() - start
+    return result_row(trainer, run.run_id, run.model_name, run.batch_size, run.steps, run.sigma,
+                      run.sigma_bar, curve, time.perf_counter() - start)
+
+
+def result_row(trainer, run_id: str, model: str, batch_size: int, steps: int, sigma: float,
+               sigma_bar: float, curve, wall: float) -> RunResult:
+    """The results row of a finished run of `trainer` (its model's size, its device, now)."""
     counts = parameter_counts(trainer.model_cfg)
     seq_len = trainer.train_data.seq_len - 1  # tokens predicted per sequence
     return RunResult(
-        run_id=run.run_id, model=run.model_name, params_total=counts["total"],
-        params_nonembed=counts["non_embedding"], batch_size=run.batch_size, steps=run.steps,
-        sigma=run.sigma, sigma_bar=run.sigma_bar, seq_len=seq_len,
-        tokens=run.batch_size * seq_len * run.steps,
+        run_id=run_id, model=model, params_total=counts["total"],
+        params_nonembed=counts["non_embedding"], batch_size=batch_size, steps=steps,
+        sigma=sigma, sigma_bar=sigma_bar, seq_len=seq_len,
+        tokens=batch_size * seq_len * steps,
         eval_curve=tuple((int(s), float(l)) for s, l in curve),
         wall_time_s=round(wall, 2), device=device_name(trainer.device),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
