@@ -20,6 +20,18 @@ def law_file(tmp_path_factory):
     return folder / "law.json"
 
 
+def test_the_cli_offers_every_law_method(law_file, capsys):
+    from dptrain.scaling import LAW_METHODS
+    from dptrain.scaling.fit import FITTERS
+    from dptrain.scaling.law import _KINDS
+
+    assert tuple(FITTERS) == LAW_METHODS and set(_KINDS) == set(LAW_METHODS)
+    assert main(["plan", "--compute", "1e17", "--epsilon", "2", "--delta", "1e-8", "--data-size",
+                 "10000000", "--seq-len", "256", "--law", str(law_file), "--method", "ceiling",
+                 "--allow-extrapolation", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["law_method"] == "ceiling"
+
+
 def test_fit_writes_every_law_the_runs_inform(law_file):
     doc = json.loads(law_file.read_text())
     # one batch size: the batch exponent cannot be fitted, so parametric-batch is left out

@@ -2,6 +2,8 @@
 holdout checks."""
 from __future__ import annotations
 
+from dptrain.scaling import LAW_METHODS
+
 
 def register(sub) -> None:
     parser = sub.add_parser("fit", help="fit a DP scaling law L(M, T, sigma_bar) to sweep results")
@@ -14,8 +16,7 @@ def register(sub) -> None:
                              "constant learning rate) or 'none' (default 0.2,largest-model,late)")
     parser.add_argument("--params", choices=["total", "nonembed"], default="total",
                         help="which parameter count M means (default total)")
-    parser.add_argument("--default", choices=["parametric", "parametric-decay", "parametric-batch", "semiparametric"],
-                        default=None,
+    parser.add_argument("--default", choices=LAW_METHODS, default=None,
                         help="method the planner uses by default (default: the lowest worst holdout error)")
     parser.add_argument("--bootstrap", type=int, default=100, metavar="N",
                         help="parametric refits on resampled runs, for prediction intervals "

@@ -6,6 +6,8 @@ import math
 import sys
 from dataclasses import asdict
 
+from dptrain.scaling import LAW_METHODS
+
 
 def law_holdout_summary(law) -> dict:
     return {rule: {"mean_abs_rel_error": h["mean_abs_rel_error"], "max_abs_rel_error": h["max_abs_rel_error"]}
@@ -32,7 +34,7 @@ def register(sub) -> None:
                         help="k = privacy.max_sequences_per_unit (document or group units)")
     parser.add_argument("--law", default=None,
                         help="law JSON from `dptrain fit` (default: the law shipped with dptrain)")
-    parser.add_argument("--method", choices=["parametric", "parametric-decay", "parametric-batch", "semiparametric"], default=None,
+    parser.add_argument("--method", choices=LAW_METHODS, default=None,
                         help="which law in the file (default: the file's default)")
     parser.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
     parser.add_argument("--min-params", type=float, default=None,
