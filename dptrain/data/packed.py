@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dptrain.data.fingerprint import content_fingerprint
 from dptrain.data.prepare import DOCUMENT_DTYPE, FORMAT, GROUPS_FILE, MANIFEST, TOKEN_DTYPE
 from dptrain.errors import UserError
 
@@ -56,6 +58,12 @@ class PackedDataset:
                 raise UserError(f"{table} is missing or truncated")
             self._sequences = np.memmap(table, dtype=DOCUMENT_DTYPE, mode="r", shape=(n, 2)) if n else \
                 np.empty((0, 2), DOCUMENT_DTYPE)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the folder's data files as they are now (computed from their content, not
+        read from the manifest, so a file changed in place since prepare shows)."""
+        return content_fingerprint(self.path)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -279,8 +279,11 @@ def prepare(
         shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         if group_values is not None:
             (tmp / GROUPS_FILE).write_text(json.dumps([str(v) for v in group_values]) + "\n")
+        from dptrain.data.fingerprint import content_fingerprint  # here: it imports this module
+
         manifest = {
             "format": FORMAT,
+            "fingerprint": content_fingerprint(tmp),  # of the data files written above
             "version": FORMAT_VERSION,
             "seq_len": seq_len,
             "vocab_size": sp.vocab_size(),
