@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -74,16 +75,35 @@ def test_exposure_equals_a_naive_ranking(run_dir):
     assert result["canary_log_likelihood"] == pytest.approx(own, abs=1e-3)
 
 
-def test_cli_writes_report_figures_and_privacy_section(run_dir, capsys):
+def owner_only(path) -> bool:
+    """Files 0600 and folders 0700, all the way down."""
+    mode = path.stat().st_mode & 0o777
+    if path.is_dir():
+        return mode == 0o700 and all(owner_only(p) for p in path.iterdir())
+    return mode == 0o600
+
+
+def published(folder) -> dict:
+    """The bytes of every privacy report and the names of every file in a published folder."""
+    return {p.relative_to(folder): (p.read_bytes() if p.name.startswith("privacy_report") else None)
+            for p in folder.rglob("*") if "private" not in p.relative_to(folder).parts}
+
+
+def test_cli_keeps_per_sequence_results_private_and_publishes_nothing(run_dir, capsys):
+    checkpoint = resolve_checkpoint(run_dir)
+    before = published(run_dir)
     args = ["memorization", str(run_dir), "--prefix-len", "8", "--suffix-len", "8", "--num-sequences", "24",
             "--references", "30", "--no-progress"]
     assert main(args) == 0
+    private = run_dir / "private" / "memorization" / checkpoint.name
     stdout = capsys.readouterr().out
-    assert "Extraction test" in stdout and "mean exposure" in stdout
-    checkpoint = resolve_checkpoint(run_dir)
-    report = json.loads((checkpoint / "memorization.json").read_text())
+    assert str(private) in stdout and "owner-only" in stdout
+    assert "mean exposure" not in stdout  # the numbers stay in the private folder
+    assert "mean exposure" in (private / "memorization.txt").read_text()
+    report = json.loads((private / "memorization.json").read_text())
     e = report["extraction"]
     assert e["num_sequences"] == 24 and 0 <= e["exact_rate"] <= e["approx_rate"] <= 1
+    assert len(e["normalized_distances"]) == 24
     secrets = report["secrets"]["canaries"]
     assert len(secrets) == 16 and {s["train_repeats"] for s in secrets} == {0, 1, 4, 16}
     assert all(0 <= s["exposure"] <= math.log2(31) + 1e-9 for s in secrets)
@@ -93,11 +113,31 @@ def test_cli_writes_report_figures_and_privacy_section(run_dir, capsys):
         json.loads((checkpoint / "privacy_report.json").read_text())["epsilon"]["pld"])
     assert set(report["figures"]) == {"extraction", "exposure", "epsilon_curve"}
     for name in report["figures"].values():
-        assert (checkpoint / name).stat().st_size > 0
-    for folder in (checkpoint, run_dir):  # the checkpoint's and the run's privacy reports
+        assert (private / name).stat().st_size > 0
+    # owner-only from the run's private folder down; the published folders gained nothing
+    assert owner_only(run_dir / "private")
+    assert published(run_dir) == before
+    for folder in (checkpoint, run_dir):
         merged = json.loads((folder / "privacy_report.json").read_text())
-        assert merged["memorization"]["num_sequences"] == 24
-        assert "memorization:" in (folder / "privacy_report.txt").read_text()
+        assert "memorization" not in merged and "normalized_distances" not in json.dumps(merged)
+
+
+def test_out_folder_is_made_private_and_must_not_hold_other_files(run_dir, tmp_path, capsys):
+    from dptrain.audit.extraction import run_memorization
+
+    quick = dict(num_sequences=4, prefix_len=8, suffix_len=8, num_references=5, progress=False)
+    out = tmp_path / "mine" / "memorization"
+    report = run_memorization(run_dir, out=out, **quick)
+    assert report["folder"] == str(out) and (out / "memorization.json").is_file()
+    assert owner_only(out)
+    run_memorization(run_dir, out=out, **quick)  # a rerun may replace its own results
+    with pytest.raises(UserError, match="holds other files"):
+        run_memorization(run_dir, out=resolve_checkpoint(run_dir), **quick)  # never beside the weights
+    # a checkpoint outside a run folder has no private area: --out is required
+    lone = tmp_path / "lone"
+    shutil.copytree(resolve_checkpoint(run_dir), lone, ignore=shutil.ignore_patterns("train_state.pt"))
+    assert main(["memorization", str(lone), "--no-progress"]) == 2
+    assert "--out" in capsys.readouterr().err
 
 
 def test_bad_inputs_are_one_line_errors(run_dir, tmp_path, capsys):

@@ -6,6 +6,10 @@ Two measurements on the training data the checkpoint saw:
 - exposure (Secret Sharer) of the secrets planted in the demo corpus (`canaries.json` of the
   prepared folder), each planted 0, 1, 4 or 16 times. The guarantee covers one sequence; a secret
   repeated in k sequences is protected only at group privacy k·ε, and exposure shows it.
+
+Both are computed from private training sequences without noise, so every output (per-sequence
+distances, exposures, figures, even the match rates) is kept in the run's private area,
+`<run>/private/memorization/<step-*>/` (or `--out`), owner-only; nothing is published.
 """
 from __future__ import annotations
 
@@ -24,11 +28,14 @@ from dptrain.checkpoint import load_model
 from dptrain.data.packed import PackedDataset
 from dptrain.errors import UserError
 from dptrain.generate import greedy_generate
+from dptrain.privacy.private_files import make_private, private_dir
 from dptrain.progress import progress_bar
-from dptrain.train.report import add_section
 
 REPORT_FILE = "memorization.json"
+SUMMARY_FILE = "memorization.txt"
 CANARIES_FILE = "canaries.json"
+OUTPUT_DIR = "memorization"  # inside the run's private folder
+FIGURE_FILES = ("memorization.png", "exposure.png", "epsilon_by_step.png")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -41,6 +48,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{path} is neither a checkpoint folder (model.safetensors) nor a run folder "
                         "with checkpoints/step-*")
     return done[-1]
+
+
+def output_folder(checkpoint: Path, out: str | Path | None = None) -> Path:
+    """The owner-only folder for a checkpoint's results: `<run>/private/memorization/<step-*>`, or
+    `out`. `out` may hold only earlier results, since all of it is made owner-only (this also keeps
+    results out of a published folder such as the checkpoint's)."""
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder")
+        ours = {REPORT_FILE, SUMMARY_FILE, *FIGURE_FILES}
+        others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+        if others:
+            raise UserError(f"--out {out} holds other files ({others[0]}, ...): give a new or empty "
+                            "folder, it is made owner-only")
+        out.mkdir(parents=True, exist_ok=True)
+        return make_private(out)
+    if checkpoint.parent.name != "checkpoints":
+        raise UserError(f"{checkpoint} is not in a run folder (<run>/checkpoints/step-*), so it has no "
+                        "private area: pass --out FOLDER (made owner-only) for its results")
+    folder = private_dir(checkpoint.parent.parent) / OUTPUT_DIR / checkpoint.name
+    folder.mkdir(parents=True, exist_ok=True)
+    make_private(folder.parent)  # memorization/ and every checkpoint's results in it
+    return folder
 
 
 def training_data_path(checkpoint: Path) -> Path:
@@ -131,11 +162,29 @@ def privacy_curve(checkpoint: Path) -> dict | None:
     return {"steps": steps, "epsilon": epsilons, "delta": privacy["delta"], "accountant": privacy["accountant"]}
 
 
+def secrets_section(model, sp, canaries: list[dict], num_references: int, seed: int, progress: bool) -> dict:
+    """Exposure of every planted secret, and its mean and greedy extractions per repeat count."""
+    secrets = secret_exposures(model, sp, canaries, num_references, seed, progress)
+    by_repeats: dict[int, list[float]] = {}
+    for s in secrets:
+        by_repeats.setdefault(s["train_repeats"], []).append(s["exposure"])
+    return {
+        "num_references": num_references,
+        "max_possible_exposure": float(np.log2(num_references + 1)),
+        "mean_exposure_by_repeats": {str(k): float(np.mean(v)) for k, v in sorted(by_repeats.items())},
+        "extracted_by_repeats": {str(k): sum(s["extracted"] for s in secrets if s["train_repeats"] == k)
+                                 for k in sorted(by_repeats)},
+        "canaries": secrets,
+    }
+
+
 def run_memorization(checkpoint: str | Path, data: str | Path | None = None, num_sequences: int = 200,
                      prefix_len: int = 50, suffix_len: int = 50, num_references: int = 1000,
                      seed: int = 0, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Both tests on a checkpoint; writes memorization.json and figures, extends the privacy report."""
+    """Both tests on a checkpoint; writes memorization.json, a summary and figures, owner-only, into
+    `output_folder(checkpoint, out)`. Publishes nothing: the privacy reports are left untouched."""
     checkpoint = resolve_checkpoint(checkpoint)
+    out = output_folder(checkpoint, out)  # before the work: a bad --out fails at once
     data_dir = Path(data) if data is not None else training_data_path(checkpoint)
     train = PackedDataset(data_dir, "train")
     model = load_model(checkpoint).eval()
@@ -143,10 +192,9 @@ def run_memorization(checkpoint: str | Path, data: str | Path | None = None, num
         raise UserError(f"{data_dir} has a vocabulary of {train.vocab_size}, the model {model.cfg.vocab_size}")
     windows = training_windows(train, num_sequences, prefix_len + suffix_len, seed)
     extraction = memorization_test(model, windows, prefix_len, suffix_len, progress=progress)
-    out = Path(out) if out is not None else checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": str(checkpoint), "data": str(data_dir), "extraction": extraction.to_dict(),
-              "figures": {"extraction": plot_memorization(extraction, out / "memorization.png").name}}
+    report = {"checkpoint": str(checkpoint), "data": str(data_dir), "folder": str(out),
+              "extraction": extraction.to_dict(),
+              "figures": {"extraction": plot_memorization(extraction, out / FIGURE_FILES[0]).name}}
 
     canaries_path = data_dir / CANARIES_FILE
     if canaries_path.is_file():
@@ -154,39 +202,19 @@ def run_memorization(checkpoint: str | Path, data: str | Path | None = None, num
 
         tokenizer = checkpoint / "tokenizer.model"
         sp = load_tokenizer(tokenizer if tokenizer.is_file() else train.tokenizer_path)
-        secrets = secret_exposures(model, sp, json.loads(canaries_path.read_text()), num_references,
-                                   seed, progress)
-        by_repeats: dict[int, list[float]] = {}
-        for s in secrets:
-            by_repeats.setdefault(s["train_repeats"], []).append(s["exposure"])
-        report["secrets"] = {
-            "num_references": num_references,
-            "max_possible_exposure": float(np.log2(num_references + 1)),
-            "mean_exposure_by_repeats": {str(k): float(np.mean(v)) for k, v in sorted(by_repeats.items())},
-            "extracted_by_repeats": {str(k): sum(s["extracted"] for s in secrets if s["train_repeats"] == k)
-                                     for k in sorted(by_repeats)},
-            "canaries": secrets,
-        }
-        report["figures"]["exposure"] = plot_exposure(secrets, num_references, out / "exposure.png").name
+        report["secrets"] = secrets_section(model, sp, json.loads(canaries_path.read_text()), num_references,
+                                            seed, progress)
+        report["figures"]["exposure"] = plot_exposure(report["secrets"]["canaries"], num_references,
+                                                      out / FIGURE_FILES[1]).name
     curve = privacy_curve(checkpoint)
     if curve is not None:
         report["epsilon_by_step"] = curve
         report["figures"]["epsilon_curve"] = plot_epsilon_curve(
-            curve["steps"], curve["epsilon"], out / "epsilon_by_step.png",
+            curve["steps"], curve["epsilon"], out / FIGURE_FILES[2],
             title=f"Privacy spent ({curve['accountant']}, δ = {curve['delta']:g})").name
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-
-    section = {k: v for k, v in extraction.to_dict().items() if k != "normalized_distances"}
-    if "secrets" in report:
-        s = report["secrets"]
-        section.update(mean_exposure_by_repeats=s["mean_exposure_by_repeats"],
-                       max_exposure=s["max_possible_exposure"], extracted_by_repeats=s["extracted_by_repeats"])
-    section.update(report=REPORT_FILE, figures=report["figures"])
-    folders = {checkpoint, out}
-    if checkpoint.parent.name == "checkpoints":
-        folders.add(checkpoint.parent.parent)  # the run folder's report too
-    for folder in folders:
-        add_section(folder, "memorization", section)
+    (out / SUMMARY_FILE).write_text(summary(report) + "\n")
+    make_private(out)
     return report
 
 

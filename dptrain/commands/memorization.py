@@ -13,13 +13,15 @@ def register(sub) -> None:
     parser.add_argument("--references", type=int, default=1000,
                         help="reference secrets per planted secret for exposure (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="which sequences and references are drawn")
-    parser.add_argument("--out", default=None, help="output folder (default: the checkpoint folder)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the results, made owner-only: they are private "
+                             "(default: <run>/private/memorization/<step-*>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from dptrain.audit.extraction import run_memorization, summary
+    from dptrain.audit.extraction import FIGURE_FILES, REPORT_FILE, SUMMARY_FILE, run_memorization
     from dptrain.errors import UserError
 
     if args.num_sequences <= 0 or args.references <= 0:
@@ -28,7 +30,9 @@ def run(args) -> int:
                               prefix_len=args.prefix_len, suffix_len=args.suffix_len,
                               num_references=args.references, seed=args.seed, out=args.out,
                               progress=not args.no_progress)
-    print(summary(report))
-    print(f"written: memorization.json, {', '.join(report['figures'].values())} in "
-          f"{args.out or report['checkpoint']}; privacy_report.json gained a 'memorization' section")
+    # The results come from training sequences without noise: say where they are, print none of them.
+    figures = [name for name in FIGURE_FILES if name in report["figures"].values()]
+    print(f"written, private (owner-only, computed from training data without noise): {REPORT_FILE}, "
+          f"{SUMMARY_FILE} (summary), {', '.join(figures)} in {report['folder']}; "
+          "nothing was added to privacy_report.json")
     return 0
