@@ -11,6 +11,7 @@ from scipy import stats
 
 from dptrain.dp import DPEngine
 from dptrain.model import Decoder, DecoderConfig
+from dptrain.privacy.mechanism import Mechanism
 from dptrain.privacy.noise import NoiseSource
 
 SIGMA, CLIP = 0.8, 2.5
@@ -62,7 +63,7 @@ def test_noise_lands_on_top_of_the_clipped_sum_and_is_divided_by_the_expected_ba
     clean = grads(engine)
     engine.zero_grad()
     engine.clipped_grad_sum(inputs, targets)
-    engine.privatize(SIGMA, expected_batch_size=6.0, noise=NoiseSource(None if secure else 9, secure=secure))
+    engine.privatize(Mechanism(SIGMA, CLIP, 6, 6), NoiseSource(None if secure else 9, secure=secure))
     noisy = grads(engine)
     residual = np.concatenate([noisy[k] - clean[k] / 6.0 for k in clean])
     assert ks_pvalue(residual, STD / 6.0) > 1e-3

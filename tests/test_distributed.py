@@ -4,6 +4,7 @@ Each (mode, world size) is spawned once per module; the worker records what the 
 the noise a step adds with no data (variance, replication, fresh streams), the weights after a
 few noise-free steps, each rank's share of every global batch, and (some runs) a DCP checkpoint.
 """
+import dataclasses
 import json
 import math
 import os
@@ -89,12 +90,14 @@ def full_gradient(trainer) -> torch.Tensor:
 
 
 def _worker(rank, world, mode, data_dir, out_dir, result_file, save, resume_dir, device="cpu"):
-    trainer = Trainer(make_config(data_dir, out_dir / "train", mode, device))
+    # Noise-free training (part 2); part 1 hands the parallel layout a mechanism with noise.
+    trainer = Trainer(make_config(data_dir, out_dir / "train", mode, device), noise_free=True)
+    noisy = dataclasses.replace(trainer.mechanism, noise_multiplier=SIGMA, expected_batch_size=1)
     # 1. The noise of a step with no data, twice (steps 0 and 1), before any update.
     noises, replicated = [], True
     for step in range(2):
         trainer.engine.zero_grad()
-        trainer.parallel.privatize(trainer.engine, SIGMA, 1.0, trainer.noise, step)
+        trainer.parallel.privatize(trainer.engine, noisy, trainer.noise, step)
         g = full_gradient(trainer).cpu()
         gathered = [torch.empty_like(g, device=trainer.device) for _ in range(world)]
         dist.all_gather(gathered, g.to(trainer.device))
@@ -103,7 +106,6 @@ def _worker(rank, world, mode, data_dir, out_dir, result_file, save, resume_dir,
         noises.append(g)
 
     # 2. Noise-free training (no optimizer step has been taken yet): must match one process.
-    trainer.noise_multiplier = 0.0
     shares = []
     for _ in range(STEPS):
         before = trainer.sampler.state_dict()
@@ -120,7 +122,7 @@ def _worker(rank, world, mode, data_dir, out_dir, result_file, save, resume_dir,
 
     # 3. Resume another run's checkpoint (written at another world size or mode) and finish it.
     if resume_dir is not None:
-        resumed = Trainer(make_config(data_dir, resume_dir, mode))
+        resumed = Trainer(make_config(data_dir, resume_dir, mode), noise_free=True)
         result["resumed_at"] = resumed.step
         while resumed.step < STEPS:
             resumed.train_step()
@@ -144,8 +146,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     """One process, runtime.parallel none, noise off."""
-    trainer = Trainer(make_config(data_dir, tmp_path_factory.mktemp("ref")))
-    trainer.noise_multiplier = 0.0
+    trainer = Trainer(make_config(data_dir, tmp_path_factory.mktemp("ref")), noise_free=True)
     initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     for _ in range(STEPS):
         trainer.train_step()
@@ -299,8 +300,7 @@ def test_secure_randomness_gives_every_rank_rank_zeros_batch(data_dir, tmp_path)
 
 def _unit_worker(rank, world, mode, data_dir, out_dir, result_file, k):
     """A group-unit run with the noise off; records the weights and each rank's units per step."""
-    trainer = Trainer(unit_config(data_dir, out_dir, mode, k))
-    trainer.noise_multiplier = 0.0
+    trainer = Trainer(unit_config(data_dir, out_dir, mode, k), noise_free=True)
     units_per_rank = []
     for _ in range(STEPS):
         batch = trainer.sampler.rows_at(trainer.sampler.steps_taken).reshape(-1)
@@ -332,8 +332,7 @@ def group_data(data_dir, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_group_unit_on_two_processes_matches_one_process(group_data, tmp_path, mode):
     k = 2
-    one = Trainer(unit_config(group_data, tmp_path / "one", "none", k))
-    one.noise_multiplier = 0.0
+    one = Trainer(unit_config(group_data, tmp_path / "one", "none", k), noise_free=True)
     batches = [one.sampler.rows_at(step) for step in range(STEPS)]
     for _ in range(STEPS):
         one.train_step()

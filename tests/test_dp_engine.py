@@ -10,6 +10,7 @@ from torch import nn
 from dptrain.dp import DPEngine, clipped_grad_sum
 from dptrain.dp.reference import naive_clipped_grad_sum, per_example_grads, unique_trainable
 from dptrain.errors import UserError
+from dptrain.privacy.mechanism import Mechanism
 from dptrain.model import Decoder, DecoderConfig
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -210,7 +211,7 @@ def test_huge_logits_do_not_skip_the_step():
     engine.clipped_grad_sum(inputs, targets)
     assert engine.stats.nonfinite >= 1
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    engine.privatize(1.0, 8, lambda s, d, t: torch.randn(s, device=d, dtype=t))  # the step still happens
+    engine.privatize(Mechanism(1.0, 1.0, 8, 8), lambda s, d, t: torch.randn(s, device=d, dtype=t))  # the step still happens
 
 
 def test_stats_count_clipping():
@@ -254,7 +255,7 @@ def test_noise_added_once_to_clipped_sum_then_normalized():
     engine = DPEngine(model, 1.0)
     engine.clipped_grad_sum(inputs, targets, weights)
     clipped = [p.grad.clone() for p in engine.parameters]
-    engine.privatize(0.7, 16.0, _gaussian(5))
+    engine.privatize(Mechanism(0.7, 1.0, 16, 16), _gaussian(5))
     z = _gaussian(5)
     for p, c in zip(engine.parameters, clipped):
         expect = (c + 0.7 * 1.0 * z(p.shape, p.device, p.dtype)) / 16.0
@@ -265,7 +266,7 @@ def test_noise_added_once_to_clipped_sum_then_normalized():
         engine.add_noise(0.7, _gaussian(6))
     model.zero_grad(set_to_none=True)  # optimizer.zero_grad() style reset also re-arms noise
     engine.clipped_grad_sum(inputs, targets, weights)
-    engine.privatize(0.7, 16.0, _gaussian(6))
+    engine.privatize(Mechanism(0.7, 1.0, 16, 16), _gaussian(6))
     model.zero_grad(set_to_none=False)  # zeroing in place cannot be told from no reset: refused
     with pytest.raises(RuntimeError, match="zero_grad"):
         engine.clipped_grad_sum(inputs, targets, weights)

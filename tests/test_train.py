@@ -230,10 +230,10 @@ def test_group_unit_step_is_the_naive_clipped_sum_of_sampled_units(group_data, t
 
     residuals = []
 
-    def capture(engine, sigma, expected, noise, step):
-        assert expected == 3  # normalised by the expected number of units
+    def capture(engine, mechanism, noise, step):
+        assert mechanism.expected_batch_size == 3  # normalised by the expected number of units
         captured.append([p.grad.clone() for p in unique_trainable(trainer.model)])
-        privatize(engine, sigma, expected, noise, step)
+        privatize(engine, mechanism, noise, step)
         residuals.append(torch.cat([(p.grad - c / 3).flatten() for p, c in
                                     zip(unique_trainable(trainer.model), captured[-1])]).double().numpy())
     trainer.parallel.privatize = capture

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from dptrain.distributed.parallel import DataParallel, make_parallel
 from dptrain.dp import DPEngine
 from dptrain.model import Decoder, DecoderConfig
+from dptrain.privacy.mechanism import Mechanism
 from dptrain.privacy.noise import NoiseSource
 from dptrain.progress import progress_bar
 
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     engine = DPEngine(model, max_grad_norm=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     noise = NoiseSource(1)
+    # an expected batch of the global micro-batch (the timing does not depend on the sampling)
+    mechanism = Mechanism(args.noise_multiplier, 1.0, args.micro_batch * world, args.micro_batch * world)
     gen = torch.Generator().manual_seed(1 + parallel.env.rank)
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -74,14 +77,14 @@ def main(argv=None) -> int:
         engine.zero_grad()
         with autocast:
             parallel.clipped_grad_sum(engine, inputs, targets, weights)
-        parallel.privatize(engine, args.noise_multiplier, args.micro_batch * world, noise, next(step))
+        parallel.privatize(engine, mechanism, noise, next(step))
         optimizer.step()
 
     def dp_ddp() -> None:
         replica_engine.zero_grad()
         with autocast:
             replicated.clipped_grad_sum(replica_engine, inputs, targets, weights)
-        replicated.privatize(replica_engine, args.noise_multiplier, args.micro_batch * world, noise, 0)
+        replicated.privatize(replica_engine, mechanism, noise, 0)
         replica_optimizer.step()
 
     methods = {"nonprivate": nonprivate, "dp-fsdp": dp, "dp-ddp": dp_ddp}

@@ -44,6 +44,7 @@ from dptrain.dp import DPEngine
 from dptrain.dp.head import model_head_loss
 from dptrain.errors import UserError
 from dptrain.model import Decoder
+from dptrain.privacy.mechanism import Mechanism, clip_coefficients
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import shard
 
@@ -98,9 +99,9 @@ class Parallel:
                          weights: torch.Tensor, unit_size: int = 1) -> torch.Tensor:
         return engine.clipped_grad_sum(inputs, targets, weights=weights, unit_size=unit_size)
 
-    def privatize(self, engine: DPEngine, noise_multiplier: float, expected_batch_size: float,
-                  noise: NoiseSource, step: int) -> None:
-        engine.privatize(noise_multiplier, expected_batch_size, noise.for_step(step))
+    def privatize(self, engine: DPEngine, mechanism: Mechanism, noise: NoiseSource, step: int) -> None:
+        """The step's noise, added once to the global clipped sum, and the division by B."""
+        engine.privatize(mechanism, noise.for_step(step))
 
     def from_main(self, value):
         """`value` as rank 0 has it (a collective): for draws only rank 0 can make (OS entropy)."""
@@ -109,6 +110,18 @@ class Parallel:
         box = [value if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
+
+    def check_agreement(self, facts: dict[str, str]) -> None:
+        """Stop every rank (UserError) when any rank's `facts` differ from rank 0's. A collective."""
+        if not self.distributed:
+            return
+        everyone: list = [None] * self.env.world_size
+        dist.all_gather_object(everyone, facts)
+        for name, value in everyone[0].items():
+            ranks = [r for r, theirs in enumerate(everyone) if theirs.get(name) != value]
+            if ranks:
+                raise UserError(f"rank(s) {', '.join(map(str, ranks))} disagree with rank 0 on the {name} "
+                                "before step 1: every rank must start from the same run state")
 
     def total(self, count: int) -> int:
         """A count summed over ranks."""
@@ -146,15 +159,12 @@ class Parallel:
 class DataParallel(Parallel):
     mode = "ddp"
 
-    def privatize(self, engine, noise_multiplier, expected_batch_size, noise, step) -> None:
-        for p in engine.parameters:
-            if p.grad is None:  # no local example touched it: it still joins the sum
-                p.grad = torch.zeros_like(p)
-        if self.is_main:  # rank 0's stream is the one-process stream
-            engine.add_noise(noise_multiplier, noise.for_step(step))
+    def privatize(self, engine, mechanism, noise, step) -> None:
+        # Only rank 0 adds noise (its stream is the one-process stream); dividing each share by B
+        # before the SUM is the same linear map as dividing the sum.
+        engine.privatize(mechanism, noise.for_step(step) if self.is_main else None)
         for p in engine.parameters:  # one tensor at a time: no flat copy of all gradients
             dist.all_reduce(p.grad)
-        engine.normalize(expected_batch_size)
 
 
 class FullyShardedDP(Parallel):
@@ -177,9 +187,7 @@ class FullyShardedDP(Parallel):
 
     def clipped_grad_sum(self, engine, inputs, targets, weights, unit_size: int = 1) -> torch.Tensor:
         norms = engine.clipped_grad_sum(inputs, targets, weights=weights, accumulate=False, unit_size=unit_size)
-        finite = torch.isfinite(norms)
-        coef = torch.where(finite, weights.to(norms.dtype) * torch.clamp(engine.max_grad_norm / norms, max=1.0),
-                           torch.zeros_like(norms))
+        coef, finite = clip_coefficients(norms, weights, engine.max_grad_norm)
         # A unit's loss is the sum of its k rows' losses: each row takes its unit's coefficient,
         # so sum_rows c_unit(row) L_row = sum_units c_u L_u (padding rows have zero loss).
         coef, finite = coef.repeat_interleave(unit_size), finite.repeat_interleave(unit_size)
@@ -191,20 +199,11 @@ class FullyShardedDP(Parallel):
         model_head_loss(engine.model, inputs, targets, reduce=True, weights=coef).backward()
         return norms
 
-    def privatize(self, engine, noise_multiplier, expected_batch_size, noise, step) -> None:
-        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-            raise UserError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    def privatize(self, engine, mechanism, noise, step) -> None:
         if not isinstance(noise, NoiseSource):
             raise TypeError("fsdp derives its per-shard streams from the run's NoiseSource")
-        shard_noise = noise.for_step(step, rank=self.env.rank)
-        std = noise_multiplier * engine.max_grad_norm
-        with torch.no_grad():
-            for p in engine.parameters:
-                if p.grad is None:  # no micro-batch ran (an empty global batch)
-                    p.grad = torch.zeros_like(p)
-                local = p.grad.to_local()
-                local.add_(shard_noise(local.shape, local.device, local.dtype), alpha=std)
-        engine.normalize(expected_batch_size)
+        # each rank noises its own slice, from its own stream
+        engine.privatize(mechanism, noise.for_step(step, rank=self.env.rank), local=lambda g: g.to_local())
 
     def full_state_dict(self, model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

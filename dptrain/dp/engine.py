@@ -3,7 +3,7 @@
     engine = DPEngine(model, max_grad_norm)
     for micro_batch in logical_batch:
         engine.clipped_grad_sum(inputs, targets, weights)      # adds sum_i w_i clip(g_i) to .grad
-    engine.privatize(noise_multiplier, expected_batch_size, noise)  # noise once, / E[batch]
+    engine.privatize(mechanism, noise)  # noise once, / E[batch] (dptrain.privacy.mechanism)
     optimizer.step(); engine.zero_grad()
 
 One call runs the forward pass with hooks that keep each layer's input, takes the gradients of
@@ -34,6 +34,7 @@ from dptrain.dp import layers
 from dptrain.dp.loss import IGNORE_INDEX, per_example_loss
 from dptrain.dp.phases import phase
 from dptrain.errors import UserError
+from dptrain.privacy.mechanism import Mechanism, add_gaussian_noise, clip_coefficients
 
 Noise = Callable[[torch.Size, torch.device, torch.dtype], torch.Tensor]
 
@@ -184,9 +185,10 @@ class DPEngine:
                 norms = sq.sqrt()
                 w = (torch.ones(batch, dtype=acc_dtype, device=device) if weights is None
                      else weights.to(device=device, dtype=acc_dtype))
-                finite = torch.isfinite(norms) & torch.isfinite(losses.detach().to(acc_dtype))
-                coef = torch.where(finite, w * torch.clamp(self.max_grad_norm / norms, max=1.0),
-                                   torch.zeros((), dtype=acc_dtype, device=device))
+                # a non-finite loss makes the example's norm non-finite too: clipped to nothing
+                norms = torch.where(torch.isfinite(losses.detach().to(acc_dtype)), norms,
+                                    torch.full((), math.nan, dtype=acc_dtype, device=device))
+                coef, finite = clip_coefficients(norms, w, self.max_grad_norm)
                 # Fake tensors (`dptrain cost`) hold no values: take the all-finite path.
                 bad = None if fake or bool(finite.all()) else ~finite
                 for group, data in zip(self._groups, built if accumulate else ()):
@@ -211,19 +213,7 @@ class DPEngine:
         """Add noise_multiplier * C * z, z ~ N(0, 1) i.i.d., to every .grad element, once per step."""
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise UserError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        self._rearm_if_cleared()
-        if self._noised:
-            raise RuntimeError("noise was already added in this step; call zero_grad() first")
-        if self._normalized:
-            raise RuntimeError("add noise before normalize(), to the clipped sum")
-        std = noise_multiplier * self.max_grad_norm
-        for p in self.parameters:
-            if p.grad is None:  # a parameter no example touched still gets its noise
-                p.grad = torch.zeros_like(p)
-            z = noise(p.shape, p.device, p.dtype)
-            if tuple(z.shape) != tuple(p.shape):
-                raise RuntimeError(f"noise source returned shape {tuple(z.shape)} for {tuple(p.shape)}")
-            p.grad.add_(z, alpha=std)
+        add_gaussian_noise(self._fresh_grads(), noise_multiplier * self.max_grad_norm, noise)
         self._noised = True
 
     def normalize(self, expected_batch_size: float) -> None:
@@ -237,9 +227,33 @@ class DPEngine:
                 p.grad.div_(expected_batch_size)
         self._normalized = True
 
-    def privatize(self, noise_multiplier: float, expected_batch_size: float, noise: Noise) -> None:
-        self.add_noise(noise_multiplier, noise)
-        self.normalize(expected_batch_size)
+    def privatize(self, mechanism: Mechanism, noise: Noise | None,
+                  local: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """The step's private gradient, in place: `mechanism.privatize` on every clipped sum.
+
+        `noise` None: this process adds no noise (another rank adds it to the same sum). `local`
+        maps a .grad to the part this process owns (an FSDP shard); default, the whole of it.
+        """
+        if mechanism.max_grad_norm != self.max_grad_norm:
+            raise RuntimeError(f"the mechanism clips at {mechanism.max_grad_norm}, the engine at {self.max_grad_norm}")
+        grads = self._fresh_grads()
+        if self._normalized:
+            raise RuntimeError("gradients were already normalized in this step")
+        mechanism.privatize([g if local is None else local(g) for g in grads], noise)
+        self._noised = self._normalized = True
+
+    def _fresh_grads(self) -> list[torch.Tensor]:
+        """Every parameter's .grad (zeros for one no example touched: it still gets its noise),
+        refusing a step whose gradients were already noised or normalized."""
+        self._rearm_if_cleared()
+        if self._noised:
+            raise RuntimeError("noise was already added in this step; call zero_grad() first")
+        if self._normalized:
+            raise RuntimeError("add noise before normalize(), to the clipped sum")
+        for p in self.parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.parameters]
 
     def zero_grad(self) -> None:
         """Start a new logical step: drop the gradients and re-arm add_noise / normalize."""

@@ -194,7 +194,7 @@ def _rdp_epsilon(runs: list[StepRun], delta: float) -> float:
     """RDP bound at integer orders (exact RDP of the subsampled Gaussian there), numpy only."""
     import numpy as np
 
-    from dptrain.scaling.noise import ORDERS, rdp_poisson_gaussian
+    from dptrain.privacy.rdp import ORDERS, rdp_poisson_gaussian
 
     rdp = sum(r.count * rdp_poisson_gaussian([r.sampling_rate], [r.noise_multiplier])[0]
               for r in runs)
@@ -320,7 +320,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
 
     # Bracket outwards from a first guess, the sigma a fast vectorised RDP bound calls for (the
     # tighter accountants need a little less), in steps of `factor`.
-    from dptrain.scaling.noise import calibrate_rdp
+    from dptrain.privacy.rdp import calibrate_rdp
 
     guess = float(calibrate_rdp(target_epsilon, delta, [sampling_rate], [steps])[0])
     factor = 1.25
@@ -378,6 +378,10 @@ class PrivacyLedger:
                                      last.count + run.count, last.dataset_size, last.max_batch_size)
         else:
             self._runs.append(run)
+
+    def add(self, run: StepRun) -> None:
+        self.record(run.noise_multiplier, run.sampling_rate, dataset_size=run.dataset_size,
+                    max_batch_size=run.max_batch_size, count=run.count)
 
     @property
     def runs(self) -> tuple[StepRun, ...]:

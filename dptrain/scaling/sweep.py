@@ -126,11 +126,9 @@ def execute(spec: SweepSpec, run: SweepRun, on_step=None) -> RunResult:
 
     cfg = train_config(spec, run)
     start = time.perf_counter()
-    trainer = Trainer(cfg)
-    if run.sigma_bar == 0:
-        # Clipped, normalised by the expected batch as always, and no noise: the scaling law's
-        # sigma_bar = 0 point. Its ledger records sigma = 0, so its epsilon is infinite, as it is.
-        trainer.noise_multiplier = 0.0
+    # sigma_bar = 0: clipped and normalised by the expected batch as always, and no noise (the
+    # scaling law's noise-free point); its ledger records sigma = 0, so its epsilon is infinite.
+    trainer = Trainer(cfg, noise_free=run.sigma_bar == 0)
     if trainer.eval_data is None:
         raise UserError("sweep runs need held-out data: the prepared data has no eval split")
     every = cfg.eval.every or run.steps

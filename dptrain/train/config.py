@@ -43,6 +43,9 @@ class PrivacyConfig:
     # which needs data prepared with `--unit document|group`; expected_batch_size then counts units.
     unit: Literal["sequence", "document", "group"] = "sequence"
     max_sequences_per_unit: int = 1  # k: sequences a sampled unit contributes (document/group units)
+    # The most ε all runs recorded in the data's own ledger may spend on it, this one included
+    # (None: no limit). A run that would go past it is refused before step 1.
+    data_budget: float | None = None
 
     def __post_init__(self):
         if self.expected_batch_size <= 0:
@@ -61,6 +64,8 @@ class PrivacyConfig:
             raise ValueError("max_grad_norm must be positive")
         if self.max_batch_size is not None and self.max_batch_size < self.expected_batch_size:
             raise ValueError("max_batch_size must be at least expected_batch_size")
+        if self.data_budget is not None and not self.data_budget > 0:
+            raise ValueError("data_budget must be positive")
         if self.max_sequences_per_unit < 1:
             raise ValueError("max_sequences_per_unit must be at least 1")
 

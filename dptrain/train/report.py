@@ -1,11 +1,13 @@
 """The privacy report: what was guaranteed, under which accountant, and what it does not cover."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 
+from dptrain.data import PackedDataset
 from dptrain.privacy.accounting import is_upper_bound
 from dptrain.privacy.group import group_guarantees, sequences_per_unit, unit_guarantees
 
@@ -42,8 +44,9 @@ def privacy_report(trainer) -> dict:
     p = trainer.cfg.privacy
     sizes = np.asarray(trainer.batch_sizes, dtype=np.int64)
     # PRV's estimate (seconds to a minute at large epsilon) only in the final report, not every checkpoint's
-    epsilons = (trainer.ledger.epsilons(p.delta, estimates=trainer.step >= p.steps)
-                if trainer.ledger.steps else {})
+    books, mechanism = trainer.books, trainer.mechanism
+    epsilons = (books.ledger.epsilons(p.delta, estimates=trainer.step >= p.steps)
+                if books.ledger.steps else {})
     unit = p.unit
     column = trainer.train_data.manifest.get("group_column")
     named = {"sequence": "one training sequence", "document": "one training document (all its sequences)",
@@ -57,19 +60,21 @@ def privacy_report(trainer) -> dict:
         "accountant": p.accountant,
         "planned_epsilon": trainer.planned_epsilon,
         "target_epsilon": p.target_epsilon,
-        "noise_multiplier": trainer.noise_multiplier,
-        "sampling_rate": trainer.sampling_rate,
+        "noise_multiplier": mechanism.noise_multiplier,
+        "sampling_rate": mechanism.sampling_rate,
         "sampling": "Poisson" + (f", truncated at {p.max_batch_size}" if p.max_batch_size else ""),
         "steps": trainer.step,
         "planned_steps": p.steps,
         # Every noisy step that touched the data: this run's, its parents', and any a crash lost.
-        "accounted_steps": trainer.ledger.steps,
-        "crash_released_steps": trainer.crash_released_steps,
+        "accounted_steps": books.ledger.steps,
+        "crash_released_steps": books.crash_released_steps,
+        # Every run the data's own ledger records on this data, whatever weights they started from.
+        "data_spent": books.data_epsilon(p.delta, p.accountant),
         "randomness": {"mode": trainer.randomness["mode"], "means": RANDOMNESS[trainer.randomness["mode"]]},
         "initialization": trainer.initialization or {"source": None, "kind": "random"},
         "lineage": trainer.lineage,
         "tokenizer": trainer.train_data.manifest["tokenizer"].get("provenance", "unknown"),
-        "dataset_size": trainer.num_examples,
+        "dataset_size": mechanism.num_examples,
         "expected_batch_size": p.expected_batch_size,
         "realised_batch_size": {
             "mean": float(sizes.mean()) if len(sizes) else None,
@@ -89,7 +94,7 @@ def privacy_report(trainer) -> dict:
     }
     if unit != "sequence":
         report["unit"] = {"kind": unit, "group_column": column if unit == "group" else None,
-                          "num_units": trainer.num_examples, "max_sequences_per_unit": p.max_sequences_per_unit}
+                          "num_units": mechanism.num_examples, "max_sequences_per_unit": p.max_sequences_per_unit}
     private = trainer.cfg.logging.private_metrics
     if private:
         # How many sequences the data's documents and users span: exact statistics of private data.
@@ -101,7 +106,8 @@ def privacy_report(trainer) -> dict:
                                   sequences_per_unit_mean=round(float(counts.mean()), 2))
         report["released_outside_guarantee"] = [
             "per-step metrics prefixed 'private/' (training loss, clipped fraction, median gradient "
-            "norm, drawn batch size)", *PRIVATE_STATISTICS,
+            "norm, drawn batch size, and step time, tokens/s and MFU, which grow with the drawn batch "
+            "size), and the progress bar's elapsed time and rate", *PRIVATE_STATISTICS,
             "units: sequences per document and per group (largest and mean) of the training data"]
     else:  # statistics of the private batches and data stay in the private state
         for key in PRIVATE_STATISTICS:
@@ -117,10 +123,13 @@ def _unit_description(trainer) -> str:
 
 
 def _units(trainer) -> dict:
-    """Sequences per document and group (computed once per run)."""
-    if getattr(trainer, "_unit_counts", None) is None:
-        trainer._unit_counts = sequences_per_unit(trainer.train_data)
-    return trainer._unit_counts
+    """Sequences per document and group (computed once per data folder)."""
+    return _sequences_per_unit(str(trainer.train_data.path))
+
+
+@functools.lru_cache(maxsize=4)
+def _sequences_per_unit(path: str) -> dict:
+    return sequences_per_unit(PackedDataset(path, split="train"))
 
 
 def summary(report: dict) -> str:
@@ -161,6 +170,9 @@ def _context_lines(report: dict) -> list[str]:
     if report.get("accounted_steps", report["steps"]) != report["steps"]:
         lines.append(f"  accounted steps: {report['accounted_steps']} (earlier runs of the lineage and "
                      f"{report.get('crash_released_steps', 0)} released before a crash included)")
+    if data := report.get("data_spent"):
+        lines.append(f"  spent on this data by all {data['runs']} run(s) its ledger records: ε {data['epsilon']:.4g} "
+                     f"({data['accountant']}, {data['steps']} steps)")
     if randomness := report.get("randomness"):
         lines.append(f"  randomness: {randomness['means']}")
     if (init := report.get("initialization")) and init.get("source"):

@@ -1,0 +1,98 @@
+"""The data's own ledger: every noisy step any run took on a prepared folder, kept in that folder.
+
+A run's ledger follows its weights (checkpoints, exports, `init_from`), but weights can be copied,
+shared without their private state or trained again from an export with its ledger file removed.
+The data cannot lose track: `privacy_spent.jsonl` inside the prepared folder gets one line per
+released step of every run that trains on it (train, resume, continuations, sweeps, audits),
+appended under an exclusive lock and fsynced before the step's outputs leave the process. The total
+ε spent on the data is the composition of every distinct release recorded there, whatever run
+or copy of the weights it came from.
+
+Each line names the run's draw (its randomness: a resume that replays a step with the same draw
+releases nothing new, so duplicates count once) and the data's content fingerprint at the time.
+What it cannot see: a copy of the prepared folder (the copy starts from the ledger as copied, and
+later spending on either is not seen by the other), and the raw corpus prepared again into a new
+folder (a new ledger). docs/privacy.md says how to carry it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from dptrain.errors import UserError
+from dptrain.privacy.accounting import PrivacyLedger, make_run
+
+DATA_LEDGER_FILE = "privacy_spent.jsonl"
+# The fields that make two lines the same release: one run's step, replayed with the same draw.
+# The run id is part of it: two runs under the same seed draw alike but train differently.
+RELEASE_KEYS = ("run", "draw", "step", "layout", "noise_multiplier", "sampling_rate", "dataset_size",
+                "max_batch_size", "unit", "max_sequences_per_unit")
+
+
+class DataLedger:
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / DATA_LEDGER_FILE
+
+    def check_writable(self) -> None:
+        """Refuse, before any compute, a data folder whose ledger cannot be appended to."""
+        try:
+            with self.path.open("a"):
+                pass
+        except OSError as err:
+            raise UserError(f"cannot write the data's privacy ledger {self.path} ({err.strerror}): "
+                            "every run on private data records its spending there") from None
+
+    def append(self, entries: list[dict]) -> None:
+        """Append lines under an exclusive lock (runs on the same data may run at once); durable on return."""
+        if not entries:
+            return
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
+        with self.path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def entries(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break  # torn by a crash mid-write: that step had not left its process
+                raise UserError(f"{self.path} line {number} is corrupt") from None
+        return rows
+
+    def releases(self) -> list[dict]:
+        """The distinct releases recorded: an exact replay of a step (same draw) counts once."""
+        seen, out = set(), []
+        for entry in self.entries():
+            key = json.dumps({k: entry.get(k) for k in RELEASE_KEYS}, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(entry)
+        return out
+
+    def spent(self) -> PrivacyLedger:
+        """Every distinct release as one ledger, ready for the certified accountant."""
+        counts: dict[tuple, int] = {}
+        for e in self.releases():
+            key = (e["noise_multiplier"], e["sampling_rate"], e.get("dataset_size"), e.get("max_batch_size"))
+            counts[key] = counts.get(key, 0) + 1
+        ledger = PrivacyLedger()
+        for (sigma, q, size, cap), count in counts.items():
+            ledger.add(make_run(sigma, q, count, size, cap))
+        return ledger
+
+    def runs(self) -> list[str]:
+        """The runs recorded, in order of their first line."""
+        return list(dict.fromkeys(e.get("run", "?") for e in self.entries()))
