@@ -26,7 +26,8 @@ import numpy as np
 
 from dptrain.checkpoint import atomic_dir
 from dptrain.data.sources import expand_inputs, load_documents
-from dptrain.data.tokenizer import load_tokenizer, sha256_file, tokenizer_provenance
+from dptrain.data.tokenizer import (MAX_SHARED_DOCUMENTS, load_tokenizer, sha256_file, tokenizer_document_sketch,
+                                    tokenizer_provenance)
 from dptrain.export import check_tokenizer_exports
 from dptrain.errors import UserError
 from dptrain.progress import progress_bar
@@ -216,6 +217,7 @@ def prepare(
         cache = tmp / ".cache"
         columns = [text_column] + ([group_column] if group_column else [])
         ds = load_documents(sources, columns, cache)
+        _check_tokenizer_content(tokenizer, ds, text_column, sources, progress)
         num_docs = len(ds)
         group_codes, group_values = None, None
         if group_column:
@@ -333,6 +335,30 @@ def _check_tokenizer_is_not_trained_on(tokenizer: Path, sources: list[dict]) -> 
                                 "prepared as private data: its vocabulary is outside the DP guarantee; train "
                                 "the tokenizer on public text")
     return provenance
+
+
+def _check_tokenizer_content(tokenizer: Path, ds, text_column: str, sources: list, progress: bool) -> None:
+    """UserError when more than MAX_SHARED_DOCUMENTS of the documents sampled from the tokenizer's
+    training text are among the documents being prepared, however their files were edited (a
+    blank line, reordered lines, changed whitespace or case, more lines added)."""
+    sketch = tokenizer_document_sketch(tokenizer)
+    if sketch is None or not sketch.hashes:  # trained elsewhere or before sketches: file hashes only
+        return
+    limit = math.floor(MAX_SHARED_DOCUMENTS * len(sketch.hashes))  # refused above this many
+    found: set[int] = set()
+    with progress_bar(total=len(ds), unit="doc", desc="check tokenizer", disable=not progress) as bar:
+        for batch in ds.select_columns([text_column]).iter(batch_size=4096):
+            found |= sketch.found_in(batch[text_column])
+            bar.update(len(batch[text_column]))
+            if len(found) == len(sketch.hashes):  # nothing left to find
+                break
+    if len(found) > limit:
+        names = ", ".join(Path(s).name if isinstance(s, Path) else s for s in sources[:3])
+        more = f" and {len(sources) - 3} more" if len(sources) > 3 else ""
+        raise UserError(f"tokenizer {tokenizer} was trained on the data being prepared ({names}{more}): "
+                        f"{len(found) / len(sketch.hashes):.1%} of the documents sampled from its training text "
+                        f"({len(found)} of {len(sketch.hashes)}) are in it (limit {MAX_SHARED_DOCUMENTS:.0%}); "
+                        "its vocabulary is outside the DP guarantee; train the tokenizer on public text")
 
 
 def _describe(source: Path | str) -> dict:
