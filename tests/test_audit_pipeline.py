@@ -48,6 +48,14 @@ def make_config(data_dir, out_dir, **privacy) -> TrainConfig:
     })
 
 
+def owner_only(path) -> bool:
+    """Files 0600 and folders 0700, all the way down."""
+    mode = path.stat().st_mode & 0o777
+    if path.is_dir():
+        return mode == 0o700 and all(owner_only(p) for p in path.iterdir())
+    return mode == 0o600
+
+
 def run_audit(cfg, sigma_override=None):
     setup = prepare_audit(cfg, CANARIES, seed=7)
     trainer = Trainer(setup.cfg)
@@ -86,6 +94,21 @@ def test_without_noise_the_audit_certifies_a_clearly_positive_epsilon(base_dir, 
     merged = json.loads((trainer.out_dir / "privacy_report.json").read_text())
     assert merged["audit"]["epsilon_lower_bound"] == report["epsilon_lower_bound"]
     assert "audit: ε ≥" in (trainer.out_dir / "privacy_report.txt").read_text()
+    # what derives from the private data or the secret coins is owner-only, and listed, not published
+    private = trainer.out_dir / "private" / "audit"
+    assert setup.folder == private and not (trainer.out_dir / "audit").exists()
+    assert (private / "canaries.npz").is_file() and (private / "initial" / "model.safetensors").is_file()
+    assert len(PackedDataset(private / "data")) == len(PackedDataset(base_dir)) + setup.included.sum()
+    assert owner_only(trainer.out_dir / "private")
+    assert set(report["kept_private"]) == {"private/audit/canaries.npz", "private/audit/data/",
+                                           "private/audit/initial/"}
+    assert configio.read_yaml(trainer.out_dir / "train_config.yaml")["data"]["path"] == str(private / "data")
+    # a rerun finds canaries, coins and initial weights there and resumes the finished run
+    again = prepare_audit(make_config(base_dir, tmp_path, noise_multiplier=1.0), CANARIES)
+    assert torch.equal(again.canaries, setup.canaries) and (again.included == setup.included).all()
+    resumed = Trainer(again.cfg)
+    assert resumed.step == trainer.step
+    assert keep_initial_weights(resumed, again) == private / "initial"
 
 
 @pytest.mark.slow
@@ -117,6 +140,13 @@ def test_audit_reuses_its_canaries_and_refuses_a_different_count(base_dir, tmp_p
     assert first.canaries.min() >= FIRST_ORDINARY_ID
     with pytest.raises(UserError, match="holds 12 canaries"):
         prepare_audit(cfg, 20)
+
+
+def test_audit_refuses_a_public_copy_left_by_the_old_layout(base_dir, tmp_path):
+    (tmp_path / "audit").mkdir()
+    np.savez(tmp_path / "audit" / "canaries.npz", tokens=np.zeros((2, SEQ)), included=np.array([True, False]))
+    with pytest.raises(UserError, match="published copy"):
+        prepare_audit(make_config(base_dir, tmp_path, noise_multiplier=1.0), 2)
 
 
 def test_cli_rejects_bad_options(tmp_path, capsys):

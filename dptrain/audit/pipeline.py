@@ -6,8 +6,11 @@
     trainer.fit()
     report = finish_audit(trainer, setup, initial)  # scores, bound, JSON, figures, privacy report
 
-Everything the audit needs to be finished or resumed (canaries, coins, initial weights) is kept in
-`<run>/audit/`; a rerun with the same config resumes the training and reuses them.
+Everything the audit keeps that derives from the private data or its secret coins (the copy of the
+training data with the canaries, canaries and coins, initial weights) is kept owner-only in
+`<run>/private/audit/`, never beside the published run; a rerun with the same config finds them
+there and resumes. The published results (`audit_report.json`, score histograms over the random
+canaries, the ε curve) go into the run folder, and the report lists what was kept private.
 """
 from __future__ import annotations
 
@@ -29,12 +32,15 @@ from dptrain.checkpoint import load_model, save_model
 from dptrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import StepRun, epsilon_of_runs
+from dptrain.privacy.private_files import PRIVATE_DIR, make_private, private_dir
 from dptrain.train.config import TrainConfig
 from dptrain.train.report import add_section
 
-AUDIT_DIR = "audit"
+AUDIT_DIR = "audit"  # inside the run's private folder
 REPORT_FILE = "audit_report.json"
 CANARY_FILE = "canaries.npz"
+DATA_DIR = "data"
+INITIAL_DIR = "initial"
 SCORERS = ("loss", "gradient")
 FIRST_ORDINARY_ID = max(PAD_ID, EOS_ID, BOS_ID, UNK_ID) + 1  # canaries never contain special ids
 
@@ -44,7 +50,7 @@ class AuditSetup:
     cfg: TrainConfig        # the run's config, pointed at the canary data folder
     canaries: torch.Tensor  # [m, seq_len] token ids
     included: np.ndarray    # [m] fair coins: True = in the training set
-    folder: Path            # <run>/audit
+    folder: Path            # <run>/private/audit
 
 
 def base_data_path(cfg: TrainConfig) -> Path:
@@ -59,6 +65,18 @@ def base_data_path(cfg: TrainConfig) -> Path:
     return path
 
 
+def private_audit_folder(out_dir: str | Path) -> Path:
+    """`<run>/private/audit`, owner-only. Refuses a run whose `<run>/audit/` still holds the public
+    copy of the data and the coins that earlier versions wrote: it must not be resumed silently."""
+    public = Path(out_dir) / AUDIT_DIR
+    if (public / CANARY_FILE).is_file() or (public / DATA_DIR).is_dir():
+        raise UserError(f"{public} holds a published copy of the training data and the audit's coins "
+                        "(older layout): delete it and this run's checkpoints, or use a new out_dir")
+    folder = private_dir(out_dir) / AUDIT_DIR
+    folder.mkdir(exist_ok=True)
+    return make_private(folder)
+
+
 def prepare_audit(cfg: TrainConfig, num_canaries: int, seed: int | None = None) -> AuditSetup:
     """Draw (or reload) canaries and coins, write the canary data folder, return the run's config.
 
@@ -67,9 +85,9 @@ def prepare_audit(cfg: TrainConfig, num_canaries: int, seed: int | None = None) 
     """
     from dptrain.data.packed import PackedDataset
 
-    folder = Path(cfg.out_dir) / AUDIT_DIR
+    folder = private_audit_folder(cfg.out_dir)
     saved = folder / CANARY_FILE
-    data_dir = folder / "data"
+    data_dir = folder / DATA_DIR
     if saved.is_file():
         with np.load(saved) as f:
             canaries, included = torch.from_numpy(f["tokens"].astype(np.int64)), f["included"].astype(bool)
@@ -83,9 +101,9 @@ def prepare_audit(cfg: TrainConfig, num_canaries: int, seed: int | None = None) 
         included = draw_inclusion(num_canaries, seed=None if seed is None else seed + 1)
         if included.all() or not included.any():
             raise UserError("every coin fell the same way: the audit needs canaries both in and out")
-        write_canary_dataset(base.path, canaries, included, data_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private(write_canary_dataset(base.path, canaries, included, data_dir))
         np.savez(saved, tokens=canaries.numpy().astype(np.uint32), included=included)
+        make_private(saved)
     run_cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, path=str(data_dir), source="prepared"),
         export=dataclasses.replace(cfg.export, hf_dir=None))
@@ -94,9 +112,9 @@ def prepare_audit(cfg: TrainConfig, num_canaries: int, seed: int | None = None) 
 
 def keep_initial_weights(trainer, setup: AuditSetup) -> Path | None:
     """Save the weights before training (for the gradient scorer); None when resuming without them."""
-    path = setup.folder / "initial"
+    path = setup.folder / INITIAL_DIR
     if trainer.step == 0:
-        save_model(trainer.model, path)
+        make_private(save_model(trainer.model, path))
     return path if (path / "model.safetensors").is_file() else None
 
 
@@ -146,6 +164,16 @@ def audit_bounds(scores: dict[str, np.ndarray], included: np.ndarray, delta: flo
                         for name, a in per.items()}}
 
 
+def kept_private(initial: Path | None) -> dict[str, str]:
+    """The audit's private files, relative to the run folder, and what each holds: for the report."""
+    folder = f"{PRIVATE_DIR}/{AUDIT_DIR}"
+    files = {f"{folder}/{CANARY_FILE}": "the canaries and their coins (which decide the audit's result)",
+             f"{folder}/{DATA_DIR}/": "the copy of the training data with the included canaries, trained on"}
+    if initial is not None:
+        files[f"{folder}/{INITIAL_DIR}/"] = "the weights before training (the gradient scorer's)"
+    return files
+
+
 def finish_audit(trainer, setup: AuditSetup, initial: Path | None, significance: float = 0.05,
                  scorers: tuple[str, ...] = SCORERS, progress: bool = True) -> dict:
     """Score, bound, write `audit_report.json` + figures into the run folder, extend the privacy report."""
@@ -184,6 +212,7 @@ def finish_audit(trainer, setup: AuditSetup, initial: Path | None, significance:
         "sampling_rate": trainer.sampling_rate,
         "epsilon_by_step": {"steps": steps, "epsilon": epsilons},
         "figures": figures,
+        "kept_private": kept_private(initial),  # owner-only, never published
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     section = {k: report[k] for k in ("epsilon_lower_bound", "best_scorer", "significance",

@@ -44,4 +44,5 @@ def run(args) -> int:
     print(summary(report))
     print(f"run folder: {trainer.out_dir} (audit_report.json, audit_scores_*.png, epsilon_by_step.png, "
           "privacy_report.json)")
+    print(f"kept private (owner-only, never share): {', '.join(report['kept_private'])} in {trainer.out_dir}")
     return 0
