@@ -383,3 +383,68 @@ def test_parallel_none_refuses_a_multi_process_launch(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UserError, match="runtime.parallel"):
         make_parallel("none", torch.device("cpu"))
+
+
+def _default_randomness_worker(rank, world, data_dir, out_dir, result_file, secure):
+    """A ddp run with no seed: the secret (or, secure, the OS draws) is rank 0's alone."""
+    cfg = make_config(data_dir, out_dir, "ddp")
+    cfg.runtime.seed, cfg.privacy.secure_randomness = None, secure
+    trainer = Trainer(cfg)
+    initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    batches = []
+    for _ in range(STEPS):
+        batches.append(None if secure else trainer.sampler.batch_at(trainer.sampler.steps_taken)[0].tolist())
+        trainer.train_step()
+    trainer.save_checkpoint()
+    every = [None] * world
+    dist.all_gather_object(every, {"batches": batches, "initial": initial,
+                                   "weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}})
+    if rank == 0:
+        torch.save(every, result_file)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("secure", [False, True])
+def test_ddp_with_default_randomness_is_one_run_of_one_secret(data_dir, tmp_path, secure):
+    """Every rank samples the same global batches from the same initial weights; and (default mode)
+    the weights are those of a one-process run given the same secret."""
+    run_distributed(_default_randomness_worker, 2, data_dir, tmp_path / "two", tmp_path / "result.pt", secure)
+    ranks = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert ranks[0]["batches"] == ranks[1]["batches"]
+    for name, w in ranks[0]["initial"].items():
+        assert torch.equal(w, ranks[1]["initial"][name]), name
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name
+    if secure:
+        return
+    (checkpoint,) = (tmp_path / "two" / "checkpoints").glob("step-*")
+    state = torch.load(checkpoint / "train_state.pt", weights_only=True)
+    assert state["randomness"]["mode"] == "secret"
+    one = make_config(data_dir, tmp_path / "one")
+    one.runtime.seed = int(state["randomness"]["secret"], 16)  # the same secret, given to one process
+    trainer = Trainer(one)
+    assert [trainer.sampler.batch_at(s)[0].tolist() for s in range(STEPS)] == ranks[0]["batches"]
+    for name, w in trainer.model.state_dict().items():
+        assert torch.equal(w, ranks[0]["initial"][name]), name
+    for _ in range(STEPS):
+        trainer.train_step()
+    for name, w in trainer.model.state_dict().items():
+        torch.testing.assert_close(w, ranks[0]["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _disagreeing_worker(rank, world, data_dir, out_dir, result_file):
+    cfg = make_config(data_dir, out_dir, "ddp")
+    cfg.runtime.init_seed = rank  # each rank its own initial weights: must stop before step 1
+    try:
+        Trainer(cfg)
+        outcome = "started"
+    except UserError as err:
+        outcome = str(err)
+    if rank == 0:
+        torch.save(outcome, result_file)
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_stop_before_step_one(data_dir, tmp_path):
+    run_distributed(_disagreeing_worker, 2, data_dir, tmp_path / "run", tmp_path / "result.pt")
+    outcome = torch.load(tmp_path / "result.pt")
+    assert "disagree" in outcome and "initial weights" in outcome

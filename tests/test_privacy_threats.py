@@ -223,14 +223,14 @@ def crash_after_logging(cfg, steps_checkpointed: int, steps_after: int) -> None:
         trainer.save_checkpoint()
     for _ in range(steps_after):
         trainer.train_step()  # journaled: its metrics may have left the process
-    trainer.journal.close()  # the crash
+    trainer.books.close()  # the crash
 
 
 def test_steps_a_crash_released_are_counted_when_the_resume_cannot_replay_them(data_dir, tmp_path):
     cfg = make_config(data_dir, tmp_path, privacy={"secure_randomness": True, "steps": 6})
     crash_after_logging(cfg, 3, 2)
     resumed = Trainer(cfg)
-    assert resumed.step == 3 and resumed.ledger.steps == 5 and resumed.crash_released_steps == 2
+    assert resumed.step == 3 and resumed.ledger.steps == 5 and resumed.books.crash_released_steps == 2
     report = resumed.fit()
     q = BATCH / resumed.num_examples
     assert report["accounted_steps"] == 8 and report["crash_released_steps"] == 2
@@ -244,7 +244,7 @@ def test_a_default_run_replays_its_lost_steps_exactly_and_spends_them_once(data_
     # A crash before the first checkpoint loses the secret too: the restart's steps are new releases.
     crash_after_logging(make_config(data_dir, tmp_path / "b"), 0, 2)
     restarted = Trainer(make_config(data_dir, tmp_path / "b"))
-    assert restarted.step == 0 and restarted.ledger.steps == 2 and restarted.crash_released_steps == 2
+    assert restarted.step == 0 and restarted.ledger.steps == 2 and restarted.books.crash_released_steps == 2
 
 
 # ---- 5. private statistics are not logged by default -------------------------------------------
@@ -253,16 +253,20 @@ def test_only_public_quantities_are_logged_and_shown_by_default(data_dir, tmp_pa
                                  logging={"progress": True})).fit()
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*rows)
-    assert {"epsilon", "lr", "eval/loss", "step_seconds"} <= keys
-    assert not any(k.startswith("private/") or k == "batch_size" or k == "tokens_per_second" for k in keys)
-    assert "loss=" not in capsys.readouterr().err  # the progress bar shows no training loss
+    assert {"epsilon", "lr", "eval/loss"} <= keys
+    # a step's wall time grows with the drawn batch: no timing, throughput or MFU by default
+    assert not any(k.startswith("private/") or "batch_size" in k or "second" in k or "mfu" in k for k in keys)
+    err = capsys.readouterr().err
+    assert "loss=" not in err and "tok_s" not in err  # the bar shows no training loss, no throughput
+    assert "step/s" not in err and "s/step" not in err and "<" not in err  # nor a rate or elapsed time
     assert "realised_batch_size" not in report and "released_outside_guarantee" not in report
 
     report = Trainer(make_config(data_dir, tmp_path / "b", logging={"private_metrics": True})).fit()
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "lr" in r]
     assert steps and all("private/train_loss" in r and "private/batch_size" in r for r in steps)
-    assert any("private/" in item for item in report["released_outside_guarantee"])
+    assert all("private/step_seconds" in r and "step_seconds" not in r for r in steps)
+    assert any("private/" in item and "step time" in item for item in report["released_outside_guarantee"])
 
 
 # ---- 6. tokenizer provenance -------------------------------------------------------------------
@@ -386,3 +390,78 @@ def test_the_fast_bound_covers_truncated_sampling():
         runs = [make_run(0.9, 0.012, steps, 10_000, 150)]
         exact = epsilon_of_runs(runs, DELTA, "pld")
         assert exact <= running_epsilon(runs, DELTA) <= 1.05 * exact
+
+
+# ---- 7. the data keeps its own ledger; the run folder is one run's ---------------------------
+def own_data(data_dir, folder):
+    """A private copy of the prepared data (with a ledger of its own)."""
+    shutil.copytree(data_dir, folder, ignore=shutil.ignore_patterns("privacy_spent.jsonl"))
+    return folder
+
+
+def test_the_data_counts_every_step_whatever_copy_of_the_weights_continues(data_dir, tmp_path):
+    data = own_data(data_dir, tmp_path / "data")
+    Trainer(make_config(data, tmp_path / "parent", privacy={"steps": 6},
+                        checkpoint={"every": 4, "keep_last": 2})).fit()
+    shared = tmp_path / "shared"  # step 4, shared as the docs advise: without its private state
+    shutil.copytree(tmp_path / "parent" / "checkpoints" / "step-00000004", shared,
+                    ignore=shutil.ignore_patterns(STATE_FILE))
+    child = Trainer(make_config(data, tmp_path / "child", init_from=str(shared), privacy={"steps": 2}))
+    report = child.fit()
+    q = BATCH / child.num_examples
+    assert report["accounted_steps"] == 6  # what the weights carry: 4 of the parent's + 2
+    spent = report["data_spent"]
+    assert spent["steps"] == 8 and spent["runs"] == 2  # what touched the data: 6 + 2
+    assert spent["epsilon"] >= epsilon_of_runs([make_run(SIGMA, q, 8)], DELTA, "pld") * (1 - 1e-9)
+    assert spent["epsilon"] > report["epsilon"]["pld"]
+
+    # an export whose ledger file was removed: the weights carry nothing, the data still counts all
+    from dptrain.cli import main
+
+    assert main(["export", str(shared), str(tmp_path / "hf")]) == 0
+    (tmp_path / "hf" / "privacy_ledger.json").unlink()
+    stripped = Trainer(make_config(data, tmp_path / "child2", init_from=str(tmp_path / "hf"), privacy={"steps": 2}))
+    report = stripped.fit()
+    assert report["accounted_steps"] == 2 and report["data_spent"]["steps"] == 10
+
+
+def test_a_data_budget_refuses_the_run_that_would_exceed_it(data_dir, tmp_path):
+    data = own_data(data_dir, tmp_path / "data")
+    first = Trainer(make_config(data, tmp_path / "a")).fit()
+    eps_one = first["epsilon"]["pld"]
+    with pytest.raises(UserError, match="data_budget"):
+        Trainer(make_config(data, tmp_path / "b", privacy={"data_budget": eps_one * 1.1}))
+    Trainer(make_config(data, tmp_path / "c", privacy={"data_budget": eps_one * 3})).fit()
+
+
+def test_a_resume_on_data_changed_in_place_is_refused(data_dir, tmp_path):
+    data = own_data(data_dir, tmp_path / "data")
+    cfg = make_config(data, tmp_path / "run", privacy={"steps": 6})
+    crash_after_logging(cfg, 3, 1)
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokens = data / manifest["splits"]["train"]["tokens_file"]
+    raw = bytearray(tokens.read_bytes())
+    raw[8:12] = raw[12:16]  # one token changed, same size and N
+    tokens.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="changed"):
+        Trainer(cfg)
+
+
+def test_the_private_state_is_owner_only_and_a_run_folder_takes_one_run(data_dir, tmp_path):
+    import stat
+
+    from dptrain.train.run_folder import RunFolder
+
+    cfg = make_config(data_dir, tmp_path / "run")
+    Trainer(cfg).fit()
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step-*")
+    assert stat.S_IMODE((checkpoint / STATE_FILE).stat().st_mode) == 0o600
+    other = RunFolder(tmp_path / "run")
+    other.lock()  # another run holds the folder
+    try:
+        with pytest.raises(UserError, match="another run"):
+            Trainer(cfg)
+    finally:
+        other.unlock()
+    journal = (tmp_path / "run" / "privacy_journal.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in journal] == [1, 2, 3]  # nothing journaled twice

@@ -70,11 +70,21 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, config_dir: Path | None = None, noise_free: bool = False):
         """`noise_free`: clip and normalise as always but add no noise (scaling-law sweeps on public
         data; ε is infinite, and the report and the data's ledger say so)."""
-        self.cfg, p = cfg, cfg.privacy
+        self.cfg = cfg
         self.folder = RunFolder(cfg.out_dir)
         self.out_dir = self.folder.path
         self.parallel = make_parallel(cfg.runtime.parallel, resolve_device(cfg.runtime.device))
         self.device = self.parallel.device
+        if self.parallel.is_main:  # held until fit() ends (or this object goes): one run per folder
+            self.folder.lock()
+        try:
+            self._set_up(cfg, config_dir, noise_free)
+        except BaseException:
+            self.folder.unlock()
+            raise
+
+    def _set_up(self, cfg: TrainConfig, config_dir: Path | None, noise_free: bool) -> None:
+        p = cfg.privacy
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.train_data, self.eval_data = batches.open_data(cfg.data, self.parallel.main_first)
@@ -227,8 +237,6 @@ class Trainer:
     def fit(self) -> dict:
         cfg, p = self.cfg, self.cfg.privacy
         main = self.parallel.is_main  # every rank trains; only rank 0 writes logs and reports
-        if main:
-            self.folder.lock()
         try:
             return self._fit(cfg, p, main)
         finally:
