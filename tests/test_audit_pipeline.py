@@ -27,8 +27,10 @@ def base_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("audit-base")
     corpus = write_demo_corpus(root / "corpus", num_records=16, num_public_paragraphs=400)
-    tokenizer = train_tokenizer([corpus["public"]], VOCAB, root / "tok.model")
-    docs = corpus["public"].read_text().splitlines()[:12]
+    lines = corpus["public"].read_text().splitlines()
+    docs = lines[:12]
+    (root / "tok.txt").write_text("\n".join(lines[12:]) + "\n")  # the tokenizer never sees the data
+    tokenizer = train_tokenizer([root / "tok.txt"], VOCAB, root / "tok.model")
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return prepare([root / "docs.jsonl"], tokenizer, SEQ, root / "prepared", progress=False)
 
@@ -56,11 +58,9 @@ def owner_only(path) -> bool:
     return mode == 0o600
 
 
-def run_audit(cfg, sigma_override=None):
+def run_audit(cfg, noise_free=False):
     setup = prepare_audit(cfg, CANARIES, seed=7)
-    trainer = Trainer(setup.cfg)
-    if sigma_override is not None:
-        trainer.noise_multiplier = sigma_override  # the non-private control: clipping only
+    trainer = Trainer(setup.cfg, noise_free=noise_free)  # noise_free: the non-private control, clipping only
     initial = keep_initial_weights(trainer, setup)
     trainer.fit()
     return setup, trainer, finish_audit(trainer, setup, initial, progress=False)
@@ -81,7 +81,7 @@ def test_canary_folder_holds_exactly_the_included_canaries(base_dir, tmp_path):
 
 
 def test_without_noise_the_audit_certifies_a_clearly_positive_epsilon(base_dir, tmp_path):
-    setup, trainer, report = run_audit(make_config(base_dir, tmp_path, noise_multiplier=1.0), sigma_override=0.0)
+    setup, trainer, report = run_audit(make_config(base_dir, tmp_path, noise_multiplier=1.0), noise_free=True)
     assert 20 < setup.included.sum() < 80
     assert report["accountant_epsilon"] == float("inf")
     # with 100 canaries no test can certify more than ~3.2; the control reaches most of it
@@ -106,7 +106,7 @@ def test_without_noise_the_audit_certifies_a_clearly_positive_epsilon(base_dir, 
     # a rerun finds canaries, coins and initial weights there and resumes the finished run
     again = prepare_audit(make_config(base_dir, tmp_path, noise_multiplier=1.0), CANARIES)
     assert torch.equal(again.canaries, setup.canaries) and (again.included == setup.included).all()
-    resumed = Trainer(again.cfg)
+    resumed = Trainer(again.cfg, noise_free=True)
     assert resumed.step == trainer.step
     assert keep_initial_weights(resumed, again) == private / "initial"
 

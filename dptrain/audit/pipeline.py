@@ -215,6 +215,7 @@ def finish_audit(trainer, setup: AuditSetup, initial: Path | None, significance:
         "kept_private": kept_private(initial),  # owner-only, never published
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    make_private(setup.folder)  # again: the trainer adds files to the data copy (its privacy ledger)
     section = {k: report[k] for k in ("epsilon_lower_bound", "best_scorer", "significance",
                                       "accountant_epsilon", "consistent_with_accountant")}
     section.update(num_canaries=report["canaries"]["num"], report=REPORT_FILE, figures=figures)
