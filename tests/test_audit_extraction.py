@@ -123,16 +123,17 @@ def test_cli_keeps_per_sequence_results_private_and_publishes_nothing(run_dir, c
 
 
 def test_out_folder_is_made_private_and_must_not_hold_other_files(run_dir, tmp_path, capsys):
-    from dptrain.audit.extraction import run_memorization
+    from dptrain.audit.extraction import output_folder, run_memorization
 
-    quick = dict(num_sequences=4, prefix_len=8, suffix_len=8, num_references=5, progress=False)
+    checkpoint = resolve_checkpoint(run_dir)
     out = tmp_path / "mine" / "memorization"
-    report = run_memorization(run_dir, out=out, **quick)
+    report = run_memorization(run_dir, out=out, num_sequences=4, prefix_len=8, suffix_len=8, num_references=5,
+                              progress=False)
     assert report["folder"] == str(out) and (out / "memorization.json").is_file()
     assert owner_only(out)
-    run_memorization(run_dir, out=out, **quick)  # a rerun may replace its own results
+    assert output_folder(checkpoint, out) == out  # a rerun may replace its own results
     with pytest.raises(UserError, match="holds other files"):
-        run_memorization(run_dir, out=resolve_checkpoint(run_dir), **quick)  # never beside the weights
+        output_folder(checkpoint, checkpoint)  # never beside the published weights
     # a checkpoint outside a run folder has no private area: --out is required
     lone = tmp_path / "lone"
     shutil.copytree(resolve_checkpoint(run_dir), lone, ignore=shutil.ignore_patterns("train_state.pt"))
