@@ -13,6 +13,7 @@ from dptrain.cli import main
 from dptrain.data import PackedDataset, prepare, train_tokenizer
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, epsilon
+from dptrain.privacy.data_ledger import DataLedger
 from dptrain.train.config import TrainConfig
 from dptrain.train.trainer import Trainer
 
@@ -100,6 +101,10 @@ def test_without_noise_the_audit_certifies_a_clearly_positive_epsilon(base_dir, 
     assert (private / "canaries.npz").is_file() and (private / "initial" / "model.safetensors").is_file()
     assert len(PackedDataset(private / "data")) == len(PackedDataset(base_dir)) + setup.included.sum()
     assert owner_only(trainer.out_dir / "private")
+    # the audit's steps are spent on the base data: its own ledger records them, not the copy's
+    mine = [e for e in DataLedger(base_dir).entries() if e["run"] == trainer.run_id]
+    assert [e["step"] for e in mine] == list(range(1, trainer.step + 1))
+    assert not (private / "data" / "privacy_spent.jsonl").exists()
     assert set(report["kept_private"]) == {"private/audit/canaries.npz", "private/audit/data/",
                                            "private/audit/initial/"}
     assert configio.read_yaml(trainer.out_dir / "train_config.yaml")["data"]["path"] == str(private / "data")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dptrain.checkpoint import atomic_dir
+from dptrain.data.fingerprint import content_fingerprint
 from dptrain.data.packed import PackedDataset
 from dptrain.data.prepare import DOCUMENT_DTYPE, GROUPS_FILE, MANIFEST, TOKEN_DTYPE
 from dptrain.errors import UserError
@@ -68,5 +69,8 @@ def write_canary_dataset(base: str | Path, canaries: torch.Tensor, included: np.
             manifest["num_groups"] = int(manifest["num_groups"]) + len(added)
         manifest["audit"] = {"base": str(Path(base).resolve()), "base_train_sequences": n_base,
                              "canaries": int(canaries.shape[0]), "included": int(included.sum())}
+        # What the audit spends, it spends on the base data: its own ledger records it.
+        manifest["ledger_of"] = manifest["audit"]["base"]
+        manifest["fingerprint"] = content_fingerprint(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return Path(out)

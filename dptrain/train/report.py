@@ -14,7 +14,8 @@ from dptrain.privacy.group import group_guarantees, sequences_per_unit, unit_gua
 COMMON_NOT_COVERED = [
     "the tokenizer, when it was trained on the private data (train it on public text)",
     "hyper-parameter search: every run tried on the private data spends budget of its own",
-    "the held-out evaluation split, which is not trained on but is read for the evaluation loss",
+    "the held-out evaluation split: never trained on, and without a guarantee of its own; the held-out "
+    "loss over it is released without noise (eval.max_sequences: 0 releases none)",
     "the size of the training set (sequences or units): it sets the sampling rate q, is released as "
     "dataset_size and is treated as public by the accounting",
     "the run's private state (train_state.pt in each checkpoint): it holds the run's secret",

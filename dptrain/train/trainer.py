@@ -125,7 +125,8 @@ class Trainer:
         self.sampler = self.mechanism.sampler(streams, p.secure_randomness, self.unit_ranges)
         self.noise = NoiseSource(streams, secure=p.secure_randomness)
         layout = f"fsdp-{self.parallel.env.world_size}" if self.parallel.mode == "fsdp" else "one-stream"
-        data_ledger = DataLedger(self.train_data.path)
+        # a derived folder (the audit's canary copy) names the data whose ledger it spends on
+        data_ledger = DataLedger(self.train_data.manifest.get("ledger_of", self.train_data.path))
         if self.parallel.is_main:
             data_ledger.check_writable()
         self.books = PrivacyBooks(self.mechanism, spent, LedgerJournal(self.folder.journal), data_ledger,
@@ -228,7 +229,7 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Mean token cross-entropy on the held-out split (never sampled for training)."""
-        if self.eval_data is None:
+        if self.eval_data is None or not self.cfg.eval.max_sequences:
             return None
         return heldout_loss(self.model, self.eval_data, self.cfg.eval.max_sequences,
                             self.cfg.eval.micro_batch_size, self.device, self._autocast)
