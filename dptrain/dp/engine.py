@@ -211,8 +211,6 @@ class DPEngine:
 
     def add_noise(self, noise_multiplier: float, noise: Noise) -> None:
         """Add noise_multiplier * C * z, z ~ N(0, 1) i.i.d., to every .grad element, once per step."""
-        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-            raise UserError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
         add_gaussian_noise(self._fresh_grads(), noise_multiplier * self.max_grad_norm, noise)
         self._noised = True
 

@@ -41,8 +41,6 @@ class Mechanism:
     max_batch_size: int | None = None  # truncated Poisson: draws above it are cut (and accounted)
 
     def __post_init__(self):
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise UserError(f"noise multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise UserError(f"max_grad_norm must be a positive finite number, got {self.max_grad_norm!r}")
         if self.unit not in UNITS:
@@ -53,6 +51,7 @@ class Mechanism:
             what = "sequences" if self.unit == "sequence" else f"{self.unit}s"
             raise UserError(f"privacy.expected_batch_size {self.expected_batch_size} exceeds the "
                             f"{self.num_examples} training {what}")
+        self.step_run(0)  # σ, q and the cap, validated where every step of the ledger is
 
     # ---- what it is -------------------------------------------------------------------------
     @property
