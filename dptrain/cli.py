@@ -12,7 +12,7 @@ import sys
 
 import dptrain
 from dptrain import __version__, commands
-from dptrain.errors import UserError
+from dptrain.errors import Stopped, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"dptrain {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"dptrain {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print(f"dptrain {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -106,8 +106,7 @@ def test_the_same_replay_does_reproduce_a_run_with_an_explicit_seed(data_dir, tm
 
 
 def test_secure_randomness_draws_batches_nobody_can_replay(data_dir, tmp_path):
-    cfg = make_config(data_dir, tmp_path, privacy={"secure_randomness": True})
-    a, b = Trainer(cfg), Trainer(cfg)
+    a, b = (Trainer(make_config(data_dir, tmp_path / run, privacy={"secure_randomness": True})) for run in "ab")
     assert not all(np.array_equal(a.sampler.sample(), b.sampler.sample()) for _ in range(3))
     a.train_step()
     a.save_checkpoint()
@@ -223,7 +222,7 @@ def crash_after_logging(cfg, steps_checkpointed: int, steps_after: int) -> None:
         trainer.save_checkpoint()
     for _ in range(steps_after):
         trainer.train_step()  # journaled: its metrics may have left the process
-    trainer.books.close()  # the crash
+    trainer.close()  # the crash
 
 
 def test_steps_a_crash_released_are_counted_when_the_resume_cannot_replay_them(data_dir, tmp_path):

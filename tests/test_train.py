@@ -297,6 +297,7 @@ def test_group_unit_run_resumes_bit_for_bit(group_data, tmp_path):
     interrupted = Trainer(cfg)
     interrupted.train_step()
     interrupted.save_checkpoint()
+    interrupted.close()
     resumed = Trainer(cfg)
     assert resumed.step == 1 and resumed.sampler.steps_taken == 1
     resumed.train_step()

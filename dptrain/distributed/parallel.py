@@ -123,6 +123,14 @@ class Parallel:
                 raise UserError(f"rank(s) {', '.join(map(str, ranks))} disagree with rank 0 on the {name} "
                                 "before step 1: every rank must start from the same run state")
 
+    def max(self, value: int) -> int:
+        """The largest of every rank's `value` (a collective): e.g. whether any rank was asked to stop."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def total(self, count: int) -> int:
         """A count summed over ranks."""
         if not self.distributed:

@@ -9,13 +9,16 @@ dptrain.distributed.checkpoint).
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 
 from dptrain import configio
-from dptrain.checkpoint import atomic_dir, load_model, write_model
+from dptrain.checkpoint import atomic_dir, damage, load_model, write_checksums, write_model
 from dptrain.distributed import checkpoint as dist_checkpoint
 from dptrain.errors import UserError
 from dptrain.privacy.private_files import make_private
@@ -36,6 +39,26 @@ def load_state(file: Path) -> dict:
 def latest(root: Path) -> Path | None:
     done = sorted(c for c in root.glob("step-*") if (c / STATE_FILE).is_file())
     return done[-1] if done else None
+
+
+def latest_intact(root: Path) -> Path | None:
+    """The newest checkpoint whose files match their checksums and whose weights are finite. A
+    damaged one is set aside (renamed `damaged-step-*`, never deleted), with one line saying so."""
+    while (path := latest(root)) is not None:
+        why = damage(path)
+        if why is None:
+            return path
+        aside = path.with_name(f"damaged-{path.name}-{int(time.time())}")
+        path.rename(aside)
+        print(f"dptrain: checkpoint {path} is damaged ({why}): set aside as {aside.name}; "
+              "resuming from the newest intact one", file=sys.stderr)
+    return None
+
+
+def remove_leftovers(root: Path) -> None:
+    """Temporary folders of checkpoint writes a crash interrupted (`.step-*.tmp*`, `.step-*.old-*`)."""
+    for leftover in root.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_resumable(path: Path, cfg) -> None:
@@ -60,11 +83,15 @@ class Checkpointer:
         """`state`: the private run state (optimizer added here where it is not sharded);
         `public(folder)` writes the public files beside the weights."""
         path = self.root / f"step-{step:08d}"
-        if self.parallel.distributed:
-            return self._save_distributed(path, model, optimizer, state, public)
-        with atomic_dir(path) as tmp:
-            write_model(model, tmp)
-            self._write_state(tmp, {**state, "optimizer": optimizer.state_dict()}, public)
+        try:
+            if self.parallel.distributed:
+                return self._save_distributed(path, model, optimizer, state, public)
+            with atomic_dir(path) as tmp:
+                write_model(model, tmp)
+                self._write_state(tmp, {**state, "optimizer": optimizer.state_dict()}, public)
+        except (OSError, SafetensorError) as err:  # disk full, quota, permissions
+            raise UserError(f"cannot write checkpoint {path} ({err}); the earlier checkpoints are intact: "
+                            "free space and run the same command again to resume") from None
         self._drop_old()
         return path
 
@@ -92,6 +119,7 @@ class Checkpointer:
         make_private(file)  # owner-only before a byte of the secret is in it
         torch.save(state, file)
         public(folder)
+        write_checksums(folder)  # last: covers every file above (and the DCP shards)
 
     def _drop_old(self) -> None:
         for old in sorted(self.root.glob("step-*"))[:-self.keep_last]:

@@ -78,6 +78,15 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0  # applied to matrices only, never to norm gains
 
+    def __post_init__(self):
+        # lr = 0 would spend the whole budget on a run that cannot learn
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0 or self.weight_decay < 0:
+            raise ValueError("eps must be positive and weight_decay non-negative")
+
 
 @dataclass
 class ScheduleConfig:
@@ -101,12 +110,22 @@ class RuntimeConfig:
     # Several processes (torchrun): ddp = replicated weights, fsdp = sharded (see docs/distributed.md).
     parallel: Literal["none", "ddp", "fsdp"] = "none"
 
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1, got {self.micro_batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+
 
 @dataclass
 class EvalConfig:
     every: int = 50  # steps between evaluations of the held-out split; 0 = only at the end
     max_sequences: int = 256
     micro_batch_size: int = 32
+
+    def __post_init__(self):
+        if self.every < 0 or self.max_sequences < 0 or self.micro_batch_size < 1:
+            raise ValueError("eval.every and eval.max_sequences must be >= 0 and eval.micro_batch_size >= 1")
 
 
 @dataclass
@@ -120,11 +139,19 @@ class LoggingConfig:
     # released without noise, outside the guarantee: off unless asked for.
     private_metrics: bool = False
 
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"logging.every must be at least 1, got {self.every}")
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps; 0 = only at the end
     keep_last: int = 2
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
 
 
 @dataclass

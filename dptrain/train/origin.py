@@ -96,3 +96,35 @@ def secret_state(randomness: dict) -> dict:
     """The randomness as the private state stores it (the secret as hex)."""
     secret = randomness["secret"]
     return {**randomness, "secret": None if secret is None else format(secret, "x")}
+
+
+def initial_model(init_from: str | None, model_cfg):
+    """A fresh decoder (under the seed already set), or the weights `init_from` names."""
+    from dptrain.model import Decoder
+
+    if init_from is None:
+        return Decoder(model_cfg)
+    source = Path(init_from)
+    if (source / "config.json").is_file():
+        from dptrain.export import from_hf
+
+        model = from_hf(source)
+    else:
+        from dptrain.checkpoint import load_model
+
+        model = load_model(source)
+    if model.cfg != model_cfg:
+        raise UserError(f"init_from {source} holds a model whose config differs from `model`")
+    return model
+
+
+def agreement_facts(randomness: dict, mechanism, fingerprint: str, model) -> dict[str, str]:
+    """Digests every rank must share before step 1 (the secret only hashed, and only compared in memory)."""
+    import torch
+
+    weights = hashlib.sha256()
+    with torch.no_grad():
+        for tensor in model.unique_state_dict().values():
+            weights.update(torch.stack([tensor.double().sum(), tensor.double().square().sum()]).cpu().numpy().tobytes())
+    return {"randomness": hashlib.sha256(f"{randomness['draw']}:{randomness['secret']}".encode()).hexdigest(),
+            "mechanism": repr(mechanism), "data": fingerprint, "initial weights": weights.hexdigest()}

@@ -11,9 +11,10 @@ what is recorded (dptrain.privacy.books). This module wires them and runs the lo
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import math
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -26,8 +27,7 @@ import torch
 from dptrain import configio
 from dptrain.distributed import make_parallel
 from dptrain.dp import DPEngine
-from dptrain.errors import UserError
-from dptrain.model import Decoder
+from dptrain.errors import Stopped, UserError
 from dptrain.privacy.books import PrivacyBooks
 from dptrain.privacy.data_ledger import DataLedger
 from dptrain.privacy.journal import LedgerJournal
@@ -44,6 +44,7 @@ from dptrain.train.metrics import MetricsLog, NoLog, private_metrics, timing_met
 from dptrain.train.report import privacy_report, write_report
 from dptrain.train.run_folder import RunFolder
 from dptrain.train.schedule import lr_multiplier
+from dptrain.train.stopping import StopRequests
 
 IGNORE = batches.IGNORE
 inputs_and_targets = batches.inputs_and_targets
@@ -98,7 +99,11 @@ class Trainer:
         plan = plan_mechanism(p, self.num_examples, cfg.runtime.micro_batch_size, spent, noise_free=noise_free)
         self.mechanism, self.planned_epsilon = plan.mechanism, plan.epsilon
         self.checkpointer = Checkpointer(self.folder.checkpoints, self.parallel, cfg.checkpoint.keep_last)
-        checkpoint = checkpoints.latest(self.folder.checkpoints)
+        if self.parallel.is_main:
+            checkpoints.remove_leftovers(self.folder.checkpoints)
+        # rank 0 checks the checkpoints (setting damaged ones aside) and names the one every rank resumes
+        checkpoint = self.parallel.from_main(checkpoints.latest_intact(self.folder.checkpoints)
+                                             if self.parallel.is_main else None)
         state = None
         if checkpoint is not None:
             checkpoints.check_resumable(checkpoint, cfg)
@@ -113,8 +118,9 @@ class Trainer:
                   f"{cfg.runtime.seed} stays secret", file=sys.stderr)
 
         torch.manual_seed(origin.init_seed(cfg.runtime.init_seed, streams, self.parallel.from_main))
-        model = self._build_model().to(self.device)
-        self._check_ranks_agree(model)
+        model = origin.initial_model(cfg.init_from, self.model_cfg).to(self.device)
+        # ranks that differ in randomness, mechanism, data or initial weights stop here, before step 1
+        self.parallel.check_agreement(origin.agreement_facts(self.randomness, self.mechanism, self.fingerprint, model))
         if cfg.runtime.compile:
             model.compile_mixers()
         self.model = self.parallel.prepare(model)
@@ -157,33 +163,6 @@ class Trainer:
         return self.books.ledger
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _build_model(self) -> Decoder:
-        if self.cfg.init_from is None:
-            return Decoder(self.model_cfg)
-        source = Path(self.cfg.init_from)
-        if (source / "config.json").is_file():
-            from dptrain.export import from_hf
-
-            model = from_hf(source)
-        else:
-            from dptrain.checkpoint import load_model
-
-            model = load_model(source)
-        if model.cfg != self.model_cfg:
-            raise UserError(f"init_from {source} holds a model whose config differs from `model`")
-        return model
-
-    def _check_ranks_agree(self, model: Decoder) -> None:
-        """Stop before step 1 when ranks differ in randomness, mechanism, data or initial weights."""
-        secret = self.randomness["secret"]
-        digest = hashlib.sha256()
-        with torch.no_grad():
-            for tensor in model.unique_state_dict().values():
-                digest.update(torch.stack([tensor.double().sum(), tensor.double().square().sum()]).cpu().numpy().tobytes())
-        self.parallel.check_agreement({
-            "randomness": hashlib.sha256(f"{self.randomness['draw']}:{secret}".encode()).hexdigest(),
-            "mechanism": repr(self.mechanism), "data": self.fingerprint, "initial weights": digest.hexdigest()})
-
     def _build_optimizer(self) -> torch.optim.Optimizer:
         opt = self.cfg.optimizer
         matrices = [p for p in self.model.parameters() if p.ndim >= 2]
@@ -243,17 +222,25 @@ class Trainer:
         finally:
             self.folder.unlock()
 
+    def close(self) -> None:
+        """Stop here without finishing, as a crash would: the journal is closed and the run folder
+        free for the run that resumes it."""
+        self.books.close()
+        self.folder.unlock()
+
     def _fit(self, cfg, p, main: bool) -> dict:
         if main:
             configio.write_yaml(cfg, self.folder.config)
         log = (MetricsLog(self.out_dir, cfg.logging, configio.to_dict(cfg), resume_step=self.step)
                if main else NoLog())
         private = cfg.logging.private_metrics
+        stack = contextlib.ExitStack()
         bar = progress_bar(total=p.steps, initial=self.step, desc="private training", unit="step",
                            disable=not (cfg.logging.progress and main), dynamic_ncols=True,
                            **({} if private else {"bar_format": TIMELESS_BAR}))
         epsilon = None  # the running bound, as of the last logged step
         try:
+            stop = stack.enter_context(StopRequests())
             if self.step == 0:
                 self._log_eval(log, bar)
             while self.step < p.steps:
@@ -277,9 +264,16 @@ class Trainer:
                 bar.set_postfix(eps=f"{epsilon:.3g}",
                                 eval=f"{self.eval_history[-1][1]:.3f}" if self.eval_history else "-")
                 bar.update(1)
-                if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                saved = last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
+                if saved:
                     self.save_checkpoint()
+                if not last and (signum := self.parallel.max(stop.signal or 0)):  # every rank stops at one step
+                    path = self.save_checkpoint() if not saved else self.latest_checkpoint()
+                    raise Stopped(f"stopped by {signal.Signals(signum).name} at step {self.step} of {p.steps}; "
+                                  f"{path} holds everything so far: run the same command again to resume",
+                                  128 + signum)
         finally:
+            stack.close()
             bar.close()
             log.close()
             self.books.close()
@@ -292,6 +286,9 @@ class Trainer:
         loss = self.evaluate()
         if loss is None:
             return
+        if not math.isfinite(loss):
+            raise UserError(f"the held-out loss is {loss} at step {self.step}: training diverged; lower "
+                            "optimizer.lr (or check the data) and start again from an earlier checkpoint")
         self.eval_history.append((self.step, loss))
         log.log(self.step, {"eval/loss": loss})
         if self.parallel.is_main:
@@ -312,6 +309,10 @@ class Trainer:
         return checkpoints.latest(self.folder.checkpoints)
 
     def save_checkpoint(self) -> Path:
+        local = (getattr(p, "to_local", lambda: p)() for p in self.model.parameters())  # fsdp: this rank's shard
+        if self.parallel.max(int(not all(bool(torch.isfinite(t).all()) for t in local))):
+            raise UserError(f"the parameters are not finite at step {self.step}: training diverged; lower "
+                            "optimizer.lr, and start again from an earlier checkpoint (none is overwritten)")
         return self.checkpointer.save(self.step, self.model, self.optimizer, self._private_state(),
                                       self._write_public)
 
