@@ -51,3 +51,26 @@ def test_bad_input_is_one_line_exit_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("dptrain privacy: error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["privacy", "epsilon", "--noise-multiplier", "1e-300", *BASE], "noise multiplier 1e-300"),
+    (["privacy", "epsilon", "--noise-multiplier", "1e300", *BASE], "noise multiplier 1e+300"),
+    (["privacy", "epsilon", "--noise-multiplier", "1.0", "--sampling-rate", "0.01", "--steps", "1000",
+      "--delta", "0.5"], "delta 0.5 is no guarantee"),
+    (["privacy", "noise", "--epsilon", "1", "--sampling-rate", "0.01", "--steps", "1000",
+      "--delta", "0.5"], "delta 0.5 is no guarantee"),
+])
+def test_extreme_sigma_and_delta_are_named_in_one_line(argv, problem, capsys):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and problem in err and err.count("\n") == 1
+
+
+def test_delta_at_least_one_over_n_is_flagged(capsys):
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1.0", "--sampling-rate", "0.01",
+                 "--steps", "100", "--delta", "1e-3", "--dataset-size", "1000",
+                 "--max-batch-size", "30"]) == 0
+    out, err = capsys.readouterr()
+    assert "epsilon (pld)" in out
+    assert err.startswith("warning: delta 0.001 >= 1/N") and err.count("\n") == 1

@@ -102,7 +102,7 @@ def test_smallest_model_searched_is_the_laws_smallest_by_default(law_file, capsy
 @pytest.mark.parametrize("argv, message", [
     (["fit", "missing.csv", "--out", "x.json"], "not found"),
     (["plan", "--compute", "1e3", "--epsilon", "1", "--delta", "1e-8", "--data-size", "10000000",
-      "--law", "LAW"], "no configuration fits"),
+      "--law", "LAW"], "below the cheapest plan searched"),
     (["plan", "--compute", "1e17", "--epsilon", "1", "--delta", "2", "--data-size", "10000000",
       "--law", "LAW"], "delta"),
 ])
@@ -142,3 +142,27 @@ def test_plan_in_units_costs_k_sequences_per_unit(law_file, tmp_path, capsys):
     configio.from_dict(TrainConfig, {**written, "model": str(tmp_path / written["model"])})
     assert main([*common, "--unit", "sequence", "--sequences-per-unit", "2"]) == 2
     assert "--sequences-per-unit" in capsys.readouterr().err
+
+
+PLAN = ["plan", "--data-size", "100000", "--seq-len", "256"]
+
+
+@pytest.mark.parametrize("budget, problem", [
+    (["--compute", "1e17", "--epsilon", "2", "--delta", "0.5"], "delta 0.5 >= 1/N = 1e-05"),
+    (["--compute", "1e17", "--epsilon", "2", "--delta", "1e-5"], "delta 1e-05 >= 1/N"),
+    (["--compute", "1e17", "--epsilon", "inf", "--delta", "1e-8"], "epsilon inf is no privacy guarantee"),
+    (["--compute", "1e17", "--epsilon", "1e-4", "--delta", "1e-8"], "epsilon 0.0001 at delta 1e-08 is out of reach"),
+    (["--compute", "1e6", "--epsilon", "2", "--delta", "1e-8"], "compute 1e+06 FLOPs is below the cheapest plan"),
+    (["--compute", "1e30", "--epsilon", "2", "--delta", "1e-8"], "more than 100x what the dearest plan"),
+    (["--compute", "nan", "--epsilon", "2", "--delta", "1e-8"], "--compute must be a finite number"),
+    (["--compute", "1e13", "--epsilon", "2", "--delta", "1e-8", "--min-params", "1e9"],
+     "on 1e+09 parameters (the smallest model searched, --min-params)"),
+])
+def test_impossible_plans_name_the_problem(law_file, tmp_path, capsys, budget, problem):
+    config = tmp_path / "train.yaml"
+    argv = [*PLAN, *budget, "--law", str(law_file), "--allow-extrapolation",
+            "--write-config", str(config), "--data-path", str(tmp_path / "data")]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and problem in err and err.count("\n") == 1
+    assert not config.exists()  # refused before anything is written

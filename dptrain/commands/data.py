@@ -1,6 +1,14 @@
 """`dptrain data prepare|demo|info`: tokenize and pack corpora into fixed-length privacy units."""
 from __future__ import annotations
 
+import errno
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+# Failures to write the output that are the user's to fix, not bugs.
+WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)
+
 
 def register(sub) -> None:
     parser = sub.add_parser("data", help="prepare training data (tokenize, pack, split)")
@@ -37,12 +45,43 @@ def register(sub) -> None:
     info.set_defaults(func=run_info)
 
 
+def check_writable(out: str) -> None:
+    """UserError unless `out`'s folder can be written: the nearest existing ancestor must be a
+    writable folder (the output is made beside `out`, then renamed into place)."""
+    from dptrain.errors import UserError
+
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {out}: {parent} is not writable")
+
+
+@contextmanager
+def output_errors(out: str):
+    """Turn a refused or failed write of the output (read-only, full disk) into one line."""
+    from dptrain.errors import UserError
+
+    folder = Path(out).absolute().parent
+    try:
+        yield
+    except OSError as err:
+        where = Path(err.filename).absolute() if err.filename else folder
+        if err.errno not in WRITE_ERRNOS or not where.is_relative_to(folder):
+            raise  # not the output: an input's problem, or a bug
+        raise UserError(f"cannot write {out}: {err.strerror} ({where})") from None
+
+
 def run_prepare(args) -> int:
     from dptrain.data.prepare import prepare
 
-    out = prepare(args.input, args.tokenizer, args.seq_len, args.out, text_column=args.text_column,
-                  group_column=args.group_column, eval_fraction=args.eval_fraction,
-                  num_proc=args.num_proc, seed=args.seed, unit=args.unit)
+    check_writable(args.out)
+    with output_errors(args.out):
+        out = prepare(args.input, args.tokenizer, args.seq_len, args.out, text_column=args.text_column,
+                      group_column=args.group_column, eval_fraction=args.eval_fraction,
+                      num_proc=args.num_proc, seed=args.seed, unit=args.unit)
     return run_info(type("Args", (), {"dir": out})())
 
 

@@ -60,6 +60,32 @@ def register(sub) -> None:
     parser.set_defaults(func=run)
 
 
+def check_numbers(args) -> None:
+    """UserError, before any search or write, for a budget no private plan can have."""
+    from dptrain.errors import UserError
+
+    for name in ("compute", "min_params", "max_params", "max_steps", "max_batch"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value:g}")
+    if args.seq_len < 1 or args.data_size < 1:
+        raise UserError("--seq-len and --data-size must be at least 1")
+    if math.isinf(args.epsilon):
+        raise UserError("epsilon inf is no privacy guarantee: `dptrain plan` plans private runs; "
+                        "give a finite epsilon (the non-private optimum is the Chinchilla rule, "
+                        "about sqrt(compute / 120) parameters)")
+    if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        raise UserError(f"epsilon must be a finite number > 0, got {args.epsilon:g}")
+    if not 0 < args.delta < 1:
+        raise UserError(f"delta must be in (0, 1), got {args.delta:g}")
+    if args.delta >= 1 / args.data_size:
+        raise UserError(f"delta {args.delta:g} >= 1/N = {1 / args.data_size:.3g} (N = "
+                        f"{args.data_size:,} {args.unit}s): publishing one {args.unit} outright "
+                        "at random meets it; use delta well below 1/N")
+    if args.min_params is not None and args.min_params > args.max_params:
+        raise UserError(f"--min-params {args.min_params:g} is above --max-params {args.max_params:g}")
+
+
 def run(args) -> int:
     from dptrain.errors import UserError
     from dptrain.scaling.law import VALIDATION_BAR, load_law
@@ -69,6 +95,7 @@ def run(args) -> int:
 
     if args.top < 1:
         raise UserError("--top must be at least 1")
+    check_numbers(args)
     if args.sequences_per_unit < 1 or (args.unit == "sequence" and args.sequences_per_unit != 1):
         raise UserError("--sequences-per-unit must be at least 1, and 1 unless --unit is document or group")
     # A sampled unit costs k rows of seq-len tokens: the law sees it as one example of k * seq-len

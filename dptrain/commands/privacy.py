@@ -5,8 +5,16 @@ The default accountant, pld, is a certified upper bound; prv's figure is printed
 from __future__ import annotations
 
 import json
+import math
+import sys
 
 ACCOUNTANT_CHOICES = ("pld", "rdp", "prv", "all")
+# Outside this range the accountants' arithmetic under- or overflows; epsilon there is either
+# astronomically large (tiny sigma) or pinned at the accountants' resolution (huge sigma).
+SIGMA_RANGE = (1e-3, 1e6)
+# Publishing each example outright with probability delta is (0, delta)-DP: a delta this large
+# allows releasing a tenth of the data, so no epsilon at it means anything.
+MEANINGLESS_DELTA = 0.1
 
 
 def register(sub) -> None:
@@ -46,9 +54,41 @@ def _accountants(choice: str, truncated: bool) -> list[str]:
     return [choice]
 
 
+def check_noise_multiplier(sigma: float) -> None:
+    """UserError unless sigma is 0 (no noise) or inside SIGMA_RANGE."""
+    from dptrain.errors import UserError
+
+    lo, hi = SIGMA_RANGE
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise UserError(f"noise multiplier must be a finite number >= 0, got {sigma:g}")
+    if not (sigma == 0 or lo <= sigma <= hi):
+        raise UserError(f"noise multiplier {sigma:g} is outside [{lo:g}, {hi:g}] (or 0 for no noise): "
+                        "below, epsilon is astronomically large; above, the accountants cannot "
+                        "resolve it")
+
+
+def check_delta(delta: float, dataset_size: int | None) -> None:
+    """UserError for a delta outside (0, 1) or too large to mean anything; a warning on stderr
+    for delta >= 1/N when the dataset size N is known."""
+    from dptrain.errors import UserError
+
+    if not 0 < delta < 1:
+        raise UserError(f"delta must be in (0, 1), got {delta:g}")
+    if delta >= MEANINGLESS_DELTA:
+        raise UserError(f"delta {delta:g} is no guarantee: publishing each example outright with "
+                        f"probability {delta:g} meets it; use delta well below 1/N (the number "
+                        "of examples), e.g. 1e-5 or smaller")
+    if dataset_size and delta >= 1 / dataset_size:
+        print(f"warning: delta {delta:g} >= 1/N = {1 / dataset_size:.3g} (N = {dataset_size:,}): "
+              "publishing one example outright at random meets it; use delta well below 1/N",
+              file=sys.stderr)
+
+
 def run_epsilon(args) -> int:
     from dptrain.privacy.accounting import EstimateUnavailable, epsilon, is_upper_bound
 
+    check_noise_multiplier(args.noise_multiplier)
+    check_delta(args.delta, args.dataset_size)
     truncated = args.max_batch_size is not None or args.dataset_size is not None
     results, declined = {}, []
     for a in _accountants(args.accountant, truncated):
@@ -79,6 +119,7 @@ def run_epsilon(args) -> int:
 def run_noise(args) -> int:
     from dptrain.privacy.accounting import calibrate_noise
 
+    check_delta(args.delta, args.dataset_size)
     truncated = args.max_batch_size is not None or args.dataset_size is not None
     results = {a: calibrate_noise(args.epsilon, args.delta, args.sampling_rate, args.steps, a,
                                   dataset_size=args.dataset_size,

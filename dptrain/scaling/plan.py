@@ -70,7 +70,7 @@ def noise_grid(epsilon: float, delta: float, data_size: int, min_batch: int = 16
                min_steps: int = 10, max_steps: int = MAX_STEPS, per_decade: int = 4,
                max_batch: int | None = None) -> Grid:
     """sigma for every (B, T) on log grids (cached: planning at many compute budgets reuses it)."""
-    if not (epsilon > 0 and 0 < delta < 1):
+    if not (0 < epsilon < math.inf and 0 < delta < 1):
         raise UserError(f"need epsilon > 0 and 0 < delta < 1, got epsilon={epsilon}, delta={delta}")
     if data_size < min_batch:
         raise UserError(f"data size {data_size} is below the smallest batch size {min_batch}")
@@ -129,8 +129,8 @@ def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_siz
     c = candidates(law, compute, grid, seq_len, min_params, max_params)
     finite = np.isfinite(c["loss"])
     if not finite.any():
-        raise UserError(f"no configuration fits compute {compute:.3g} with epsilon {epsilon} and "
-                        f"{data_size} examples (model size out of range or budget unreachable)")
+        raise UserError(why_nothing_fits(compute, grid, seq_len, epsilon, delta, data_size,
+                                         min_params, max_params))
     configs = configs if configs is not None else model_configs(params_key=law.params_key)
     order = np.argsort(np.where(finite, c["loss"], np.inf))[:top]
     limits = {"batch": (grid.batch_sizes[0], grid.batch_sizes[-1]),
@@ -139,6 +139,34 @@ def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_siz
     plans = [_make_plan(c["M"][i], int(c["B"][i]), int(c["T"][i]), c["sigma"][i], c["loss"][i],
                         seq_len, configs) for i in order if finite[i]]
     return [_with_honesty(law, p, limits) for p in plans]
+
+
+def why_nothing_fits(compute: float, grid: Grid, seq_len: int, epsilon: float, delta: float,
+                     data_size: int, min_params: float, max_params: float) -> str:
+    """One line naming what makes every (M, B, T) impossible: the budget, or the compute against
+    the cheapest or the dearest plan searched (a plan may spend down to 1/100 of the compute)."""
+    reachable = np.isfinite(grid.sigma)
+    if not reachable.any():
+        return (f"epsilon {epsilon:g} at delta {delta:g} is out of reach with {data_size:,} examples: "
+                f"even a batch of {grid.batch_sizes[0]} for {grid.steps[0]} steps needs a noise "
+                "multiplier above 1e6; raise epsilon or the data size")
+    b, t = np.meshgrid(grid.batch_sizes, grid.steps, indexing="ij")
+    cost = np.where(reachable, 6.0 * seq_len * b * t, np.nan)  # FLOPs per parameter
+    i = np.unravel_index(np.nanargmin(cost), cost.shape)
+    j = np.unravel_index(np.nanargmax(cost), cost.shape)
+    cheapest, dearest = min_params * cost[i], max_params * cost[j]
+    if compute < cheapest:
+        return (f"compute {compute:.3g} FLOPs is below the cheapest plan searched: {int(t[i])} steps "
+                f"of batch {int(b[i])} at seq len {seq_len} on {min_params:.3g} parameters (the "
+                f"smallest model searched, --min-params) cost {cheapest:.3g}; give more compute or "
+                "a smaller --min-params")
+    if compute / 100 > dearest:
+        return (f"compute {compute:.3g} FLOPs is more than 100x what the dearest plan searched can "
+                f"spend ({dearest:.3g}: {int(t[j])} steps of batch {int(b[j])} at seq len {seq_len} on "
+                f"{max_params:.3g} parameters, --max-params, --max-steps and the data size bound "
+                "them); give less compute, or raise those bounds")
+    return (f"no configuration fits compute {compute:.3g} with epsilon {epsilon:g} and {data_size:,} "
+            f"examples between {min_params:.3g} and {max_params:.3g} parameters")
 
 
 def _make_plan(m, b, t, sigma, loss, seq_len, configs, accountant="rdp") -> Plan:
