@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -239,6 +240,11 @@ def test_entrypoint_fails_when_scontrol_gives_no_host(fakes, config, scontrol, m
 # ---- launch/slurm/train.sbatch ------------------------------------------------------------------
 
 
+def test_sbatch_asks_for_sigterm_before_the_time_limit():
+    # the run then finishes its step and writes a checkpoint instead of being killed mid-way
+    assert re.search(r"^#SBATCH --signal=TERM@\d+$", SBATCH.read_text(), re.M)
+
+
 def test_sbatch_directives_come_before_the_first_command():
     lines = SBATCH.read_text().splitlines()
     first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
@@ -325,6 +331,7 @@ def test_k8s_render_is_a_pytorchjob(nodes):
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    assert pod["terminationGracePeriodSeconds"] == 600  # time to finish the step and checkpoint
     args = torchrun_args(container["command"])
     assert args.nnodes == str(nodes) and args.nproc_per_node == "8" and args.rdzv_backend == "c10d"
     assert args.rdzv_endpoint == "$(MASTER_ADDR):$(MASTER_PORT)" and args.rdzv_id == "dp-run"

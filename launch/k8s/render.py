@@ -66,6 +66,7 @@ def render(args: argparse.Namespace, template: str) -> str:
         "GPUS_PER_NODE": args.nproc_per_node,
         "WORKERS": args.nodes - 1,
         "SHM_SIZE": args.shm_size,
+        "GRACE_SECONDS": args.grace_seconds,
         "COMMAND": train_command(args.nodes, args.nproc_per_node, args.name, args.config, args.overrides),
     }
     if args.nodes == 1:  # the master alone: drop the Worker block, which ends the template
@@ -87,6 +88,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nproc-per-node", type=int, default=8, help="GPUs and processes per pod")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--shm-size", default="64Gi", help="size of the /dev/shm memory volume")
+    parser.add_argument("--grace-seconds", type=int, default=600,
+                        help="time between SIGTERM and SIGKILL when a pod is evicted: the run finishes its "
+                             "step and writes a checkpoint in it (default 600)")
     parser.add_argument("--template", type=Path, default=TEMPLATE)
     parser.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -`")
     parser.add_argument(
@@ -102,6 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--name {args.name!r} must be a lowercase DNS label of at most 40 characters")
     if args.nodes < 1 or args.nproc_per_node < 1:
         parser.error("--nodes and --nproc-per-node must be at least 1")
+    if args.grace_seconds < 1:
+        parser.error("--grace-seconds must be at least 1")
     if not QUANTITY_RE.match(args.shm_size):
         parser.error(f"--shm-size {args.shm_size!r} is not a Kubernetes quantity such as 64Gi")
     bad = [o for o in args.overrides if "=" not in o]
