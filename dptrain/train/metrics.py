@@ -28,8 +28,11 @@ class MetricsLog:
         if cfg.wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
 
+            # quiet: no 20-line summary at the end; console off: the run's terminal output is not
+            # copied into the (synced) wandb run
             self._wandb = wandb.init(project=cfg.project, name=cfg.run_name, mode=cfg.wandb,
-                                     dir=str(out_dir), config=run_config, resume="allow")
+                                     dir=str(out_dir), config=run_config, resume="allow",
+                                     settings=wandb.Settings(quiet=True, console="off"))
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint: those steps are about to be redone."""
