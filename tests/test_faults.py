@@ -157,3 +157,14 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_the_rerun_resumes(da
     assert state["step"] == step
     resumed = Trainer(configio.from_dict(TrainConfig, cfg))  # the same command resumes there
     assert resumed.step == step and resumed.ledger.steps == step
+
+
+def test_a_demo_packed_by_sequence_points_the_group_unit_at_demo_unit(data_dir):
+    from dptrain.data import PackedDataset
+    from dptrain.train.batches import unit_ranges
+
+    data = PackedDataset(data_dir)
+    with pytest.raises(UserError, match="data.demo_unit: group"):
+        unit_ranges(data, "group", demo=True)
+    with pytest.raises(UserError, match="dptrain data prepare --unit group"):
+        unit_ranges(data, "group")

@@ -40,13 +40,14 @@ def check_fits_model(data: PackedDataset, model_cfg) -> None:
         raise UserError(f"sequences of {data.seq_len} tokens exceed model.max_seq_len {model_cfg.max_seq_len} + 1")
 
 
-def unit_ranges(data: PackedDataset, unit: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(first row, row count) of every unit; None when the unit is one sequence."""
+def unit_ranges(data: PackedDataset, unit: str, demo: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """(first row, row count) of every unit; None when the unit is one sequence. `demo`: the data is
+    the bundled demo, packed by `data.demo_unit`."""
     if unit == "sequence":
         return None
     if data.unit != unit:
-        raise UserError(f"privacy.unit is {unit} but {data.path} is packed by {data.unit}: prepare it "
-                        f"with `dptrain data prepare --unit {unit}`")
+        fix = (f"set data.demo_unit: {unit}" if demo else f"prepare it with `dptrain data prepare --unit {unit}`")
+        raise UserError(f"privacy.unit is {unit} but {data.path} is packed by {data.unit}: {fix}")
     return data.unit_ranges()
 
 

@@ -91,7 +91,7 @@ class Trainer:
         self.train_data, self.eval_data = batches.open_data(cfg.data, self.parallel.main_first)
         self.model_cfg = cfg.model_config(config_dir)
         batches.check_fits_model(self.train_data, self.model_cfg)
-        self.unit_ranges = batches.unit_ranges(self.train_data, p.unit)
+        self.unit_ranges = batches.unit_ranges(self.train_data, p.unit, demo=cfg.data.source == "demo")
         self.num_examples = len(self.train_data) if self.unit_ranges is None else len(self.unit_ranges[0])
         self.fingerprint = self.train_data.fingerprint
 
