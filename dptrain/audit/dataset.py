@@ -64,6 +64,8 @@ def write_canary_dataset(base: str | Path, canaries: torch.Tensor, included: np.
         info["num_sequences"] = n_base + len(added)
         info["num_tokens"] = int(info["num_tokens"]) + added.size
         info["num_documents"] = int(info["num_documents"]) + len(added)
+        if "max_token_id" in info:  # none in folders prepared before it was stored
+            info["max_token_id"] = max(int(info["max_token_id"]), int(added.max(initial=0)))
         manifest["num_documents"] = doc_base + len(added)
         if grouped:
             manifest["num_groups"] = int(manifest["num_groups"]) + len(added)

@@ -282,6 +282,7 @@ def prepare(
         if group_values is not None:
             (tmp / GROUPS_FILE).write_text(json.dumps([str(v) for v in group_values]) + "\n")
         from dptrain.data.fingerprint import content_fingerprint  # here: it imports this module
+        from dptrain.data.vocab import MAX_TOKEN_ID, largest_token_id
 
         manifest = {
             "format": FORMAT,
@@ -315,7 +316,9 @@ def prepare(
                         "documents_columns": ["document_id", "start_token"] + (["group"] if group_column else []),
                         **({} if unit == "sequence" else
                            {"sequences_file": sequences_file(split), "sequences_columns": SEQUENCE_COLUMNS}),
-                        "held_out": split == "eval"}
+                        "held_out": split == "eval",
+                        MAX_TOKEN_ID: largest_token_id(np.memmap(tmp / tokens_file(split), dtype=TOKEN_DTYPE,
+                                                                 mode="r"))}
                 for split, st in stats.items()
             },
         }

@@ -1,6 +1,11 @@
 """Read documents from local files (jsonl, json, parquet, csv, text, arrow) or a hub name via HF `datasets`."""
 from __future__ import annotations
 
+import bz2
+import codecs
+import gzip
+import lzma
+import re
 from pathlib import Path
 
 from dptrain.errors import UserError
@@ -9,6 +14,10 @@ from dptrain.errors import UserError
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
             ".txt": "text", ".text": "text", ".arrow": "arrow"}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+# Builders that decode the file's bytes as UTF-8 text (parquet and arrow store strings themselves).
+TEXT_BUILDERS = ("json", "csv", "text")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_CHUNK_BYTES = 1 << 20
 
 
 def builder_for(path: Path) -> str:
@@ -17,6 +26,40 @@ def builder_for(path: Path) -> str:
     if builder is None:
         raise UserError(f"{path}: unknown file type; use one of {', '.join(sorted(BUILDERS))}")
     return builder
+
+
+def check_utf8(path: str | Path, what: str = "input") -> None:
+    """UserError naming the byte offset and line of the first bytes of `path` that are not UTF-8.
+
+    Streams the file in 1 MiB blocks (gzip, bz2 and xz files decompressed; zstd ones are left to the
+    reader). A read error of the file is a UserError too.
+    """
+    path = Path(path)
+    compressed = [s for s in path.suffixes if s in COMPRESSION]
+    opener = _OPENERS.get(compressed[-1]) if compressed else open
+    if opener is None:
+        return
+    where = " of its decompressed text" if compressed else ""
+    done, lines, pending = 0, 0, b""  # bytes decoded so far, newlines among them, an unfinished character
+    try:
+        with opener(path, "rb") as f:
+            while True:
+                block = f.read(_CHUNK_BYTES)
+                data = pending + block
+                try:
+                    _, used = codecs.utf_8_decode(data, "strict", not block)
+                except UnicodeDecodeError as err:
+                    at, line = done + err.start, lines + data.count(b"\n", 0, err.start) + 1
+                    raise UserError(f"{what} {path} is not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset "
+                                    f"{at}{where} (line {line}) is invalid; re-encode the file as UTF-8 (e.g. "
+                                    f"`iconv -f latin1 -t utf-8`)") from None
+                if not block:
+                    return
+                lines += data.count(b"\n", 0, used)
+                done += used
+                pending = data[used:]
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise UserError(f"cannot read {what} {path}: {err}") from None
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path | str]:
@@ -66,7 +109,10 @@ def _load(inputs: list[Path | str], columns: list[str], cache_dir: Path):
             if isinstance(item, Path):
                 if item.stat().st_size == 0:
                     raise UserError(f"input {item} is empty")
-                ds = datasets.load_dataset(builder_for(item), data_files=str(item), split="train",
+                builder = builder_for(item)
+                if builder in TEXT_BUILDERS:
+                    check_utf8(item)
+                ds = datasets.load_dataset(builder, data_files=str(item), split="train",
                                            cache_dir=str(cache_dir))
             else:
                 ds = datasets.load_dataset(item, split="train", cache_dir=str(cache_dir))
@@ -75,6 +121,8 @@ def _load(inputs: list[Path | str], columns: list[str], cache_dir: Path):
         except (DatasetGenerationError, ValueError, OSError, TypeError) as err:
             cause = err.__cause__ or err
             msg = " ".join(str(cause).split())[:300] or type(cause).__name__
+            if isinstance(cause, UnicodeDecodeError):
+                msg += "; re-encode it as UTF-8"
             raise UserError(f"cannot read {item}: {msg}") from None
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
@@ -82,7 +130,10 @@ def _load(inputs: list[Path | str], columns: list[str], cache_dir: Path):
         text_type = getattr(ds.features[columns[0]], "dtype", None)
         if text_type not in ("string", "large_string"):
             raise UserError(f"{item}: column {columns[0]!r} holds {ds.features[columns[0]]}, not text")
-        parts.append(ds.select_columns(columns))
+        ds = ds.select_columns(columns)
+        if not isinstance(item, Path) or builder_for(item) not in TEXT_BUILDERS or item.suffix == ".zst":
+            _check_strings(ds, item)  # what was not checked as bytes above
+        parts.append(ds)
     for ds, item in zip(parts, inputs):
         if len(ds) == 0:
             raise UserError(f"input {item} holds no documents")
@@ -92,3 +143,23 @@ def _load(inputs: list[Path | str], columns: list[str], cache_dir: Path):
         return datasets.concatenate_datasets(parts)
     except ValueError as err:
         raise UserError(f"inputs have incompatible columns: {err}") from None
+
+
+def _check_strings(ds, item) -> None:
+    """UserError naming the first document whose text column (or group column) is not valid UTF-8."""
+    import pyarrow as pa
+
+    for name in ds.column_names:
+        column = ds.data.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        rows = 0
+        for chunk in column.chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid as err:
+                index = re.search(r"string index (\d+)", str(err))
+                row = f"document {rows + int(index.group(1)) + 1}" if index else "a document"
+                raise UserError(f"{item}: {row} has text in column {name!r} that is not UTF-8; re-encode the "
+                                "data as UTF-8") from None
+            rows += len(chunk)

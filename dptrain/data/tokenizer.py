@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from dptrain.data.sources import check_utf8
 from dptrain.errors import UserError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -105,6 +106,8 @@ def train_tokenizer(
         raise UserError(f"vocab size {vocab_size} is too small: byte fallback alone needs 260 ids")
     if sum(p.stat().st_size for p in inputs) == 0:
         raise UserError("tokenizer training input is empty")
+    for path in inputs:  # SentencePiece would quietly train on mangled text
+        check_utf8(path, "tokenizer input")
     out = Path(out)
     if out.suffix != ".model":
         out = out.with_name(out.name + ".model")
