@@ -7,7 +7,6 @@ different grammar with no secrets, used to train the demo tokenizer.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path

@@ -88,7 +88,6 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path | str]:
 def load_documents(inputs: list[Path | str], columns: list[str], cache_dir: Path):
     """One `datasets.Dataset` with exactly `columns`, inputs concatenated in the given order."""
     import datasets
-    from datasets.exceptions import DatasetGenerationError
 
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # our own bar counts documents; theirs would interleave

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, make_run
+from dptrain.privacy.journal import read_appended
 
 DATA_LEDGER_FILE = "privacy_spent.jsonl"
 # The fields that make two lines the same release: one run's step, replayed with the same draw.
@@ -59,18 +60,7 @@ class DataLedger:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def entries(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_text().splitlines()
-        rows = []
-        for number, line in enumerate(lines, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number == len(lines):
-                    break  # torn by a crash mid-write: that step had not left its process
-                raise UserError(f"{self.path} line {number} is corrupt") from None
-        return rows
+        return read_appended(self.path)
 
     def releases(self) -> list[dict]:
         """The distinct releases recorded: an exact replay of a step (same draw) counts once."""

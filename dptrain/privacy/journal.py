@@ -35,18 +35,7 @@ class LedgerJournal:
         os.fsync(self._file.fileno())
 
     def entries(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_text().splitlines()
-        rows = []
-        for number, line in enumerate(lines, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number == len(lines):
-                    break  # torn by the crash itself: that step had not left the process yet
-                raise UserError(f"{self.path} line {number} is corrupt") from None
-        return rows
+        return read_appended(self.path)
 
     def released_after(self, step: int, replayed_by: dict | None = None) -> list[dict]:
         """The distinct releases journaled past `step`, less those a run whose journal fields are
@@ -73,3 +62,20 @@ def record_entries(ledger, entries: list[dict]) -> None:
     for e in entries:
         ledger.record(e["noise_multiplier"], e["sampling_rate"], dataset_size=e.get("dataset_size"),
                       max_batch_size=e.get("max_batch_size"))
+
+
+def read_appended(path: Path) -> list[dict]:
+    """The JSON lines of an append-only file; a torn last line (a crash mid-write, before that
+    step's outputs left its process) is dropped, a corrupt earlier one is an error."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path} line {number} is corrupt") from None
+    return rows
