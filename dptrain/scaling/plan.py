@@ -20,7 +20,12 @@ from dptrain.errors import UserError
 from dptrain.scaling.law import ScalingLaw
 from dptrain.scaling.noise import calibrate_rdp, confirm_pld
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+# The model configs ship inside the package (assets/model, a copy of the repository's
+# configs/model, kept identical by a test) so an installed dptrain finds them; a checkout points
+# written configs at the repository's copy, the one its users read.
+PACKAGED_MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "model"
+SOURCE_MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+MODEL_CONFIG_DIR = SOURCE_MODEL_CONFIGS if SOURCE_MODEL_CONFIGS.is_dir() else PACKAGED_MODEL_CONFIGS
 SHIPPED_LAW = Path(__file__).resolve().parents[1] / "assets" / "scaling_law.json"  # from a real sweep
 SATURATION_GAIN = 0.01  # 10x more compute improving the loss by less than this: saturated
 MAX_EXTRAPOLATION = 3.0  # a plan further outside the fitted range is refused unless allowed
