@@ -68,7 +68,7 @@ def test_top_rows_sorted_and_mapped_to_configs():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(compute=1e3), "no configuration fits"),
+    (dict(compute=1e3), "below the cheapest plan searched"),
     (dict(epsilon=-1.0), "epsilon"),
     (dict(data_size=4), "data size"),
 ])
