@@ -271,33 +271,6 @@ def test_torchrun_cli_trains_with_fsdp_and_only_rank_zero_writes(data_dir, tmp_p
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-def _secure_worker(rank, world, data_dir, out_dir, result_file):
-    cfg = make_config(data_dir, out_dir, "ddp")
-    cfg.runtime.seed, cfg.privacy.secure_randomness = None, True
-    trainer = Trainer(cfg)
-    seen, cut = [], trainer.parallel.micro_batches
-
-    def recording(indices, size, **kwargs):
-        seen.append(indices.tolist())
-        return cut(indices, size, **kwargs)
-
-    trainer.parallel.micro_batches = recording
-    for _ in range(STEPS):
-        trainer.train_step()
-    every = [None] * world
-    dist.all_gather_object(every, seen)
-    if rank == 0:
-        torch.save(every, result_file)
-
-
-@pytest.mark.slow
-def test_secure_randomness_gives_every_rank_rank_zeros_batch(data_dir, tmp_path):
-    """OS draws differ per process: rank 0 draws the batch and every rank trains on that one."""
-    run_distributed(_secure_worker, 2, data_dir, tmp_path / "run", tmp_path / "batches.pt")
-    ranks = torch.load(tmp_path / "batches.pt")
-    assert len(ranks[0]) == STEPS and ranks[0] == ranks[1]  # two own OS draws would differ
-
-
 def _unit_worker(rank, world, mode, data_dir, out_dir, result_file, k):
     """A group-unit run with the noise off; records the weights and each rank's units per step."""
     trainer = Trainer(unit_config(data_dir, out_dir, mode, k), noise_free=True)
@@ -391,9 +364,14 @@ def _default_randomness_worker(rank, world, data_dir, out_dir, result_file, secu
     cfg.runtime.seed, cfg.privacy.secure_randomness = None, secure
     trainer = Trainer(cfg)
     initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    batches = []
+    batches, cut = [], trainer.parallel.micro_batches
+
+    def recording(indices, size, **kwargs):  # the global batch this rank takes its share of
+        batches.append(indices.tolist())
+        return cut(indices, size, **kwargs)
+
+    trainer.parallel.micro_batches = recording
     for _ in range(STEPS):
-        batches.append(None if secure else trainer.sampler.batch_at(trainer.sampler.steps_taken)[0].tolist())
         trainer.train_step()
     trainer.save_checkpoint()
     every = [None] * world
@@ -406,11 +384,12 @@ def _default_randomness_worker(rank, world, data_dir, out_dir, result_file, secu
 @pytest.mark.slow
 @pytest.mark.parametrize("secure", [False, True])
 def test_ddp_with_default_randomness_is_one_run_of_one_secret(data_dir, tmp_path, secure):
-    """Every rank samples the same global batches from the same initial weights; and (default mode)
-    the weights are those of a one-process run given the same secret."""
+    """Every rank samples the same global batches (secure: rank 0's OS draws; two own draws would
+    differ) from the same initial weights; and (default mode) the weights are those of a
+    one-process run given the same secret."""
     run_distributed(_default_randomness_worker, 2, data_dir, tmp_path / "two", tmp_path / "result.pt", secure)
     ranks = torch.load(tmp_path / "result.pt", weights_only=False)
-    assert ranks[0]["batches"] == ranks[1]["batches"]
+    assert len(ranks[0]["batches"]) == STEPS and ranks[0]["batches"] == ranks[1]["batches"]
     for name, w in ranks[0]["initial"].items():
         assert torch.equal(w, ranks[1]["initial"][name]), name
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name

@@ -168,3 +168,17 @@ def test_a_demo_packed_by_sequence_points_the_group_unit_at_demo_unit(data_dir):
         unit_ranges(data, "group", demo=True)
     with pytest.raises(UserError, match="dptrain data prepare --unit group"):
         unit_ranges(data, "group")
+
+
+def test_a_checkpoint_shared_without_its_private_state_is_intact_and_any_other_gap_is_not(data_dir, tmp_path):
+    import shutil
+
+    from dptrain.checkpoint import damage
+
+    Trainer(make_config(data_dir, tmp_path / "run", privacy={"steps": 1})).fit()
+    (latest,) = checkpoints(tmp_path / "run")
+    shared = tmp_path / "shared"
+    shutil.copytree(latest, shared, ignore=shutil.ignore_patterns("train_state.pt"))
+    assert damage(shared) is None
+    (shared / "privacy_ledger.json").unlink()
+    assert "privacy_ledger.json is missing" in damage(shared)
