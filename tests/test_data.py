@@ -494,7 +494,7 @@ def test_packing_by_group_holds_out_whole_groups(tmp_path, tokenizer):
 
 
 def test_trainer_ignores_padding_of_unit_packed_sequences(tmp_path, tokenizer):
-    from dptrain.train.trainer import IGNORE, inputs_and_targets
+    from dptrain.train.batches import IGNORE, inputs_and_targets
 
     docs = make_docs(40, seed=8)
     out = prepare([write_jsonl(tmp_path / "docs.jsonl", docs)], tokenizer, 16, tmp_path / "prep",

@@ -216,7 +216,7 @@ def test_data_packed_by_group_trains_at_sequence_level(group_data, tmp_path):
 
 def test_group_unit_step_is_the_naive_clipped_sum_of_sampled_units(group_data, tmp_path):
     from dptrain.dp.reference import naive_unit_clipped_grad_sum, unique_trainable
-    from dptrain.train.trainer import inputs_and_targets
+    from dptrain.train.batches import inputs_and_targets
 
     k = 2
     cfg = make_config(group_data, tmp_path, privacy={"unit": "group", "max_sequences_per_unit": k,

@@ -29,6 +29,15 @@ class DistEnv:
         return self.rank == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """runtime.device: "auto" is CUDA when there is one; a CUDA name without CUDA is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"runtime.device is '{name}' but no CUDA device is available")
+    return torch.device(name)
+
+
 def env_from_torchrun() -> DistEnv | None:
     """The launcher's rank layout, or None when this process was not started by one."""
     if "WORLD_SIZE" not in os.environ:

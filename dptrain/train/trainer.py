@@ -26,6 +26,7 @@ import torch
 
 from dptrain import configio
 from dptrain.distributed import make_parallel
+from dptrain.distributed.runtime import resolve_device
 from dptrain.dp import DPEngine
 from dptrain.errors import Stopped, UserError
 from dptrain.privacy.books import PrivacyBooks
@@ -46,18 +47,8 @@ from dptrain.train.run_folder import RunFolder
 from dptrain.train.schedule import lr_multiplier
 from dptrain.train.stopping import StopRequests
 
-IGNORE = batches.IGNORE
-inputs_and_targets = batches.inputs_and_targets
 # No elapsed time or rate: a step's time grows with the private, realised batch size.
 TIMELESS_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"runtime.device is '{name}' but no CUDA device is available")
-    return torch.device(name)
 
 
 @dataclass
@@ -188,7 +179,7 @@ class Trainer:
         # micro-batch holds whole units (k rows each) and one weight per unit.
         for slots in self.parallel.micro_batches(indices.reshape(-1), self.cfg.runtime.micro_batch_size,
                                                   unit_size=k):
-            inputs, targets = inputs_and_targets(self.train_data, slots, self.device)
+            inputs, targets = batches.inputs_and_targets(self.train_data, slots, self.device)
             weights = torch.from_numpy((slots.reshape(-1, k) >= 0).any(1).astype(np.float32)).to(self.device)
             with self._autocast():
                 batch_norms = self.parallel.clipped_grad_sum(self.engine, inputs, targets, weights, k)
