@@ -6,6 +6,9 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+DEFAULT_SEQ_LEN = 1024  # without a model to take it from
+# Held out by default: split by document or group before packing, so no unit straddles the split.
+DEFAULT_EVAL_FRACTION = 0.05
 # Failures to write the output that are the user's to fix, not bugs.
 WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)
 
@@ -20,7 +23,12 @@ def register(sub) -> None:
                     "manifest into OUT (atomically).")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH")
     prep.add_argument("--tokenizer", required=True, help="SentencePiece .model")
-    prep.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (the privacy unit)")
+    prep.add_argument("--model", default=None, metavar="CONFIG",
+                      help="model config YAML (or checkpoint folder) the data is for: --seq-len defaults "
+                           "from it and the tokenizer's vocabulary is checked against it")
+    prep.add_argument("--seq-len", type=int, default=None,
+                      help="tokens per sequence, the privacy unit (default: the --model's max_seq_len + 1, "
+                           f"its whole context; {DEFAULT_SEQ_LEN} without --model)")
     prep.add_argument("--out", required=True, metavar="DIR")
     prep.add_argument("--text-column", default="text")
     prep.add_argument("--group-column", default=None,
@@ -28,8 +36,10 @@ def register(sub) -> None:
     prep.add_argument("--unit", choices=("sequence", "document", "group"), default="sequence",
                       help="privacy unit to pack by: with document or group no sequence mixes two units and "
                            "each unit's last sequence is padded (group needs --group-column)")
-    prep.add_argument("--eval-fraction", type=float, default=0.0,
-                      help="fraction of documents (or groups) held out for evaluation")
+    prep.add_argument("--eval-fraction", type=float, default=None,
+                      help="fraction of documents (or groups, with --group-column) held out for evaluation, "
+                           f"never trained on (default {DEFAULT_EVAL_FRACTION}, or none when the corpus is "
+                           "too small for a complete held-out sequence; 0 for none)")
     prep.add_argument("--num-proc", type=int, default=None, help="tokenizer threads (default: all cores)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the eval split")
     prep.set_defaults(func=run_prepare)
@@ -74,14 +84,73 @@ def output_errors(out: str):
         raise UserError(f"cannot write {out}: {err.strerror} ({where})") from None
 
 
-def run_prepare(args) -> int:
-    from dptrain.data.prepare import prepare
+def load_model_config(path: str):
+    """The DecoderConfig of a model config YAML, or of a checkpoint folder's config.yaml."""
+    from dptrain.errors import UserError
+    from dptrain.model import DecoderConfig
 
+    file = Path(path) / "config.yaml" if Path(path).is_dir() else Path(path)
+    try:
+        return DecoderConfig.from_yaml(file)
+    except UserError as err:
+        raise UserError(f"--model {path} is not a model config ({err}); give a file like "
+                        "configs/model/tiny.yaml") from None
+
+
+def sequence_length(requested: int | None, model_cfg) -> int:
+    """--seq-len, or the model's whole context (max_seq_len inputs and their targets); a length
+    beyond that is refused, since the trainer would refuse the data after it was prepared."""
+    from dptrain.errors import UserError
+
+    if model_cfg is None:
+        return DEFAULT_SEQ_LEN if requested is None else requested
+    longest = model_cfg.max_seq_len + 1
+    if requested is not None and requested > longest:
+        raise UserError(f"--seq-len {requested} is beyond the model's max_seq_len {model_cfg.max_seq_len} + 1; "
+                        f"use at most {longest}")
+    return longest if requested is None else requested
+
+
+def check_tokenizer_fits(tokenizer: str, model_cfg) -> None:
+    """UserError unless the tokenizer's vocabulary is the model's vocab_size (as training requires)."""
+    from dptrain.data.tokenizer import load_tokenizer
+    from dptrain.errors import UserError
+
+    size = load_tokenizer(tokenizer).vocab_size()
+    if size != model_cfg.vocab_size:
+        raise UserError(f"tokenizer {tokenizer} has a vocabulary of {size}, the model's vocab_size is "
+                        f"{model_cfg.vocab_size}: they must be equal (train the tokenizer with "
+                        "`dptrain tokenizer train --model CONFIG`)")
+
+
+def run_prepare(args) -> int:
+    import sys
+
+    from dptrain.data.prepare import prepare
+    from dptrain.errors import UserError
+
+    model_cfg = load_model_config(args.model) if args.model else None
+    if model_cfg is not None:
+        check_tokenizer_fits(args.tokenizer, model_cfg)
+    seq_len = sequence_length(args.seq_len, model_cfg)
+    fraction = DEFAULT_EVAL_FRACTION if args.eval_fraction is None else args.eval_fraction
     check_writable(args.out)
-    with output_errors(args.out):
-        out = prepare(args.input, args.tokenizer, args.seq_len, args.out, text_column=args.text_column,
-                      group_column=args.group_column, eval_fraction=args.eval_fraction,
-                      num_proc=args.num_proc, seed=args.seed, unit=args.unit)
+
+    def run(eval_fraction: float):
+        with output_errors(args.out):
+            return prepare(args.input, args.tokenizer, seq_len, args.out, text_column=args.text_column,
+                           group_column=args.group_column, eval_fraction=eval_fraction,
+                           num_proc=args.num_proc, seed=args.seed, unit=args.unit)
+
+    try:
+        out = run(fraction)
+    except UserError as err:
+        if args.eval_fraction is not None or "eval" not in str(err):
+            raise
+        # The default split did not fit this corpus: prepare it without one, and say so.
+        print(f"dptrain data: note: no held-out split ({err}); pass --eval-fraction to choose one",
+              file=sys.stderr)
+        out = run(0.0)
     return run_info(type("Args", (), {"dir": out})())
 
 

@@ -12,7 +12,12 @@ def register(sub) -> None:
         description="Train on PUBLIC text: a tokenizer trained on private data is outside the DP "
                     "guarantee. Text files hold one sentence per line.")
     train.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text files")
-    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--vocab-size", type=int, default=None,
+                       help="pieces in the vocabulary; must equal the model's vocab_size (default: "
+                            "the --model's)")
+    train.add_argument("--model", default=None, metavar="CONFIG",
+                       help="model config YAML (or checkpoint folder) the tokenizer is for: "
+                            "--vocab-size defaults from it, or is checked against it")
     train.add_argument("--out", required=True, help="output .model path (a .vocab goes beside it)")
     train.add_argument("--private", action="store_true",
                        help="the input is private data (warns; the result is not DP)")
@@ -24,11 +29,29 @@ def register(sub) -> None:
     info.set_defaults(func=run_info)
 
 
+def vocabulary_size(requested: int | None, model: str | None) -> int:
+    """--vocab-size, or the --model's vocab_size; UserError when neither is given or they differ."""
+    from dptrain.commands.data import load_model_config
+    from dptrain.errors import UserError
+
+    if model is None:
+        if requested is None:
+            raise UserError("give --model CONFIG (the model config the tokenizer is for) or --vocab-size "
+                            "N; the vocabulary must equal the model's vocab_size")
+        return requested
+    wanted = load_model_config(model).vocab_size
+    if requested is not None and requested != wanted:
+        raise UserError(f"--vocab-size {requested} differs from the vocab_size {wanted} of {model}: "
+                        "a model trains only on data of its own vocabulary; leave --vocab-size out")
+    return wanted
+
+
 def run_train(args) -> int:
     import warnings
 
     from dptrain.data.tokenizer import PrivateTokenizerWarning, train_tokenizer
 
+    args.vocab_size = vocabulary_size(args.vocab_size, args.model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PrivateTokenizerWarning)
         out = train_tokenizer(args.input, args.vocab_size, args.out, private=args.private,
