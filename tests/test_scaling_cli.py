@@ -15,8 +15,9 @@ def law_file(tmp_path_factory):
     runs = synthetic_runs(illustrative_law(), sizes=(2e5, 1e6, 5e6), sigma_bars=(1e-5, 1e-4, 1e-3),
                           steps=(1000,))
     append_results(folder / "results.csv", runs)
+    # three methods, each refitted without each of the 9 cells and 3 sizes for its interval
     assert main(["fit", str(folder / "results.csv"), "--out", str(folder / "law.json"),
-                 "--holdout", "largest-model", "--bootstrap", "5"]) == 0
+                 "--holdout", "largest-model", "--methods", "parametric-decay,ceiling,semiparametric"]) == 0
     return folder / "law.json"
 
 
@@ -32,14 +33,24 @@ def test_the_cli_offers_every_law_method(law_file, capsys):
     assert json.loads(capsys.readouterr().out)["law_method"] == "ceiling"
 
 
-def test_fit_writes_every_law_the_runs_inform(law_file):
+def test_fit_writes_every_law_the_runs_inform(law_file, tmp_path, capsys):
     doc = json.loads(law_file.read_text())
-    # one batch size: the batch exponent cannot be fitted, so parametric-batch is left out
-    assert set(doc["laws"]) == {"parametric", "parametric-decay", "ceiling", "semiparametric"}
+    assert set(doc["laws"]) == {"parametric-decay", "ceiling", "semiparametric"}  # --methods
     assert doc["default"] in doc["laws"]
     for law in doc["laws"].values():
         assert set(law["holdout"]) == {"largest-model"}
         assert law["validity"]["M"] == [200000, 5000000]
+        assert law["leave_one_cell_out"]["groups"] == 9 and law["leave_one_size_out"]["groups"] == 3
+        assert len(law["calibration"]["cells"]) == 9
+    assert doc["fitted_on"]["seq_len"] == 257 and doc["fitted_on"]["optimizer"] == "unknown"
+    out = tmp_path / "all.json"
+    assert main(["fit", str(law_file.parent / "results.csv"), "--out", str(out), "--holdout", "none",
+                 "--no-calibration"]) == 0
+    # one batch size: the batch exponent cannot be fitted, so parametric-batch is left out
+    assert set(json.loads(out.read_text())["laws"]) == {"parametric", "parametric-decay", "ceiling", "semiparametric"}
+    assert main(["fit", str(law_file.parent / "results.csv"), "--out", str(out), "--methods",
+                 "parametric-batch"]) == 2
+    assert "two batch sizes" in capsys.readouterr().err
 
 
 def test_plan_json_config_and_plots(law_file, tmp_path, capsys):
@@ -53,10 +64,11 @@ def test_plan_json_config_and_plots(law_file, tmp_path, capsys):
     assert out["law_validity"]["T"] == [50, 1000] and best["steps"] > 1000
     assert best["outside"]["T"] == pytest.approx(best["steps"] / 1000)
     assert best["outside"]["M"] == 1.0 or best["params"] < 2e5 or best["params"] > 5e6
-    low, high = best["interval"]  # the parametric law of this file carries bootstrap refits
+    low, high = best["interval"]  # calibrated on held-out cells
     assert low <= high and low < best["loss"] * 1.5 and high > best["loss"] / 1.5
+    assert best["interval_kind"] == "calibrated"
     header = config.read_text().splitlines()[1]
-    assert "outside the fitted range: " in header and "90% bootstrap interval" in header
+    assert "outside the fitted range: " in header and "90% interval" in header
     assert len(out["plans"]) == 3 and out["nonprivate_params_chinchilla"] > out["plans"][0]["params"]
     written = yaml.safe_load(config.read_text())
     assert written["privacy"]["steps"] == out["plans"][0]["steps"]
@@ -75,7 +87,7 @@ def test_plan_table(law_file, capsys):
     assert main([*argv, "--allow-extrapolation"]) == 0
     out = capsys.readouterr().out
     assert "sigma_bar" in out and "non-private optimum (Chinchilla rule)" in out
-    assert "saturated" in out and "3.16x" in out and "no bootstrap interval" in out
+    assert "saturated" in out and "3.16x" in out and "90% interval" in out
 
 
 def test_search_bounds_are_options_and_flagged(law_file, capsys):

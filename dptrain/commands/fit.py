@@ -18,16 +18,50 @@ def register(sub) -> None:
                         help="which parameter count M means (default total)")
     parser.add_argument("--default", choices=LAW_METHODS, default=None,
                         help="method the planner uses by default (default: the lowest worst holdout error)")
-    parser.add_argument("--bootstrap", type=int, default=100, metavar="N",
-                        help="parametric refits on resampled runs, for prediction intervals "
-                             "(default 100; 0 for none)")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="parametric refits on resampled runs, kept in the file as the spread of "
+                             "the coefficients (default 0: the prediction interval is calibrated on "
+                             "held-out cells instead)")
+    parser.add_argument("--no-calibration", dest="calibration", action="store_false",
+                        help="skip the leave-one-cell-out and leave-one-size-out refits (one fit per "
+                             "cell and per size and method): no errors for them and no prediction interval")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods to fit (default: every one the runs can inform)")
+    parser.add_argument("--spec", action="append", default=[], metavar="SPEC.yaml",
+                        help="sweep spec the results came from (repeatable): records the optimizer, "
+                             "schedule, learning rate and clip norm the law holds for")
+    parser.add_argument("--data", metavar="PREPARED",
+                        help="the sweep's prepared data folder: records its corpus fingerprint, tokenizer "
+                             "and sequence length (default: a spec's data folder, where it exists here)")
+    parser.add_argument("--corpus", metavar="NAME", help="a name for the sweep's corpus, recorded in the law")
     parser.set_defaults(func=run)
+
+
+def _errors(what: str, e: dict, unit: str) -> str:
+    if e.get("mean_abs_rel_error") is None:
+        return f"{what}: none could be refitted"
+    skipped = f", {len(e['skipped'])} skipped" if e.get("skipped") else ""
+    return (f"{what} ({e['groups']} {unit}{skipped}): {e['mean_abs_rel_error']:.2%} mean, "
+            f"{e['max_abs_rel_error']:.2%} max")
+
+
+def describe_calibration(law) -> str:
+    """One line: leave-one-cell-out and leave-one-size-out errors, seed spread, interval factors."""
+    c = law.calibration
+    seed = (f"seed spread {c['seed_spread']:.2%} ({c['seed_groups']} groups of runs differing only in seed)"
+            if c.get("seed_spread") is not None else "seed spread not measured (no runs differ only in seed)")
+    factors = (f"90% interval x{c['factors'][0]:.4f}..x{c['factors'][1]:.4f}" if c.get("factors")
+               else "no interval")
+    return "; ".join([_errors("leave-one-cell-out", law.leave_one_cell_out, "cells"),
+                      _errors("leave-one-size-out", law.leave_one_size_out, "sizes"), seed, factors])
 
 
 def run(args) -> int:
     from dptrain.errors import UserError
     from dptrain.scaling.fit import fit_all
+    from dptrain.scaling.fit import applicable_methods
     from dptrain.scaling.law import VALIDATION_BAR, save_laws
+    from dptrain.scaling.provenance import describe, fit_provenance
     from dptrain.scaling.results import read_results
 
     runs = [run for path in args.results for run in read_results(path)]
@@ -36,19 +70,36 @@ def run(args) -> int:
     rules = [] if args.holdout == "none" else [r.strip() for r in args.holdout.split(",") if r.strip()]
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be 0 or more")
-    laws = fit_all(runs, rules, args.params, bootstrap=args.bootstrap)
+    methods = None
+    if args.methods:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        wrong = [m for m in methods if m not in LAW_METHODS]
+        if wrong or not methods:
+            raise UserError(f"--methods {args.methods}: expected some of {', '.join(LAW_METHODS)}")
+        unfit = [m for m in methods if m not in applicable_methods(runs)]
+        if unfit:
+            raise UserError(f"--methods: {', '.join(unfit)} needs runs at two batch sizes")
+    fitted_on = fit_provenance(runs, args.results, args.spec, args.data, args.corpus)
+    laws = fit_all(runs, rules, args.params, methods=methods, bootstrap=args.bootstrap,
+                   calibration=args.calibration)
     # with no holdout, the paper's form; else the method whose worst rule errs least
     default = args.default or ("parametric" if not rules else min(laws, key=lambda k: laws[k].worst_holdout_error()))
     if default not in laws:
         raise UserError(f"--default {default}: not fitted (parametric-batch needs runs at two batch sizes)")
-    save_laws(args.out, laws, default)
+    save_laws(args.out, laws, default, fitted_on)
     v = next(iter(laws.values())).validity
     print(f"{len(runs)} runs; M {v['M'][0]:.3g}..{v['M'][1]:.3g}, T {v['T'][0]:.3g}..{v['T'][1]:.3g}, "
           f"sigma_bar {v['sigma_bar'][0]:.3g}..{v['sigma_bar'][1]:.3g}, batch {v['batch'][0]:.3g}..{v['batch'][1]:.3g}")
+    print(f"fitted on: {describe(fitted_on)}")
+    c = fitted_on["compute"]
+    print(f"compute: {c['per_run'][0]:.3g}..{c['per_run'][1]:.3g} FLOPs per run, {c['total']:.3g} in all "
+          "(6 M B S T, hardware-independent)")
     for name, law in laws.items():
         errs = "; ".join(f"{rule} ({len(h['runs'])} runs): {h['mean_abs_rel_error']:.2%} mean, "
                          f"{h['max_abs_rel_error']:.2%} max" for rule, h in law.holdout.items()) or "no holdout"
         print(f"{name:17s} {errs}{'  [default]' if name == default else ''}")
+        if law.calibration:
+            print(f"{'':17s} {describe_calibration(law)}")
     if not laws[default].validated():
         print(f"not validated: the {default} law does not predict both a larger model ('largest-model') "
               f"and longer runs ('late' or 'longest') within {VALIDATION_BAR:.0%}; do not ship it")

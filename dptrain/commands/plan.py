@@ -15,7 +15,15 @@ def law_holdout_summary(law) -> dict:
 
 
 def describe_holdout(law) -> str:
-    return ", ".join(f"{rule} {h['mean_abs_rel_error']:.1%}" for rule, h in law.holdout.items()) or "none recorded"
+    parts = [f"{rule} {h['mean_abs_rel_error']:.1%}" for rule, h in law.holdout.items()]
+    for name, e in (("leave-one-cell-out", law.leave_one_cell_out), ("leave-one-size-out", law.leave_one_size_out)):
+        if e.get("mean_abs_rel_error") is not None:
+            parts.append(f"{name} {e['mean_abs_rel_error']:.1%} (max {e['max_abs_rel_error']:.1%})")
+    return ", ".join(parts) or "none recorded"
+
+
+def leave_out_summary(e: dict) -> dict | None:
+    return {k: e[k] for k in ("mean_abs_rel_error", "max_abs_rel_error", "groups")} if e else None
 
 
 def register(sub) -> None:
@@ -26,7 +34,11 @@ def register(sub) -> None:
     parser.add_argument("--delta", type=float, required=True)
     parser.add_argument("--data-size", type=int, required=True,
                         help="training examples N: sequences, or documents / groups with --unit")
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: that of --data, else 1024)")
+    parser.add_argument("--data", metavar="PREPARED",
+                        help="your prepared data: its corpus fingerprint, vocabulary and sequence length "
+                             "are checked against what the law was fitted on")
     parser.add_argument("--unit", choices=["sequence", "document", "group"], default="sequence",
                         help="privacy unit: the batch then counts units, each of up to "
                              "--sequences-per-unit sequences")
@@ -54,8 +66,8 @@ def register(sub) -> None:
     parser.add_argument("--write-config", metavar="FILE",
                         help="write a `dptrain train` config for the best plan")
     parser.add_argument("--data-path", metavar="DIR",
-                        help="prepared data folder for --write-config (needed with it; if it "
-                             "exists, its training split must hold --data-size sequences)")
+                        help="prepared data folder for --write-config (needed with it unless --data "
+                             "names it; if it exists, its training split must hold --data-size sequences)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write planner figures (PNG) here")
     parser.set_defaults(func=run)
 
@@ -92,9 +104,15 @@ def run(args) -> int:
     from dptrain.scaling.plan import (MAX_EXTRAPOLATION, SATURATION_GAIN, SHIPPED_LAW, check_planned_data,
                                       chinchilla_params, describe_extrapolation, plan,
                                       saturation, with_pld_sigma, write_training_config)
+    from dptrain.scaling.provenance import check_against, data_facts, describe
 
     if args.top < 1:
         raise UserError("--top must be at least 1")
+    if args.data is not None:
+        yours = data_facts(args.data)
+        args.seq_len = yours["seq_len"] if args.seq_len is None else args.seq_len
+        args.data_path = args.data if args.data_path is None else args.data_path
+    args.seq_len = 1024 if args.seq_len is None else args.seq_len
     check_numbers(args)
     if args.sequences_per_unit < 1 or (args.unit == "sequence" and args.sequences_per_unit != 1):
         raise UserError("--sequences-per-unit must be at least 1, and 1 unless --unit is document or group")
@@ -112,6 +130,12 @@ def run(args) -> int:
                             "`dptrain fit RESULTS.csv --out LAW.json` and pass --law LAW.json")
         args.law = str(SHIPPED_LAW)
     law = load_law(args.law, args.method)
+    # the law applies to one example of example_tokens; the data check reads --seq-len itself
+    check = check_against(law.fitted_on, args.seq_len, args.data)
+    if args.unit != "sequence" and check["matches"]:
+        check = {**check, "matches": False, "differences": [
+            f"planned in {args.unit}s of {example_tokens} tokens; the law was fitted on single sequences"]}
+    usable = law.validated() and check["matches"]
     bounds = {"min_params": args.min_params, "max_params": args.max_params}
     budget = (args.epsilon, args.delta, args.data_size, example_tokens)
     if args.max_steps < 10 or (args.max_batch is not None and args.max_batch < 16):
@@ -141,6 +165,11 @@ def run(args) -> int:
         json.dump({"plans": [asdict(p) for p in plans], "law_method": law.method,
                    "law_validity": law.validity, "law_holdout": law_holdout_summary(law),
                    "law_validated": law.validated(),
+                   "law_leave_one_cell_out": leave_out_summary(law.leave_one_cell_out),
+                   "law_leave_one_size_out": leave_out_summary(law.leave_one_size_out),
+                   "law_fitted_on": law.fitted_on,
+                   "data_check": {"matches": check["matches"], "differences": check["differences"]},
+                   "validated_for_this_plan": usable,
                    "saturation": [{"compute": c, "best_loss": l, "gain": None if math.isnan(g) else g}
                                   for c, l, g in sat],
                    "nonprivate_params_chinchilla": nonprivate}, sys.stdout, indent=1)
@@ -166,6 +195,11 @@ def run(args) -> int:
                   + (f"  [on bound: {', '.join(p.edges)}]" if p.edges else ""))
         print(f"best: {describe_extrapolation(best)}")
         print(f"law fitted on {fitted}")
+        print(f"law fitted on: {describe(law.fitted_on)}")
+        for line in check["differences"]:
+            print(f"data check: {line}")
+        if check["matches"]:
+            print("data check: your data is the law's corpus, at its sequence length")
         print(f"law holdout errors (mean): {describe_holdout(law)}"
               + ("" if law.validated() else f"; NOT validated to {VALIDATION_BAR:.0%} on a larger model and "
                  "longer runs: treat the predicted losses as rough"))
@@ -184,7 +218,12 @@ def run(args) -> int:
         write_training_config(args.write_config, best, args.epsilon, args.delta, args.seq_len,
                               args.data_path, unit=args.unit, sequences_per_unit=args.sequences_per_unit,
                               notes=[f"law {law.method}, holdout errors (mean): {describe_holdout(law)}; "
-                                     + ("validated" if law.validated() else "not validated")])
+                                     + ("validated, on data that is the law's corpus at its sequence length"
+                                        if usable else "not validated for this plan"
+                                        + ("" if law.validated() else ": the law fails its own holdout bar"))]
+                              + [f"data check: {line}" for line in check["differences"]]
+                              + [f"law fitted on: {describe(law.fitted_on)}"],
+                              fitted_on=law.fitted_on)
         print(f"wrote {args.write_config}", file=sys.stderr if args.json else sys.stdout)
     if args.plot_dir:
         from dptrain.scaling.plots import plot_planner

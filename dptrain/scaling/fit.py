@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from dptrain.errors import UserError
 from dptrain.progress import progress_bar
 from dptrain.scaling.law import (CEILING_NAMES, PARAMETRIC_NAMES, CeilingLaw, ParametricLaw, ScalingLaw,
-                                 SemiParametricLaw)
+                                 SemiParametricLaw, calibrated_factors)
 from dptrain.scaling.results import RunResult
 
 HUBER_DELTA = 1e-3
@@ -355,6 +355,98 @@ def holdout_error(law: ScalingLaw, held: list[RunResult]) -> dict:
             "max_abs_rel_error": float(rel.max())}
 
 
+def cell_of(run: RunResult, params_key: str = "total") -> tuple:
+    """A run's cell: its (M, sigma_bar, batch) configuration (runs of a cell differ in seed or T)."""
+    return (run.params(params_key), run.sigma_bar, run.batch_size)
+
+
+def seed_spread(runs: list[RunResult]) -> dict:
+    """Run-to-run spread of the final loss from runs that differ only in seed (same model, batch,
+    sigma_bar and steps): the pooled standard deviation of log final loss within those groups
+    ({"seed_spread": None} when no two runs differ only in seed)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in runs:
+        key = (r.params_total, r.params_nonembed, r.batch_size, r.sigma_bar, r.steps)
+        groups.setdefault(key, []).append(math.log(r.final_loss()))
+    pairs = [np.array(v) for v in groups.values() if len(v) >= 2]
+    dof = sum(len(v) - 1 for v in pairs)
+    if not dof:
+        return {"seed_spread": None, "seed_groups": 0, "seed_runs": 0}
+    pooled = math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in pairs) / dof)
+    return {"seed_spread": pooled, "seed_groups": len(pairs), "seed_runs": sum(len(v) for v in pairs)}
+
+
+def leave_out(runs: list[RunResult], fitter, params_key: str, key, desc: str = "") -> list[dict]:
+    """For each group of runs sharing `key(run)`: the method refitted on every other run, its
+    prediction of the group's final losses. A group whose removal leaves runs the method cannot
+    fit is skipped (recorded with "skipped")."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    out = []
+    for group_key in progress_bar(sorted(groups), desc=desc or "leave-out", unit="fit", disable=None):
+        held = groups[group_key]
+        ids = {r.run_id for r in held}
+        train = [r for r in runs if r.run_id not in ids]
+        entry = {"group": list(group_key) if isinstance(group_key, tuple) else group_key,
+                 "runs": [r.run_id for r in held]}
+        try:
+            if not train:
+                raise UserError("no run left")
+            law = fitter(train, params_key)
+        except UserError as err:
+            out.append({**entry, "skipped": str(err)})
+            continue
+        pred = law.predict(np.array([r.params(params_key) for r in held], dtype=float),
+                           [r.steps for r in held], [r.sigma_bar for r in held],
+                           [r.batch_size for r in held], warn=False)
+        out.append({**entry, "predicted": [float(x) for x in pred],
+                    "measured": [r.final_loss() for r in held]})
+    return out
+
+
+def _errors(groups: list[dict]) -> dict:
+    """Mean and max absolute relative error over the runs of the groups that were predicted."""
+    done = [g for g in groups if "predicted" in g]
+    rel = np.array([abs(p - m) / m for g in done for p, m in zip(g["predicted"], g["measured"])])
+    if not len(rel):
+        return {"mean_abs_rel_error": None, "max_abs_rel_error": None, "groups": 0, "runs": 0,
+                "skipped": [g["group"] for g in groups]}
+    per_group = [float(np.mean([abs(p - m) / m for p, m in zip(g["predicted"], g["measured"])])) for g in done]
+    return {"mean_abs_rel_error": float(rel.mean()), "max_abs_rel_error": float(rel.max()),
+            "groups": len(done), "runs": int(len(rel)),
+            "groups_above_2pct": float(np.mean(np.array(per_group) > 0.02)),
+            "skipped": [g["group"] for g in groups if "predicted" not in g]}
+
+
+CALIBRATION_LEVEL = 0.9
+
+
+def calibrate(law: ScalingLaw, runs: list[RunResult], fitter, params_key: str = "total") -> ScalingLaw:
+    """Fill in the law's leave-one-cell-out and leave-one-size-out errors and the calibration of
+    its prediction interval: each cell's log residual from the law refitted without that cell,
+    and the seed spread measured on runs that differ only in seed (`law.interval`)."""
+    cells = leave_out(runs, fitter, params_key, lambda r: cell_of(r, params_key), f"{law.method}: cells")
+    sizes = leave_out(runs, fitter, params_key, lambda r: r.params(params_key), f"{law.method}: sizes")
+    cell_errors, size_errors = _errors(cells), _errors(sizes)
+    law.leave_one_cell_out = {"rule": "each (M, sigma_bar, batch) cell predicted by a fit without it",
+                              **cell_errors}
+    law.leave_one_size_out = {
+        "rule": "each model size predicted by a fit without it (the smallest and largest: extrapolation)",
+        **size_errors,
+        "by_size": {str(g["group"]): float(np.mean([abs(p - m) / m for p, m in zip(g["predicted"], g["measured"])]))
+                    for g in sizes if "predicted" in g}}
+    residuals = [{"cell": g["group"], "runs": g["runs"],
+                  "log_residual": float(np.mean(np.log(np.array(g["measured"]) / np.array(g["predicted"]))))}
+                 for g in cells if "predicted" in g]
+    law.calibration = {"method": "leave-one-cell-out log residuals, each widened by the seed spread",
+                       "level": CALIBRATION_LEVEL, **seed_spread(runs), "cells": residuals}
+    if residuals:
+        lo, hi = calibrated_factors(law.calibration, CALIBRATION_LEVEL)
+        law.calibration["factors"] = [lo, hi]
+    return law
+
+
 def applicable_methods(runs: list[RunResult]) -> list[str]:
     """The methods the runs can inform: all but parametric-batch when they share one batch size."""
     one_batch = len({r.batch_size for r in runs}) < 2
@@ -362,11 +454,13 @@ def applicable_methods(runs: list[RunResult]) -> list[str]:
 
 
 def fit_all(runs: list[RunResult], holdout=("0.2",), params_key: str = "total",
-            methods=None, bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, ScalingLaw]:
+            methods=None, bootstrap: int = BOOTSTRAP_RESAMPLES, calibration: bool = False) -> dict[str, ScalingLaw]:
     """Each method (default: every one the runs can inform; parametric-batch needs two batch
     sizes) fitted on all runs; its `holdout` entry gives, per rule in `holdout` (a rule or a
     sequence of them, see `split_holdout`), the errors on the held-out runs of the same method
-    fitted without them. The parametric laws also get `bootstrap` refits."""
+    fitted without them. The parametric laws also get `bootstrap` refits. With `calibration`,
+    every law also gets its leave-one-cell-out and leave-one-size-out errors and a calibrated
+    prediction interval (`calibrate`: one refit per cell and per size)."""
     rules = [holdout] if isinstance(holdout, str) else list(holdout or ())
     laws = {}
     methods = applicable_methods(runs) if methods is None else methods
@@ -379,5 +473,7 @@ def fit_all(runs: list[RunResult], holdout=("0.2",), params_key: str = "total",
                                  **holdout_error(fitter(train, params_key), held)}
         if isinstance(law, ParametricLaw) and bootstrap:
             law.bootstrap = bootstrap_parametric(runs, params_key, bootstrap, fitter=fitter)
+        if calibration:
+            calibrate(law, runs, fitter, params_key)
         laws[name] = law
     return laws

@@ -44,6 +44,39 @@ def squashed_noise(sigma_bar: np.ndarray, center: float = FIXED_SQUASH["center"]
         return 1.0 / (1.0 + np.exp(-z))
 
 
+def calibrated_factors(calibration: dict, level: float = 0.9) -> tuple[float, float]:
+    """(low, high) factors on a prediction for a `level` interval of a new run's loss.
+
+    Each held-out cell's log residual r_c = mean over its k_c runs of log(measured / predicted by
+    the law refitted without the cell) is one draw of the law's error at a configuration it has
+    not seen, seed noise included but averaged over k_c runs; a new run has its own seed draw, so
+    the cell is widened by the rest of the seed spread s: a normal of variance s^2 (1 - 1/k_c)
+    in log-loss (nothing for a cell of one run). The interval is the central `level` of the
+    mixture (1/n) sum_c N(r_c, s^2 (1 - 1/k_c)), with the level raised to level * (1 + 1/n) (the
+    split-conformal correction for n calibration cells) and capped where the mixture's tails take
+    over (with fewer than about 10 cells the interval spans the extreme residuals)."""
+    from scipy.special import ndtr
+
+    cells = calibration["cells"]
+    r = np.array([c["log_residual"] for c in cells], dtype=float)
+    k = np.array([max(1, len(c.get("runs", ()))) for c in cells], dtype=float)
+    n = len(r)
+    s = float(calibration.get("seed_spread") or 0.0)  # no seed pairs measured: residuals alone
+    widen = np.maximum(s * np.sqrt(1 - 1 / k), 1e-9)
+    level = min(level * (1 + 1 / n), 1 - 0.5 / n)
+    out = []
+    for target in ((1 - level) / 2, (1 + level) / 2):
+        lo, hi = r.min() - 10 * widen.max(), r.max() + 10 * widen.max()
+        for _ in range(100):  # bisection on the mixture's CDF: deterministic
+            mid = 0.5 * (lo + hi)
+            if ndtr((mid - r) / widen).mean() < target:
+                lo = mid
+            else:
+                hi = mid
+        out.append(math.exp(0.5 * (lo + hi)))
+    return out[0], out[1]
+
+
 @dataclass
 class ScalingLaw:
     method: str
@@ -53,6 +86,16 @@ class ScalingLaw:
     validity: dict[str, list[float]]
     # Per holdout rule ("0.2", "largest-model", "late", ...): errors of a fit without the held-out runs.
     holdout: dict = field(default_factory=dict)
+    # Leave-one-cell-out residuals (a cell: one (M, sigma_bar, batch) configuration) and the seed
+    # spread, behind the prediction interval (`fit.calibrate`); empty in files from before.
+    calibration: dict = field(default_factory=dict)
+    # {"mean_abs_rel_error", "max_abs_rel_error", ...} of the method refitted without each cell, and
+    # without each model size.
+    leave_one_cell_out: dict = field(default_factory=dict)
+    leave_one_size_out: dict = field(default_factory=dict)
+    # What the law was fitted on (corpus, tokenizer, sequence length, optimizer, ...): the file's
+    # "fitted_on" record (`dptrain.scaling.provenance`), set by `load_law`; None in older files.
+    fitted_on: dict | None = None
 
     def __post_init__(self):
         if "rule" in self.holdout:  # a law file of one rule, written before rules were keyed
@@ -102,10 +145,22 @@ class ScalingLaw:
             factors[name] = max(1.0, below, value / hi)
         return factors
 
+    @property
+    def interval_kind(self) -> str | None:
+        """What `interval` rests on: "calibrated" (held-out cells and the seed spread),
+        "bootstrap" (coefficient refits only, older files) or None."""
+        return "calibrated" if self.calibration.get("cells") else None
+
     def interval(self, M: float, T: float, sigma_bar: float, batch: float | None = None,
                  level: float = 0.9) -> tuple | None:
-        """A `level` interval of the predicted loss from the law's bootstrap refits, or None."""
-        return None
+        """A `level` interval of the loss a run at this point will measure: the prediction times
+        the quantiles of the leave-one-cell-out residuals, each widened by the seed spread (see
+        `calibrated_factors`); None for a law without a calibration."""
+        if not self.calibration.get("cells"):
+            return None
+        lo, hi = calibrated_factors(self.calibration, level)
+        pred = float(self.predict(M, T, sigma_bar, batch, warn=False))
+        return pred * lo, pred * hi
 
     def predict(self, M, T, sigma_bar, batch=None, warn: bool = True) -> np.ndarray:
         """Predicted loss; `batch` (the expected batch size) is needed by a law that reads it."""
@@ -126,8 +181,10 @@ class ScalingLaw:
         raise NotImplementedError
 
     def to_dict(self) -> dict:
+        extra = {k: getattr(self, k) for k in ("calibration", "leave_one_cell_out", "leave_one_size_out")
+                 if getattr(self, k)}
         return {"method": self.method, "params_key": self.params_key, "validity": self.validity,
-                "holdout": self.holdout}
+                "holdout": self.holdout, **extra}
 
 
 @dataclass
@@ -158,8 +215,17 @@ class ParametricLaw(ScalingLaw):
     def reads_batch(self) -> bool:
         return self.params["beta_batch"] != 0
 
+    @property
+    def interval_kind(self) -> str | None:
+        return super().interval_kind or ("bootstrap" if self.bootstrap else None)
+
     def interval(self, M: float, T: float, sigma_bar: float, batch: float | None = None,
                  level: float = 0.9) -> tuple | None:
+        """The calibrated interval (`ScalingLaw.interval`) where the law has one; else, in files
+        from before calibration, the spread of the bootstrap refits' predictions (coefficients
+        only: it leaves out run-to-run noise and the shape's own error, and covers too little)."""
+        if self.calibration.get("cells"):
+            return super().interval(M, T, sigma_bar, batch, level)
         if not self.bootstrap:
             return None
         batch = 1.0 if batch is None else batch
@@ -257,8 +323,13 @@ def law_from_dict(d: dict) -> ScalingLaw:
     return _KINDS[d["method"]](**d)
 
 
-def save_laws(path: str | Path, laws: dict[str, ScalingLaw], default: str) -> None:
-    doc = {"format": FORMAT, "default": default, "laws": {k: v.to_dict() for k, v in laws.items()}}
+def save_laws(path: str | Path, laws: dict[str, ScalingLaw], default: str,
+              fitted_on: dict | None = None) -> None:
+    """Write the laws; `fitted_on` (`dptrain.scaling.provenance.fit_provenance`) records what they
+    were fitted on."""
+    doc = {"format": FORMAT, "default": default,
+           **({"fitted_on": fitted_on} if fitted_on is not None else {}),
+           "laws": {k: v.to_dict() for k, v in laws.items()}}
     Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
 
@@ -272,7 +343,9 @@ def load_law(path: str | Path, method: str | None = None) -> ScalingLaw:
         method = method or doc["default"]
         if method not in doc["laws"]:
             raise ValueError(f"no {method!r} law (has {sorted(doc['laws'])})")
-        return law_from_dict(doc["laws"][method])
+        law = law_from_dict(doc["laws"][method])
+        law.fitted_on = doc.get("fitted_on")
+        return law
     except FileNotFoundError:
         raise UserError(f"law file not found: {path}") from None
     except (ValueError, KeyError, TypeError) as err:

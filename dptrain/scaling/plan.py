@@ -50,7 +50,9 @@ class Plan:
     # Bounds of the search this plan sits on ("batch max", "steps min", ...): the optimum may lie
     # beyond them.
     edges: tuple[str, ...] = ()
-    interval: tuple[float, float] | None = None  # bootstrap 90% interval of the predicted loss
+    interval: tuple[float, float] | None = None  # 90% interval of the loss a run will measure
+    interval_kind: str | None = None  # "calibrated" (held-out cells, seed spread) or "bootstrap"
+    seq_len: int = 0  # tokens per example the law is applied to (seq len x sequences per unit)
 
     @property
     def extrapolation(self) -> float:
@@ -178,7 +180,8 @@ def _make_plan(m, b, t, sigma, loss, seq_len, configs, accountant="rdp") -> Plan
     name, size = (min(configs.items(), key=lambda kv: abs(math.log(kv[1] / m))) if configs
                   else ("", 0))
     return Plan(float(m), b, t, float(sigma), float(sigma / b), float(loss),
-                float(6 * m * b * seq_len * t), float(b * t * seq_len / m), name, int(size), accountant)
+                float(6 * m * b * seq_len * t), float(b * t * seq_len / m), name, int(size), accountant,
+                seq_len=int(seq_len))
 
 
 def _with_honesty(law: ScalingLaw, p: Plan, limits: dict | None = None) -> Plan:
@@ -191,8 +194,15 @@ def _with_honesty(law: ScalingLaw, p: Plan, limits: dict | None = None) -> Plan:
             edges.append(f"{name} min")
         if hi is not None and value >= hi / 10 ** 0.25:
             edges.append(f"{name} max")
-    return Plan(**{**asdict(p), "outside": law.outside_factors(p.params, p.steps, p.sigma_bar, p.batch_size),
+    outside = law.outside_factors(p.params, p.steps, p.sigma_bar, p.batch_size)
+    law_seq = (law.fitted_on or {}).get("seq_len")
+    # another sequence length is outside the fitted range too. One token apart is the same length:
+    # a sweep records the tokens predicted per sequence, one less than the prepared length.
+    if isinstance(law_seq, int) and p.seq_len and abs(p.seq_len - law_seq) > 1:
+        outside["seq_len"] = max(p.seq_len / law_seq, law_seq / p.seq_len)
+    return Plan(**{**asdict(p), "outside": outside,
                    "interval": law.interval(p.params, p.steps, p.sigma_bar, p.batch_size),
+                   "interval_kind": law.interval_kind,
                    "edges": tuple(dict.fromkeys(edges))})
 
 
@@ -200,8 +210,14 @@ def describe_extrapolation(p: Plan) -> str:
     """One line: where the plan lies against the law's fitted range, and its interval."""
     far = [f"{name} {factor:.3g}x" for name, factor in p.outside.items() if factor > 1]
     where = ("outside the fitted range: " + ", ".join(far)) if far else "inside the fitted range"
-    interval = (f"; 90% bootstrap interval {p.interval[0]:.4f}..{p.interval[1]:.4f}"
-                if p.interval else "; no bootstrap interval in this law")
+    if p.interval and p.interval_kind == "bootstrap":
+        interval = (f"; 90% bootstrap interval {p.interval[0]:.4f}..{p.interval[1]:.4f} (coefficients "
+                    "only: no run-to-run noise, covers too little)")
+    elif p.interval:
+        interval = (f"; 90% interval {p.interval[0]:.4f}..{p.interval[1]:.4f} (held-out cells and seed "
+                    "spread" + (", inside the fitted range only)" if far else ")"))
+    else:
+        interval = "; no prediction interval in this law"
     edges = f"; on the search bound: {', '.join(p.edges)}" if p.edges else ""
     return f"predicted loss {p.loss:.4f}, {where}{interval}{edges}"
 
@@ -268,10 +284,12 @@ def check_planned_data(data_path: str | Path, data_size: int, seq_len: int, unit
 
 
 def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_path: str | Path,
-                    base_dir: Path | None = None, unit: str = "sequence", sequences_per_unit: int = 1) -> dict:
+                    base_dir: Path | None = None, unit: str = "sequence", sequences_per_unit: int = 1,
+                    fitted_on: dict | None = None) -> dict:
     """A `dptrain train` config for a plan: the nearest shipped model config, the plan's batch,
-    steps and sigma (rounded up, so the trainer's budget check at `target_epsilon` holds), and the
-    prepared data folder the plan's data size describes.
+    steps and sigma (rounded up, so the trainer's budget check at `target_epsilon` holds), the
+    prepared data folder the plan's data size describes, and the optimizer, schedule and clip
+    norm the law was fitted with (`fitted_on`, where it records them: the law holds for them only).
 
     The model path is relative to `base_dir` (the config file's folder; the trainer resolves it
     from there), absolute without one."""
@@ -285,6 +303,17 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
                     "noise_multiplier": math.ceil(p.sigma * 1e6) / 1e6, "accountant": p.accountant,
                     "expected_batch_size": int(p.batch_size), "steps": int(p.steps)},
     }
+    from dptrain.scaling.provenance import known
+
+    fitted_on = fitted_on or {}
+    if isinstance(fitted_on.get("optimizer"), dict):
+        o = fitted_on["optimizer"]
+        cfg["optimizer"] = {"name": o["name"], "lr": o["lr"], "betas": list(o["betas"]),
+                            "weight_decay": o["weight_decay"]}
+    if isinstance(fitted_on.get("schedule"), dict):
+        cfg["schedule"] = dict(fitted_on["schedule"])
+    if known(fitted_on.get("clip_norm")):
+        cfg["privacy"]["max_grad_norm"] = float(fitted_on["clip_norm"])
     if unit != "sequence":  # micro-batches of whole units: a multiple of k rows, about 16
         k = int(sequences_per_unit)
         cfg["privacy"].update(unit=unit, max_sequences_per_unit=k)
@@ -294,10 +323,16 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
 
 def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: float, seq_len: int,
                           data_path: str | Path, unit: str = "sequence", sequences_per_unit: int = 1,
-                          notes: list[str] = ()) -> None:
+                          notes: list[str] = (), fitted_on: dict | None = None) -> None:
     path = Path(path)
     cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent,
-                          unit=unit, sequences_per_unit=sequences_per_unit)
+                          unit=unit, sequences_per_unit=sequences_per_unit, fitted_on=fitted_on)
+    if "optimizer" in cfg or "schedule" in cfg:
+        notes = [*notes, "optimizer, schedule and clip norm: those of the law's sweep (its predictions "
+                         "hold for them only)"]
+    else:
+        notes = [*notes, "the law does not record its optimizer and schedule: the trainer's defaults "
+                         "below may not be what it was fitted with"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# planned for {p.params:.3g} parameters (nearest config: {p.nearest_config})\n"
                     f"# {describe_extrapolation(p)}\n" + "".join(f"# {note}\n" for note in notes)
