@@ -154,8 +154,15 @@ def test_checkpoint_of_another_config_is_refused(data_dir, tmp_path):
         Trainer(make_config(data_dir, tmp_path, privacy={"noise_multiplier": 2.0}))
 
 
-def test_corrupt_checkpoint_is_a_user_error(data_dir, tmp_path):
+def test_corrupt_private_state_is_set_aside_or_named(data_dir, tmp_path):
     path = Trainer(make_config(data_dir, tmp_path)).save_checkpoint()
+    (path / "train_state.pt").write_bytes(b"not a checkpoint")
+    resumed = Trainer(make_config(data_dir, tmp_path))  # its checksum shows it: set aside, none left
+    assert resumed.step == 0 and not path.exists() and list(path.parent.glob("damaged-step-00000000-*"))
+    path = resumed.save_checkpoint()
+    resumed.close()
+    # a checkpoint written before checksums: the same damage is one line
+    (path / "checksums.json").unlink()
     (path / "train_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="corrupt"):
         Trainer(make_config(data_dir, tmp_path))
