@@ -387,6 +387,14 @@ class PrivacyLedger:
     def runs(self) -> tuple[StepRun, ...]:
         return tuple(self._runs)
 
+    def by_mechanism(self) -> dict[tuple, int]:
+        """Steps per distinct mechanism (σ, q, truncation): what the composition depends on."""
+        counts: dict[tuple, int] = {}
+        for r in self._runs:
+            key = (r.noise_multiplier, r.sampling_rate, r.dataset_size, r.max_batch_size)
+            counts[key] = counts.get(key, 0) + r.count
+        return counts
+
     @property
     def steps(self) -> int:
         return sum(r.count for r in self._runs)

@@ -67,13 +67,19 @@ class PrivacyBooks:
                             f"(privacy.data_budget) and this run would bring what was spent on it to "
                             f"ε={eps:.4g} at δ={delta:g}")
 
-    def data_epsilon(self, delta: float, accountant: str) -> dict | None:
-        """ε spent on the data by every run its ledger records (this one included)."""
+    def data_epsilon(self, delta: float, accountant: str, own: float, compose: bool = True) -> dict | None:
+        """ε spent on the data by every run its ledger records (this one included). `own`: this
+        run's ε, which it is whenever the data's ledger holds exactly this ledger's steps (one run
+        per data folder: nothing to compute); otherwise composed anew when `compose` (seconds for
+        each distinct σ and q), else left None."""
         if self.data is None:
             return None
         spent = self.data.spent()
-        return {"epsilon": spent.epsilon(delta, accountant) if spent.steps else 0.0,
-                "accountant": accountant, "steps": spent.steps, "runs": len(self.data.runs())}
+        if spent.by_mechanism() == self.ledger.by_mechanism():
+            epsilon = own
+        else:
+            epsilon = (spent.epsilon(delta, accountant) if spent.steps else 0.0) if compose else None
+        return {"epsilon": epsilon, "accountant": accountant, "steps": spent.steps, "runs": len(self.data.runs())}
 
     def state_dict(self) -> dict:
         return {"ledger": self.ledger.state_dict(), "crash_released_steps": self.crash_released_steps}

@@ -44,10 +44,11 @@ PRIVATE_STATISTICS = ("realised_batch_size", "truncated_steps", "nonfinite_examp
 def privacy_report(trainer) -> dict:
     p = trainer.cfg.privacy
     sizes = np.asarray(trainer.batch_sizes, dtype=np.int64)
-    # PRV's estimate (seconds to a minute at large epsilon) only in the final report, not every checkpoint's
     books, mechanism = trainer.books, trainer.mechanism
-    epsilons = (books.ledger.epsilons(p.delta, estimates=trainer.step >= p.steps)
-                if books.ledger.steps else {})
+    # PRV's estimate (seconds to a minute at large epsilon), and the data's total when other runs
+    # share the data, only in the final report, not every checkpoint's
+    final = trainer.step >= p.steps
+    epsilons = books.ledger.epsilons(p.delta, estimates=final) if books.ledger.steps else {}
     unit = p.unit
     column = trainer.train_data.manifest.get("group_column")
     named = {"sequence": "one training sequence", "document": "one training document (all its sequences)",
@@ -70,7 +71,7 @@ def privacy_report(trainer) -> dict:
         "accounted_steps": books.ledger.steps,
         "crash_released_steps": books.crash_released_steps,
         # Every run the data's own ledger records on this data, whatever weights they started from.
-        "data_spent": books.data_epsilon(p.delta, p.accountant),
+        "data_spent": books.data_epsilon(p.delta, p.accountant, epsilons.get(p.accountant, 0.0), compose=final),
         "randomness": {"mode": trainer.randomness["mode"], "means": RANDOMNESS[trainer.randomness["mode"]]},
         "initialization": trainer.initialization or {"source": None, "kind": "random"},
         "lineage": trainer.lineage,
@@ -171,7 +172,7 @@ def _context_lines(report: dict) -> list[str]:
     if report.get("accounted_steps", report["steps"]) != report["steps"]:
         lines.append(f"  accounted steps: {report['accounted_steps']} (earlier runs of the lineage and "
                      f"{report.get('crash_released_steps', 0)} released before a crash included)")
-    if data := report.get("data_spent"):
+    if (data := report.get("data_spent")) and data["epsilon"] is not None:
         lines.append(f"  spent on this data by all {data['runs']} run(s) its ledger records: ε {data['epsilon']:.4g} "
                      f"({data['accountant']}, {data['steps']} steps)")
     if randomness := report.get("randomness"):
