@@ -118,3 +118,13 @@ def test_mistakes_are_one_line(setup, tmp_path, capsys, case, needle):
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and needle in err, err
+
+
+def test_a_run_folder_means_its_newest_checkpoint(setup, capsys, tmp_path):
+    run = tmp_path / "run" / "checkpoints"
+    for step in ("step-00000001", "step-00000002"):
+        shutil.copytree(setup["checkpoint"], run / step)
+    argv = ["--prompt", "Patient", "--tokens", "8", "--seed", "3"]
+    assert run_ok(["sample", str(tmp_path / "run"), *argv], capsys) == run_ok(["sample", str(setup["checkpoint"]), *argv], capsys)
+    assert main(["sample", str(tmp_path / "run"), *argv]) == 0
+    assert "step-00000002" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def scored_tokens(data, n: int) -> int:
 
 
 def run(args) -> int:
-    from dptrain.commands.sample import load_model_folder, torch_device
+    from dptrain.commands.sample import load_model_folder, model_folder, torch_device
     from dptrain.errors import UserError
     from dptrain.train.evaluation import heldout_loss
 
@@ -93,6 +93,7 @@ def run(args) -> int:
     if args.micro_batch < 1:
         raise UserError(f"--micro-batch must be at least 1, got {args.micro_batch}")
     data = open_split(args.data, args.split)
+    args.model = model_folder(args.model)
     model = load_model_folder(args.model)
     check_model_fits_data(model, data, args.model)
     device = torch_device(args.device)

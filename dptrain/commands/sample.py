@@ -6,6 +6,7 @@ sample releases nothing beyond them.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 DEFAULT_TOKENS = 64
@@ -28,6 +29,17 @@ def register(sub) -> None:
                         help="SentencePiece .model (default: the folder's tokenizer.model)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.set_defaults(func=run)
+
+
+def model_folder(path: str | Path) -> Path:
+    """`path`, or for a run folder (one with checkpoints/ and no model of its own) its newest checkpoint."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        done = sorted(c for c in (path / "checkpoints").glob("step-*") if (c / "config.yaml").is_file())
+        if done:
+            print(f"using the run's newest checkpoint, {done[-1]}", file=sys.stderr)
+            return done[-1]
+    return path
 
 
 def load_model_folder(path: str | Path):
@@ -107,6 +119,7 @@ def run(args) -> int:
 
     if not (args.temperature >= 0 and args.temperature != float("inf")):
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    args.model = model_folder(args.model)
     model = load_model_folder(args.model).to(torch_device(args.device))
     sp = load_tokenizer_for(model, tokenizer_file(args.model, args.tokenizer))
     prefix = torch.tensor([[sp.bos_id(), *sp.encode(args.prompt)]], dtype=torch.long)
