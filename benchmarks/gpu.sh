@@ -53,7 +53,8 @@ PYEOF
 
 echo "== GPU-marked tests"
 set +e
-timeout "$(smaller 150 "$(left)")" "$PY" -m pytest -q "${TESTS[@]}" --junitxml="$OUT/gpu-tests.xml" \
+# one process (the project's addopts would start a worker per core, all on the one device)
+timeout "$(smaller 150 "$(left)")" "$PY" -m pytest -q -o addopts=-ra "${TESTS[@]}" --junitxml="$OUT/gpu-tests.xml" \
     > "$OUT/gpu-tests.txt" 2>&1
 TESTS_RC=$?
 set -e
