@@ -32,7 +32,7 @@ micro-batches that hold only padding and still joins the all-reduce.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -111,12 +111,13 @@ class Parallel:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
-    def check_agreement(self, facts: dict[str, str]) -> None:
-        """Stop every rank (UserError) when any rank's `facts` differ from rank 0's. A collective."""
+    def check_agreement(self, facts: Callable[[], dict[str, str]]) -> None:
+        """Stop every rank (UserError) when any rank's `facts()` differ from rank 0's. A collective;
+        in one process `facts` is not even computed (a pass over every weight)."""
         if not self.distributed:
             return
         everyone: list = [None] * self.env.world_size
-        dist.all_gather_object(everyone, facts)
+        dist.all_gather_object(everyone, facts())
         for name, value in everyone[0].items():
             ranks = [r for r, theirs in enumerate(everyone) if theirs.get(name) != value]
             if ranks:

@@ -235,8 +235,6 @@ class DPEngine:
         if mechanism.max_grad_norm != self.max_grad_norm:
             raise RuntimeError(f"the mechanism clips at {mechanism.max_grad_norm}, the engine at {self.max_grad_norm}")
         grads = self._fresh_grads()
-        if self._normalized:
-            raise RuntimeError("gradients were already normalized in this step")
         mechanism.privatize([g if local is None else local(g) for g in grads], noise)
         self._noised = self._normalized = True
 

@@ -64,10 +64,6 @@ class Mechanism:
         return self.noise_multiplier * self.max_grad_norm
 
     @property
-    def private(self) -> bool:
-        return self.noise_multiplier > 0
-
-    @property
     def truncation(self) -> dict:
         """Truncated Poisson is accounted with the dataset size and the cap; plain Poisson needs neither."""
         if self.max_batch_size is None:
@@ -94,9 +90,6 @@ class Mechanism:
             return PoissonSampler(self.num_examples, self.expected_batch_size, streams,
                                   max_batch_size=self.max_batch_size, secure=secure)
         return UnitSampler(*unit_ranges, self.expected_batch_size, self.sequences_per_unit, streams, secure=secure)
-
-    def clip_coefficients(self, norms: torch.Tensor, weights: torch.Tensor | None = None):
-        return clip_coefficients(norms, weights, self.max_grad_norm)
 
     @torch.no_grad()
     def privatize(self, sums: Sequence[torch.Tensor], noise: Noise | None) -> None:

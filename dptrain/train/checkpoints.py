@@ -16,9 +16,10 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from dptrain import configio
-from dptrain.checkpoint import atomic_dir, damage, load_model, write_checksums, write_model
+from dptrain.checkpoint import WEIGHTS_FILE, atomic_dir, damage, write_checksums, write_model
 from dptrain.distributed import checkpoint as dist_checkpoint
 from dptrain.errors import UserError
 from dptrain.privacy.private_files import make_private
@@ -133,6 +134,6 @@ def load_weights(path: Path, model, optimizer, state: dict, mode: str) -> None:
     elif mode == "fsdp":
         raise UserError(f"{path} was written by a single-process run: resume it with "
                         "runtime.parallel none or ddp")
-    else:
-        model.load_unique_state_dict(load_model(path).unique_state_dict())
+    else:  # checked by `latest_intact` (checksums, finite weights): read once, into this model
+        model.load_unique_state_dict(load_file(path / WEIGHTS_FILE))
         optimizer.load_state_dict(state["optimizer"])

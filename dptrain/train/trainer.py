@@ -111,7 +111,8 @@ class Trainer:
         torch.manual_seed(origin.init_seed(cfg.runtime.init_seed, streams, self.parallel.from_main))
         model = origin.initial_model(cfg.init_from, self.model_cfg).to(self.device)
         # ranks that differ in randomness, mechanism, data or initial weights stop here, before step 1
-        self.parallel.check_agreement(origin.agreement_facts(self.randomness, self.mechanism, self.fingerprint, model))
+        self.parallel.check_agreement(lambda: origin.agreement_facts(self.randomness, self.mechanism,
+                                                                     self.fingerprint, model))
         if cfg.runtime.compile:
             model.compile_mixers()
         self.model = self.parallel.prepare(model)
@@ -292,10 +293,6 @@ class Trainer:
         return self._report
 
     # ---- checkpoints --------------------------------------------------------------------------
-    @property
-    def checkpoint_root(self) -> Path:
-        return self.folder.checkpoints
-
     def latest_checkpoint(self) -> Path | None:
         return checkpoints.latest(self.folder.checkpoints)
 
