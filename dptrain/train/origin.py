@@ -13,7 +13,10 @@ import hashlib
 import uuid
 from pathlib import Path
 
+import torch
+
 from dptrain.errors import UserError
+from dptrain.model import Decoder
 from dptrain.privacy.accounting import PrivacyLedger
 from dptrain.privacy.journal import JOURNAL_FILE, LedgerJournal, record_entries
 from dptrain.privacy.lineage import is_public, read_spent
@@ -100,8 +103,6 @@ def secret_state(randomness: dict) -> dict:
 
 def initial_model(init_from: str | None, model_cfg):
     """A fresh decoder (under the seed already set), or the weights `init_from` names."""
-    from dptrain.model import Decoder
-
     if init_from is None:
         return Decoder(model_cfg)
     source = Path(init_from)
@@ -120,8 +121,6 @@ def initial_model(init_from: str | None, model_cfg):
 
 def agreement_facts(randomness: dict, mechanism, fingerprint: str, model) -> dict[str, str]:
     """Digests every rank must share before step 1 (the secret only hashed, and only compared in memory)."""
-    import torch
-
     weights = hashlib.sha256()
     with torch.no_grad():
         for tensor in model.unique_state_dict().values():
