@@ -40,7 +40,7 @@ class PrivacyBooks:
     def record_step(self, step: int) -> None:
         """Step `step` (the count after it) was taken: into the ledger, and durably into the journal
         and the data's ledger before its metrics, eval or checkpoint leave the process."""
-        self.ledger.add(self.mechanism.step_run())
+        self.ledger.add(self.mechanism.run_of_step(step))
         if self.writes:
             fields = self.step_fields()
             self.journal.append(step, fields)

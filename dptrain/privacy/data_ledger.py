@@ -29,7 +29,7 @@ DATA_LEDGER_FILE = "privacy_spent.jsonl"
 # The fields that make two lines the same release: one run's step, replayed with the same draw.
 # The run id is part of it: two runs under the same seed draw alike but train differently.
 RELEASE_KEYS = ("run", "draw", "step", "layout", "noise_multiplier", "sampling_rate", "dataset_size",
-                "max_batch_size", "unit", "max_sequences_per_unit")
+                "max_batch_size", "unit", "max_sequences_per_unit", "bands")
 
 
 class DataLedger:
@@ -73,11 +73,19 @@ class DataLedger:
         return out
 
     def spent(self) -> PrivacyLedger:
-        """Every distinct release as one ledger, ready for the certified accountant."""
+        """Every distinct release as one ledger, ready for the certified accountant. A BandMF run's
+        steps are charged per round (at each round's first step); a second release of the same step
+        of a run (another draw, after a crash) as an unsubsampled Gaussian (see journal.record_entries)."""
         counts: dict[tuple, int] = {}
+        released: set[tuple] = set()
         for e in self.releases():
-            key = (e["noise_multiplier"], e["sampling_rate"], e.get("dataset_size"), e.get("max_batch_size"))
-            counts[key] = counts.get(key, 0) + 1
+            q, count, bands = e["sampling_rate"], 1, e.get("bands", 1)
+            if bands > 1:
+                again = (e.get("run"), e["step"]) in released
+                released.add((e.get("run"), e["step"]))
+                q, count = (1.0, 1) if again else (q, int((e["step"] - 1) % bands == 0))
+            key = (e["noise_multiplier"], q, e.get("dataset_size"), e.get("max_batch_size"))
+            counts[key] = counts.get(key, 0) + count
         ledger = PrivacyLedger()
         for (sigma, q, size, cap), count in counts.items():
             ledger.add(make_run(sigma, q, count, size, cap))

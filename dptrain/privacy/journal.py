@@ -58,9 +58,14 @@ class LedgerJournal:
 
 
 def record_entries(ledger, entries: list[dict]) -> None:
-    """Add journaled steps to a PrivacyLedger."""
+    """Add journaled steps a crash lost, and that the run does not replay, to a PrivacyLedger.
+
+    A lost BandMF step is released again by the resumed run with noise that shares its correlated
+    part with the lost one, so it is not a fresh round of cyclic Poisson sampling: each is charged
+    as an unsubsampled Gaussian release (q = 1), which bounds any query of sensitivity 1."""
     for e in entries:
-        ledger.record(e["noise_multiplier"], e["sampling_rate"], dataset_size=e.get("dataset_size"),
+        rate = 1.0 if e.get("bands", 1) > 1 else e["sampling_rate"]
+        ledger.record(e["noise_multiplier"], rate, dataset_size=e.get("dataset_size"),
                       max_batch_size=e.get("max_batch_size"))
 
 

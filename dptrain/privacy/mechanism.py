@@ -11,6 +11,11 @@ and the three functions below, so the privacy arithmetic exists once:
 - `Mechanism.privatize`: noise (where this process adds it) and the division by the EXPECTED batch.
 
 What the ledger and journal record of a step is `Mechanism.step_run` and `Mechanism.journal_fields`.
+
+Two kinds (`privacy.mechanism`): "dpsgd", independent noise at every step (Poisson sampling), and
+"bandmf", noise correlated across b steps by a banded strategy matrix with cyclic Poisson sampling
+(dptrain.privacy.bandmf); b = 1 is DP-SGD. Only the noise source, the sampler and the rate and
+count the accountants see differ; the clipping, the noise scale σC and the divisor B do not.
 """
 from __future__ import annotations
 
@@ -22,9 +27,12 @@ import torch
 
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, StepRun, calibrate_noise, make_run
-from dptrain.privacy.sampling import PoissonSampler, UnitSampler
+from dptrain.privacy.bandmf import BandedNoise, choose_bands, optimize_coefficients
+from dptrain.privacy.noise import NoiseSource
+from dptrain.privacy.sampling import CyclicPoissonSampler, PoissonSampler, UnitSampler
 
 UNITS = ("sequence", "document", "group")
+KINDS = ("dpsgd", "bandmf")
 Noise = Callable[..., torch.Tensor]  # noise(shape, device, dtype) -> i.i.d. N(0, 1)
 
 
@@ -39,6 +47,8 @@ class Mechanism:
     unit: str = "sequence"
     sequences_per_unit: int = 1    # k: sequences a sampled unit contributes
     max_batch_size: int | None = None  # truncated Poisson: draws above it are cut (and accounted)
+    bands: int = 1                 # b: BandMF's bands (1: DP-SGD)
+    coefficients: tuple[float, ...] = (1.0,)  # the banded Toeplitz C's first column, norm 1
 
     def __post_init__(self):
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -51,12 +61,26 @@ class Mechanism:
             what = "sequences" if self.unit == "sequence" else f"{self.unit}s"
             raise UserError(f"privacy.expected_batch_size {self.expected_batch_size} exceeds the "
                             f"{self.num_examples} training {what}")
+        if len(self.coefficients) != self.bands or not self.coefficients[0] > 0:
+            raise UserError(f"a {self.bands}-band strategy needs {self.bands} coefficients with c_0 > 0")
+        if abs(math.fsum(c * c for c in self.coefficients) - 1) > 1e-9:
+            raise UserError("the strategy's columns must have norm 1: the accounting assumes sensitivity 1")
+        if self.bands > 1 and self.max_batch_size is not None:
+            raise UserError("privacy.max_batch_size (truncated Poisson) is not supported with privacy.mechanism bandmf")
+        if self.bands * self.expected_batch_size > self.num_examples:
+            raise UserError(f"privacy.bands {self.bands} × expected_batch_size {self.expected_batch_size} exceeds "
+                            f"the {self.num_examples} training examples: each of the b parts must hold a batch")
         self.step_run(0)  # σ, q and the cap, validated where every step of the ledger is
 
     # ---- what it is -------------------------------------------------------------------------
     @property
+    def kind(self) -> str:
+        return "dpsgd" if self.bands == 1 else "bandmf"
+
+    @property
     def sampling_rate(self) -> float:
-        return self.expected_batch_size / self.num_examples
+        """The rate the accountants see: B/N, or for BandMF q_b = b·B/N within the part whose turn it is."""
+        return self.bands * self.expected_batch_size / self.num_examples
 
     @property
     def noise_std(self) -> float:
@@ -71,8 +95,15 @@ class Mechanism:
         return {"dataset_size": self.num_examples, "max_batch_size": self.max_batch_size}
 
     def step_run(self, count: int = 1) -> StepRun:
-        """`count` steps of this mechanism, as the accountants compose them."""
-        return make_run(self.noise_multiplier, self.sampling_rate, count, **self.truncation)
+        """`count` steps of this mechanism from its start, as the accountants compose them: one
+        subsampled Gaussian per step, or per round of b steps for BandMF (⌈count / b⌉)."""
+        return make_run(self.noise_multiplier, self.sampling_rate, -(-count // self.bands), **self.truncation)
+
+    def run_of_step(self, step: int) -> StepRun:
+        """What step `step` (1-based, from this run's start) adds to the ledger: a BandMF round is
+        charged at its first step, so every prefix of the run is covered."""
+        return make_run(self.noise_multiplier, self.sampling_rate, int((step - 1) % self.bands == 0),
+                        **self.truncation)
 
     def journal_fields(self) -> dict:
         """What the journal records of every step of this mechanism (besides the draw and layout)."""
@@ -80,16 +111,25 @@ class Mechanism:
         return {"noise_multiplier": self.noise_multiplier, "sampling_rate": self.sampling_rate,
                 "dataset_size": t.get("dataset_size"), "max_batch_size": t.get("max_batch_size"),
                 **({} if self.unit == "sequence" else
-                   {"unit": self.unit, "max_sequences_per_unit": self.sequences_per_unit})}
+                   {"unit": self.unit, "max_sequences_per_unit": self.sequences_per_unit}),
+                **({} if self.bands == 1 else {"bands": self.bands})}
 
     # ---- what it does -----------------------------------------------------------------------
     def sampler(self, streams, secure: bool, unit_ranges=None):
         """The Poisson sampler this mechanism is accounted for: the same q, cap and unit, by
         construction (`unit_ranges`: first row and row count of every unit, for document/group)."""
-        if unit_ranges is None:
-            return PoissonSampler(self.num_examples, self.expected_batch_size, streams,
-                                  max_batch_size=self.max_batch_size, secure=secure)
-        return UnitSampler(*unit_ranges, self.expected_batch_size, self.sequences_per_unit, streams, secure=secure)
+        if unit_ranges is not None:
+            return UnitSampler(*unit_ranges, self.expected_batch_size, self.sequences_per_unit, streams,
+                               secure=secure, bands=self.bands)
+        if self.bands > 1:
+            return CyclicPoissonSampler(self.num_examples, self.expected_batch_size, self.bands, streams, secure=secure)
+        return PoissonSampler(self.num_examples, self.expected_batch_size, streams,
+                              max_batch_size=self.max_batch_size, secure=secure)
+
+    def noise_source(self, streams, secure: bool):
+        """i.i.d. N(0, 1) per step (DP-SGD), or its BandMF correlation C⁻¹z (which keeps b-1 buffers)."""
+        source = NoiseSource(streams, secure=secure)
+        return source if self.bands == 1 else BandedNoise(source, self.coefficients)
 
     @torch.no_grad()
     def privatize(self, sums: Sequence[torch.Tensor], noise: Noise | None) -> None:
@@ -152,19 +192,29 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
         raise UserError(f"privacy.delta {p.delta:g} is not below 1/N = {1 / num_examples:.3g}: "
                         f"such a guarantee allows publishing one of the {what} whole")
 
+    bands = 1
+    if p.mechanism == "bandmf":
+        bands = p.bands
+        if bands is None:
+            if p.target_epsilon is None or noise_free:
+                raise UserError("privacy.mechanism bandmf with privacy.noise_multiplier (or no noise) needs "
+                                "privacy.bands: the bands are chosen for a target_epsilon")
+            bands = choose_bands(p.target_epsilon, p.delta, p.steps, num_examples, p.expected_batch_size)[0].bands
+    coefficients = optimize_coefficients(p.steps, bands)
+
     def mechanism(sigma: float) -> Mechanism:
         return Mechanism(sigma, p.max_grad_norm, p.expected_batch_size, num_examples, p.unit, k,
-                         p.max_batch_size)
+                         p.max_batch_size, bands, coefficients)
 
     if noise_free:
         return Plan(mechanism(0.0), math.inf)
-    probe = mechanism(1.0)  # validates B, N, the unit and the cap before any accounting
+    probe = mechanism(1.0)  # validates B, N, the unit, the cap and the bands before any accounting
     sigma = p.noise_multiplier
     if sigma is None:
         if spent.steps:
             raise UserError(f"the weights already spent {spent.steps} steps on private data: give "
                             "privacy.noise_multiplier, and target_epsilon as the budget of the whole lineage")
-        sigma = calibrate_noise(p.target_epsilon, p.delta, probe.sampling_rate, p.steps,
+        sigma = calibrate_noise(p.target_epsilon, p.delta, probe.sampling_rate, probe.step_run(p.steps).count,
                                 accountant=p.accountant, **probe.truncation)
     planned = mechanism(sigma)
     ledger = PrivacyLedger()
@@ -173,6 +223,7 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
     eps = ledger.epsilon(p.delta, p.accountant)
     if p.target_epsilon is not None and eps > p.target_epsilon:
         lineage = f" after the {spent.steps} steps already spent" if spent.steps else ""
-        raise UserError(f"the plan (σ={sigma:.4g}, q={planned.sampling_rate:.4g}, {p.steps} steps{lineage}) "
+        raise UserError(f"the plan (σ={sigma:.4g}, q={planned.sampling_rate:.4g}, {p.steps} steps{lineage}"
+                        f"{'' if bands == 1 else f', {bands} bands'}) "
                         f"spends ε={eps:.4g} > privacy.target_epsilon {p.target_epsilon:g} at δ={p.delta:g}")
     return Plan(planned, eps)

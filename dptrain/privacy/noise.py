@@ -46,6 +46,13 @@ class NoiseSource:
             self._single = self.for_step(0)
         return self._single(shape, device, dtype)
 
+    def state_dict(self) -> dict:
+        """Nothing: a keyed step's noise is a function of the secret and the step (secure: of nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def for_step(self, step: int, rank: int = 0) -> Noise:
         if self.secure:
             return _secure_tensor

@@ -26,7 +26,7 @@ from dptrain.errors import UserError
 
 SECRET_BITS = 256
 # Every purpose has a fixed number; a new purpose takes a new number, never a reused one.
-PURPOSES = {"model-init": 1, "sampling": 2, "noise": 3, "unit-sequences": 4}
+PURPOSES = {"model-init": 1, "sampling": 2, "noise": 3, "unit-sequences": 4, "partition": 5}
 _U32 = 1 << 32
 _U64 = 1 << 64
 

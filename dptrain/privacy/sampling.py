@@ -93,6 +93,79 @@ class PoissonSampler:
             raise UserError(f"corrupt sampler state: {e!r}") from None
 
 
+class CyclicPoissonSampler:
+    """Cyclic Poisson sampling, the sampling amplified BandMF is analysed for (dptrain.privacy.bandmf).
+
+    Every example is put into one of b parts, uniformly at random and independently of the others
+    (keyed stream ("partition", 0), or the OS CSPRNG when secure: then the parts are kept in the
+    private state, since nothing could draw them again); step t draws Poisson at rate q_b = b·B/N
+    from part t mod b only, so the expected batch is B. Independent parts matter: with a fixed split
+    (by index, say) adding one example would move others between parts.
+    """
+
+    def __init__(self, num_examples: int, expected_batch_size: int | float, bands: int,
+                 seed: int | Streams | None, *, secure: bool = False) -> None:
+        if int(bands) != bands or not 1 <= bands <= 255:
+            raise UserError(f"bands must be an integer in [1, 255], got {bands!r}")
+        if bands * expected_batch_size > num_examples:
+            raise UserError(f"{bands} bands need at least bands × expected batch = {bands * expected_batch_size} "
+                            f"examples (each part must hold a batch), got {num_examples}")
+        self.bands = int(bands)
+        self._poisson = PoissonSampler(num_examples, expected_batch_size, seed, secure=secure)
+        self.num_examples, self.expected_batch_size = self._poisson.num_examples, expected_batch_size
+        self.secure, self.streams = self._poisson.secure, self._poisson.streams
+        self.max_batch_size = None
+        self.steps_taken = 0
+        self.truncated_steps = 0
+        self._parts = (os_below(self.bands, self.num_examples).astype(np.uint8) if self.secure
+                       else self.streams.generator("partition", 0).integers(0, self.bands, self.num_examples,
+                                                                             dtype=np.uint8))
+        self._members: dict[int, np.ndarray] = {}
+
+    @property
+    def sampling_rate(self) -> float:
+        """q_b: the rate within the part whose turn it is (what is accounted)."""
+        return self.bands * self.expected_batch_size / self.num_examples
+
+    def members(self, part: int) -> np.ndarray:
+        if part not in self._members:
+            self._members[part] = np.flatnonzero(self._parts == part).astype(np.int64)
+        return self._members[part]
+
+    def sample(self) -> np.ndarray:
+        indices, _ = self.batch_at(self.steps_taken)
+        self.steps_taken += 1
+        return indices
+
+    def batch_at(self, step: int) -> tuple[np.ndarray, bool]:
+        """Step `step`'s batch (sorted int64), never truncated; moves nothing."""
+        members = self.members(step % self.bands)
+        draw = _OsDraws() if self.secure else _KeyedDraws(self.streams.generator("sampling", step))
+        k = draw.binomial(len(members), self.sampling_rate)
+        return np.sort(members[draw.distinct(len(members), k)]), False
+
+    def state_dict(self) -> dict:
+        state = {"num_examples": self.num_examples, "expected_batch_size": self.expected_batch_size,
+                 "bands": self.bands, "secure": self.secure, "steps_taken": self.steps_taken,
+                 "truncated_steps": 0}
+        if self.secure:  # drawn from the OS once: the only copy (private state)
+            state["parts"] = self._parts.tobytes()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = (state.get("num_examples"), state.get("expected_batch_size"), state.get("bands"), state.get("secure"))
+        mine = (self.num_examples, self.expected_batch_size, self.bands, self.secure)
+        if saved != mine:
+            raise UserError("the sampler state was saved for (examples, expected batch, bands, secure) = "
+                            f"{saved}, not {mine}; resuming would change the sampling")
+        if self.secure:
+            parts = np.frombuffer(state.get("parts") or b"", dtype=np.uint8)
+            if parts.shape != (self.num_examples,) or (parts >= self.bands).any():
+                raise UserError("corrupt sampler state: the parts of the cyclic Poisson sampling are missing")
+            self._parts, self._members = parts, {}
+        self.steps_taken = int(state["steps_taken"])
+
+
 class _KeyedDraws:
     """Binomial and distinct indices from one step's keyed stream."""
 
@@ -140,7 +213,7 @@ class UnitSampler:
     """
 
     def __init__(self, starts, counts, expected_units: int | float, max_sequences_per_unit: int,
-                 seed: int | Streams | None, *, secure: bool = False) -> None:
+                 seed: int | Streams | None, *, secure: bool = False, bands: int = 1) -> None:
         self.starts = np.asarray(starts, dtype=np.int64).reshape(-1)
         self.counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         if self.starts.shape != self.counts.shape or (self.counts < 1).any():
@@ -148,7 +221,9 @@ class UnitSampler:
         if int(max_sequences_per_unit) != max_sequences_per_unit or max_sequences_per_unit < 1:
             raise UserError(f"max sequences per unit must be a positive integer, got {max_sequences_per_unit}")
         self.k = int(max_sequences_per_unit)
-        self.units = PoissonSampler(len(self.counts), expected_units, seed, secure=secure)
+        # units are sampled as examples are: Poisson, or cyclic Poisson over parts for BandMF
+        self.units = (PoissonSampler(len(self.counts), expected_units, seed, secure=secure) if bands == 1 else
+                      CyclicPoissonSampler(len(self.counts), expected_units, bands, seed, secure=secure))
         self.secure = self.units.secure
 
     @property

@@ -46,6 +46,10 @@ class PrivacyConfig:
     # The most ε all runs recorded in the data's own ledger may spend on it, this one included
     # (None: no limit). A run that would go past it is refused before step 1.
     data_budget: float | None = None
+    # dpsgd: independent noise every step. bandmf: noise correlated across `bands` steps, cyclic
+    # Poisson sampling (dptrain.privacy.bandmf); bands None: chosen for the budget (at most 64).
+    mechanism: Literal["dpsgd", "bandmf"] = "dpsgd"
+    bands: int | None = None
 
     def __post_init__(self):
         if self.expected_batch_size <= 0:
@@ -66,6 +70,10 @@ class PrivacyConfig:
             raise ValueError("max_batch_size must be at least expected_batch_size")
         if self.data_budget is not None and not self.data_budget > 0:
             raise ValueError("data_budget must be positive")
+        if self.mechanism not in ("dpsgd", "bandmf"):
+            raise ValueError(f"mechanism must be dpsgd or bandmf, got {self.mechanism!r}")
+        if self.bands is not None and (self.mechanism != "bandmf" or not 1 <= self.bands <= 255):
+            raise ValueError("bands applies to mechanism bandmf only, and must lie in [1, 255]")
         if self.max_sequences_per_unit < 1:
             raise ValueError("max_sequences_per_unit must be at least 1")
 

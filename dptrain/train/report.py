@@ -64,7 +64,14 @@ def privacy_report(trainer) -> dict:
         "target_epsilon": p.target_epsilon,
         "noise_multiplier": mechanism.noise_multiplier,
         "sampling_rate": mechanism.sampling_rate,
-        "sampling": "Poisson" + (f", truncated at {p.max_batch_size}" if p.max_batch_size else ""),
+        "sampling": ("Poisson" + (f", truncated at {p.max_batch_size}" if p.max_batch_size else "")
+                     if mechanism.bands == 1 else
+                     f"cyclic Poisson: {mechanism.bands} parts drawn at random, step t samples part t mod "
+                     f"{mechanism.bands} at rate {mechanism.sampling_rate:.4g}"),
+        # dpsgd: independent noise; bandmf: noise correlated by a banded Toeplitz C (columns of norm 1),
+        # accounted as one subsampled Gaussian per round of `bands` steps (amplified BandMF)
+        "mechanism": {"kind": mechanism.kind, "bands": mechanism.bands,
+                      "coefficients": list(mechanism.coefficients)},
         "steps": trainer.step,
         "planned_steps": p.steps,
         # Every noisy step that touched the data: this run's, its parents', and any a crash lost.

@@ -34,7 +34,6 @@ from dptrain.privacy.data_ledger import DataLedger
 from dptrain.privacy.journal import LedgerJournal
 from dptrain.privacy.lineage import write_spent
 from dptrain.privacy.mechanism import plan_mechanism
-from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.running import running_epsilon
 from dptrain.progress import progress_bar
 from dptrain.train import batches, checkpoints, origin
@@ -89,6 +88,9 @@ class Trainer:
         self.initialization, self.lineage, spent = origin.parent_of(cfg.init_from)
         plan = plan_mechanism(p, self.num_examples, cfg.runtime.micro_batch_size, spent, noise_free=noise_free)
         self.mechanism, self.planned_epsilon = plan.mechanism, plan.epsilon
+        if self.mechanism.bands > 1 and self.parallel.mode == "fsdp":
+            raise UserError("privacy.mechanism bandmf is not supported with runtime.parallel fsdp yet (each rank "
+                            "would keep its own noise buffers); use ddp or one process")
         self.checkpointer = Checkpointer(self.folder.checkpoints, self.parallel, cfg.checkpoint.keep_last)
         if self.parallel.is_main:
             checkpoints.remove_leftovers(self.folder.checkpoints)
@@ -121,7 +123,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, p.steps, cfg.schedule))
         self.sampler = self.mechanism.sampler(streams, p.secure_randomness, self.unit_ranges)
-        self.noise = NoiseSource(streams, secure=p.secure_randomness)
+        self.noise = self.mechanism.noise_source(streams, p.secure_randomness)
         layout = f"fsdp-{self.parallel.env.world_size}" if self.parallel.mode == "fsdp" else "one-stream"
         # a derived folder (the audit's canary copy) names the data whose ledger it spends on
         data_ledger = DataLedger(self.train_data.manifest.get("ledger_of", self.train_data.path))
@@ -316,6 +318,7 @@ class Trainer:
             "data_fingerprint": self.fingerprint,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "noise": self.noise.state_dict(),  # BandMF: the last b-1 noise tensors (secret)
             "batch_sizes": list(self.batch_sizes),
             "eval_history": list(self.eval_history),
             "nonfinite_examples": self.nonfinite_examples,
@@ -340,6 +343,7 @@ class Trainer:
         checkpoints.load_weights(path, self.model, self.optimizer, state, self.parallel.mode)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        self.noise.load_state_dict(state.get("noise", {}))
         self.books.load_state_dict(state)
         self.lineage = list(state["lineage"])
         self.step = state["step"]

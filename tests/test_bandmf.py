@@ -1,0 +1,242 @@
+"""BandMF (correlated noise, cyclic Poisson sampling) against naive references.
+
+The strategy's error against dense matrices, the realised noise against its factorisation (one
+process and two Gloo processes), the sampling against its definition, and the accounting against
+dp_accounting's composition of the same events and the exact Gaussian mechanism.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dptrain.errors import UserError
+from dptrain.privacy import bandmf
+from dptrain.privacy.accounting import PrivacyLedger
+from dptrain.privacy.bandmf import BandedNoise, optimize_coefficients, prefix_error
+from dptrain.privacy.data_ledger import DataLedger
+from dptrain.privacy.journal import record_entries
+from dptrain.privacy.mechanism import Mechanism, plan_mechanism
+from dptrain.privacy.noise import NoiseSource
+from dptrain.privacy.randomness import Streams
+from dptrain.privacy.sampling import CyclicPoissonSampler, UnitSampler
+from dptrain.train.config import PrivacyConfig
+
+
+def dense_strategy(coefficients, steps: int) -> np.ndarray:
+    c = np.zeros((steps, steps))
+    for j, value in enumerate(coefficients):
+        c += np.diag(np.full(steps - j, value), -j)
+    return c
+
+
+# ---- the strategy matrix --------------------------------------------------------------------
+@pytest.mark.parametrize("steps,bands", [(1, 1), (7, 1), (12, 3), (40, 6)])
+def test_prefix_error_is_the_dense_frobenius_norm(steps, bands):
+    rng = np.random.default_rng(steps)
+    c = np.concatenate([[1.0], 0.3 * rng.random(bands - 1)])
+    s = np.tril(np.ones((steps, steps)))
+    expected = np.linalg.norm(s @ np.linalg.inv(dense_strategy(c, steps))) ** 2
+    assert prefix_error(c, steps) == pytest.approx(expected, rel=1e-10)
+    if bands == 1:
+        assert prefix_error(c, steps) == pytest.approx(steps * (steps + 1) / 2)
+
+
+@pytest.mark.parametrize("steps,bands", [(30, 4), (500, 16)])
+def test_optimised_strategy_has_unit_columns_and_beats_dpsgd_and_its_start(steps, bands):
+    c = optimize_coefficients(steps, bands)
+    assert c == optimize_coefficients(steps, bands)  # deterministic: a resume plans the same C
+    assert c[0] > 0 and math.isclose(math.fsum(x * x for x in c), 1.0, rel_tol=1e-12)
+    dense = dense_strategy(c, min(steps, 60))
+    assert np.linalg.norm(dense, axis=0).max() == pytest.approx(1.0)  # sensitivity 1
+    start = bandmf.square_root_coefficients(bands)
+    start /= np.linalg.norm(start)
+    error = prefix_error(c, steps)
+    assert error <= prefix_error(start, steps) * (1 + 1e-9)
+    assert error < 0.5 * steps * (steps + 1) / 2  # at least halves DP-SGD's noise in the iterates
+    fewer = prefix_error(optimize_coefficients(steps, bands // 2), steps)
+    assert error <= fewer * (1 + 1e-6)  # more bands can only help (they include fewer)
+
+
+def test_band_choice_reduces_the_error_at_the_same_budget_and_never_exceeds_the_data():
+    choices = bandmf.choose_bands(8.0, 1e-5, 200, 10_000, 100)
+    assert {c.bands for c in choices} == {1, 2, 4, 8, 16, 32, 64}
+    dpsgd = next(c for c in choices if c.bands == 1)
+    assert choices[0].error < dpsgd.error
+    # q_b = b B / N <= 1 bounds the bands: 10 examples, batch 4, at most 2 parts
+    assert bandmf.candidate_bands(100, 10, 4) == [1, 2]
+
+
+# ---- the noise --------------------------------------------------------------------------------
+def realised(noise, steps: int, size: int) -> np.ndarray:
+    rows = []
+    for t in range(steps):
+        draw = noise.for_step(t)
+        rows.append(torch.cat([draw((size // 2,)), draw((size - size // 2,))]).double().numpy())
+    return np.stack(rows)
+
+
+def test_noise_is_c_inverse_z_exactly_and_its_covariance_is_the_factorisation():
+    steps, bands, size = 8, 3, 40_000
+    c = optimize_coefficients(steps, bands)
+    w = realised(BandedNoise(NoiseSource(Streams(5)), c), steps, size)
+    z = realised(NoiseSource(Streams(5)), steps, size)
+    cm = dense_strategy(c, steps)
+    np.testing.assert_allclose(cm @ w, z, atol=1e-4)  # C w = z: the same draws, correlated by C⁻¹
+    inverse = np.linalg.inv(cm)
+    expected = inverse @ inverse.T
+    empirical = w @ w.T / size
+    scale = np.sqrt(np.outer(np.diag(expected), np.diag(expected)))
+    assert np.abs(empirical - expected).max() / scale.max() < 6 / math.sqrt(size)
+    # and each step's noise is Gaussian with the variance of the factorisation
+    for t in (0, steps - 1):
+        assert stats.kstest(w[t] / math.sqrt(expected[t, t]), "norm").pvalue > 1e-4
+
+
+def test_noise_state_resumes_exactly_and_refuses_steps_out_of_order():
+    c = optimize_coefficients(6, 3)
+    straight = realised(BandedNoise(NoiseSource(Streams(9)), c), 6, 10)
+    first = BandedNoise(NoiseSource(Streams(9)), c)
+    realised(first, 4, 10)
+    state = first.state_dict()
+    assert first.buffer_bytes() == 2 * 10 * 4  # b-1 buffers of the noised tensors, float32
+    second = BandedNoise(NoiseSource(Streams(9)), c)
+    second.load_state_dict(state)
+    rest = np.stack([torch.cat([d((5,)), d((5,))]).double().numpy() for d in (second.for_step(4), second.for_step(5))])
+    np.testing.assert_array_equal(rest, straight[4:])
+    with pytest.raises(RuntimeError, match="exactly once"):
+        second.for_step(2)
+    with pytest.raises(UserError, match="another strategy"):
+        BandedNoise(NoiseSource(Streams(9)), optimize_coefficients(6, 2)).load_state_dict(state)
+
+
+# ---- the sampling -----------------------------------------------------------------------------
+def test_cyclic_poisson_samples_each_part_in_its_turn_at_rate_b_times_q():
+    n, batch, bands, rounds = 3000, 60, 4, 150
+    sampler = CyclicPoissonSampler(n, batch, bands, Streams(11))
+    assert sampler.sampling_rate == pytest.approx(bands * batch / n)
+    parts = [set(sampler.members(j).tolist()) for j in range(bands)]
+    assert sum(len(p) for p in parts) == n and len(set().union(*parts)) == n
+    # parts are uniform and independent: sizes Binomial(n, 1/b)
+    for p in parts:
+        assert abs(len(p) - n / bands) < 5 * math.sqrt(n / bands)
+    hits = np.zeros(n)
+    for t in range(rounds * bands):
+        batch_t = sampler.sample()
+        assert set(batch_t.tolist()) <= parts[t % bands]  # only the part whose turn it is
+        hits[batch_t] += 1
+    # every example joins each of its rounds with probability q_b
+    rate = hits.sum() / (n * rounds)
+    assert abs(rate - sampler.sampling_rate) < 5 * math.sqrt(sampler.sampling_rate / (n * rounds))
+
+
+def test_cyclic_sampler_is_replayable_and_secure_parts_live_in_the_private_state():
+    keyed = CyclicPoissonSampler(500, 10, 5, Streams(3))
+    again = CyclicPoissonSampler(500, 10, 5, Streams(3))
+    assert all(np.array_equal(keyed.batch_at(t)[0], again.batch_at(t)[0]) for t in range(7))
+    assert "parts" not in keyed.state_dict()  # keyed parts are drawn again from the secret
+    secure = CyclicPoissonSampler(500, 10, 5, None, secure=True)
+    secure.sample()
+    state = secure.state_dict()
+    restored = CyclicPoissonSampler(500, 10, 5, None, secure=True)
+    restored.load_state_dict(state)
+    assert all(np.array_equal(secure.members(j), restored.members(j)) for j in range(5))
+    with pytest.raises(UserError, match="parts"):
+        restored.load_state_dict({**state, "parts": b""})
+    with pytest.raises(UserError, match="each part must hold a batch"):
+        CyclicPoissonSampler(20, 10, 3, Streams(1))
+
+
+def test_units_are_partitioned_like_sequences():
+    starts, counts = np.arange(0, 300, 3), np.full(100, 3)
+    sampler = UnitSampler(starts, counts, 5, 2, Streams(4), bands=4)
+    part = set(sampler.units.members(1).tolist())
+    for _ in range(2):
+        sampler.sample()
+    rows = sampler.rows_at(1)
+    assert {int(r[0]) // 3 for r in rows} <= part
+
+
+# ---- the accounting --------------------------------------------------------------------------
+def mechanism(bands: int, sigma: float = 1.0, steps: int = 64, n: int = 10_000, batch: int = 100) -> Mechanism:
+    return Mechanism(sigma, 1.0, batch, n, bands=bands, coefficients=optimize_coefficients(steps, bands))
+
+
+def test_a_run_is_its_rounds_of_subsampled_gaussian_charged_at_each_rounds_first_step():
+    m = mechanism(8)
+    assert m.kind == "bandmf" and m.sampling_rate == pytest.approx(8 * 100 / 10_000)
+    assert m.step_run(64).count == 8 and m.step_run(65).count == 9 and m.step_run(3).count == 1
+    ledger = PrivacyLedger()
+    for step in range(1, 21):
+        ledger.add(m.run_of_step(step))
+        assert ledger.steps == math.ceil(step / 8)  # every prefix is covered
+    assert mechanism(1).step_run(64).count == 64 and mechanism(1).kind == "dpsgd"
+
+
+@pytest.mark.parametrize("sigma,steps,bands", [(0.8, 64, 8), (1.5, 200, 16)])
+def test_epsilon_matches_dp_accountings_composition_of_the_same_events(sigma, steps, bands):
+    """jax_privacy's amplified_bandmf_event is dpsgd_event(σ, q_b, ⌈T/b⌉): composed here by
+    dp_accounting's PLD directly, it must agree with the certified bound, never exceed it by much."""
+    import dp_accounting
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    m = mechanism(bands, sigma, steps)
+    ledger = PrivacyLedger()
+    ledger.add(m.step_run(steps))
+    ours = ledger.epsilon(1e-6)
+    acc = PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(m.sampling_rate, dp_accounting.GaussianDpEvent(sigma)),
+                math.ceil(steps / bands))
+    reference = acc.get_epsilon(1e-6)
+    assert reference * (1 - 2e-3) <= ours <= reference * 1.01
+
+
+def test_sampling_everything_in_its_turn_is_the_exact_gaussian_mechanism():
+    """q_b = 1 (each part whole at its turn): ⌈T/b⌉ Gaussian releases of sensitivity 1, whose
+    exact ε solves Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2) = δ with μ = √rounds / σ (Balle & Wang 2018)."""
+    from scipy.optimize import brentq
+
+    bands, steps, sigma, delta = 4, 32, 2.0, 1e-5
+    m = Mechanism(sigma, 1.0, 25, 100, bands=bands, coefficients=optimize_coefficients(steps, bands))
+    assert m.sampling_rate == 1.0
+    ledger = PrivacyLedger()
+    ledger.add(m.step_run(steps))
+    mu = math.sqrt(steps / bands) / sigma
+    exact = brentq(lambda e: stats.norm.cdf(-e / mu + mu / 2) - math.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - delta,
+                   1e-6, 100)
+    assert exact <= ledger.epsilon(delta) <= exact * 1.01
+
+
+def test_lost_steps_and_second_releases_are_charged_without_amplification(tmp_path):
+    m = mechanism(4)
+    fields = {"draw": "d1", "layout": "one-stream", **m.journal_fields()}
+    assert fields["bands"] == 4
+    lost = PrivacyLedger()
+    record_entries(lost, [{"step": 5, **fields}, {"step": 6, **fields}])
+    assert [(r.sampling_rate, r.count) for r in lost.runs] == [(1.0, 2)]
+    data = DataLedger(tmp_path)
+    data.append([{"run": "a", "step": s, **fields} for s in range(1, 10)])  # rounds open at 1, 5, 9
+    data.append([{"run": "a", "step": 6, **fields, "draw": "d2"}])         # step 6 again, another draw
+    data.append([{"run": "a", "step": 3, **fields}])                       # an exact replay: nothing new
+    assert sorted((r.sampling_rate, r.count) for r in data.spent().runs) == [(m.sampling_rate, 3), (1.0, 1)]
+
+
+def test_plan_chooses_bands_for_the_budget_and_refuses_what_it_cannot_account():
+    cfg = PrivacyConfig(expected_batch_size=50, steps=100, delta=1e-6, target_epsilon=4.0, mechanism="bandmf")
+    plan = plan_mechanism(cfg, 20_000, 10)
+    assert plan.mechanism.bands > 1 and plan.epsilon <= 4.0
+    dpsgd = plan_mechanism(PrivacyConfig(expected_batch_size=50, steps=100, delta=1e-6, target_epsilon=4.0),
+                           20_000, 10)
+    assert plan.mechanism.noise_multiplier > dpsgd.mechanism.noise_multiplier  # fewer, denser rounds
+    with pytest.raises(UserError, match="needs privacy.bands"):
+        plan_mechanism(PrivacyConfig(expected_batch_size=50, steps=100, delta=1e-6, noise_multiplier=1.0,
+                                     mechanism="bandmf"), 20_000, 10)
+    with pytest.raises(UserError, match="truncated Poisson"):
+        plan_mechanism(PrivacyConfig(expected_batch_size=50, steps=100, delta=1e-6, noise_multiplier=1.0,
+                                     mechanism="bandmf", bands=4, max_batch_size=80), 20_000, 10)
+    with pytest.raises(UserError, match="each of the b parts"):
+        plan_mechanism(PrivacyConfig(expected_batch_size=50, steps=100, delta=1e-6, noise_multiplier=1.0,
+                                     mechanism="bandmf", bands=8), 300, 10)
+    with pytest.raises(ValueError, match="bandmf only"):
+        PrivacyConfig(expected_batch_size=50, steps=100, delta=1e-6, noise_multiplier=1.0, bands=4)
