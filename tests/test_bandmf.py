@@ -240,3 +240,100 @@ def test_plan_chooses_bands_for_the_budget_and_refuses_what_it_cannot_account():
                                      mechanism="bandmf", bands=8), 300, 10)
     with pytest.raises(ValueError, match="bandmf only"):
         PrivacyConfig(expected_batch_size=50, steps=100, delta=1e-6, noise_multiplier=1.0, bands=4)
+
+
+# ---- the trainer: one process, resume, two Gloo processes --------------------------------------
+BANDMF = {"privacy": {"noise_multiplier": 1.0, "delta": 1e-5, "expected_batch_size": 16, "steps": 6,
+                      "mechanism": "bandmf", "bands": 3},
+          "runtime": {"micro_batch_size": 8, "device": "cpu", "seed": 13},
+          "eval": {"every": 0, "max_sequences": 16},
+          "checkpoint": {"every": 0, "keep_last": 2}}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from tiny_runs import demo_data
+
+    return demo_data(tmp_path_factory.mktemp("demo"))
+
+
+def bandmf_config(data_dir, out_dir, **sections):
+    from tiny_runs import tiny_run_config
+
+    return tiny_run_config(data_dir, out_dir, BANDMF, **sections)
+
+
+def test_a_bandmf_run_resumes_bit_for_bit_and_accounts_its_rounds(data_dir, tmp_path):
+    from dptrain.train.trainer import Trainer
+
+    straight = Trainer(bandmf_config(data_dir, tmp_path / "a"))
+    for _ in range(6):
+        straight.train_step()
+    cfg = bandmf_config(data_dir, tmp_path / "b")
+    interrupted = Trainer(cfg)
+    for _ in range(4):
+        interrupted.train_step()
+    interrupted.save_checkpoint()
+    interrupted.close()
+    resumed = Trainer(cfg)
+    assert resumed.step == 4 and resumed.noise.next_step == 4
+    for _ in range(2):
+        resumed.train_step()
+    for name, w in straight.model.state_dict().items():
+        assert torch.equal(w, resumed.model.state_dict()[name]), name
+    assert straight.ledger.steps == resumed.ledger.steps == 2  # rounds opened at steps 1 and 4
+    report = resumed.report()
+    assert report["mechanism"]["kind"] == "bandmf" and report["mechanism"]["bands"] == 3
+    assert "cyclic Poisson" in report["sampling"]
+    spent = resumed.books.data_epsilon(1e-5, "pld", 0.0)
+    assert (spent["steps"], spent["runs"]) == (4, 2)  # both runs on this data, 2 rounds each
+
+
+def test_bandmf_under_fsdp_is_refused_before_any_compute(data_dir, tmp_path):
+    from dptrain.train.trainer import Trainer
+
+    with pytest.raises(UserError, match="fsdp"):
+        Trainer(bandmf_config(data_dir, tmp_path, runtime={"parallel": "fsdp"}))
+
+
+def _noise_worker(rank, world, data_dir, out_dir, result_file):
+    """Two ddp ranks, BandMF: the noise of steps with no data, as every rank sees it after the sum."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from dptrain.train.trainer import Trainer
+    from test_distributed import full_gradient, make_config
+
+    cfg = make_config(data_dir, out_dir, "ddp")
+    cfg.privacy.mechanism, cfg.privacy.bands, cfg.privacy.steps = "bandmf", 3, 6
+    trainer = Trainer(cfg)
+    unit = dataclasses.replace(trainer.mechanism, expected_batch_size=1)
+    rows = []
+    for step in range(6):
+        trainer.engine.zero_grad()
+        trainer.parallel.privatize(trainer.engine, unit, trainer.noise, step)
+        rows.append(full_gradient(trainer).cpu())
+    every = [None] * world
+    dist.all_gather_object(every, torch.stack(rows))
+    if rank == 0:
+        torch.save({"rows": every, "coefficients": trainer.mechanism.coefficients,
+                    "std": trainer.mechanism.noise_std}, result_file)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_add_the_factorised_noise_once(tmp_path):
+    from dptrain.data.demo import prepare_demo
+    from test_distributed import VOCAB, run_distributed
+
+    data = prepare_demo(tmp_path / "demo", seq_len=16, vocab_size=VOCAB, num_records=120)
+    run_distributed(_noise_worker, 2, data, tmp_path / "run", tmp_path / "result.pt")
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    ranks = result["rows"]
+    assert torch.equal(ranks[0], ranks[1])  # one sum, the same on every rank
+    w = ranks[0].double().numpy() / result["std"]
+    z = dense_strategy(result["coefficients"], 6) @ w  # C w: i.i.d. N(0, 1) if added once
+    n = z.shape[1]
+    empirical = z @ z.T / n
+    assert np.abs(empirical - np.eye(6)).max() < 6 * math.sqrt(2 / n)  # twice the noise would read 2
+    assert stats.kstest(z.reshape(-1), "norm").pvalue > 1e-4
