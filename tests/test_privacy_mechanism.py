@@ -16,7 +16,7 @@ from dptrain.privacy.mechanism import Mechanism, add_gaussian_noise, clip_coeffi
 def privacy(**kw):
     base = dict(expected_batch_size=16, steps=50, delta=1e-5, target_epsilon=4.0, noise_multiplier=None,
                 max_grad_norm=1.0, accountant="pld", max_batch_size=None, unit="sequence",
-                max_sequences_per_unit=1)
+                max_sequences_per_unit=1, mechanism="dpsgd", bands=None)
     return SimpleNamespace(**{**base, **kw})
 
 
