@@ -5,6 +5,7 @@ process and two Gloo processes), the sampling against its definition, and the ac
 dp_accounting's composition of the same events and the exact Gaussian mechanism.
 """
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,3 +338,51 @@ def test_two_gloo_ranks_add_the_factorised_noise_once(tmp_path):
     empirical = z @ z.T / n
     assert np.abs(empirical - np.eye(6)).max() < 6 * math.sqrt(2 / n)  # twice the noise would read 2
     assert stats.kstest(z.reshape(-1), "norm").pvalue > 1e-4
+
+
+# ---- the commands -------------------------------------------------------------------------------
+def test_privacy_cli_accounts_bandmf_rounds_and_calibrates_for_them(capsys):
+    import json
+
+    from dptrain.cli import main
+    from dptrain.privacy.accounting import calibrate_noise, epsilon
+
+    base = ["--sampling-rate", "0.01", "--steps", "64", "--delta", "1e-6", "--json"]
+    assert main(["privacy", "epsilon", "--noise-multiplier", "0.8", *base, "--mechanism", "bandmf", "--bands", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["epsilon"]["pld"] == pytest.approx(epsilon(0.8, 0.08, 8, 1e-6))  # 8 rounds at 8 q
+    assert main(["privacy", "noise", "--epsilon", "2", *base, "--mechanism", "bandmf", "--bands", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["noise_multiplier"]["pld"] == pytest.approx(calibrate_noise(2.0, 1e-6, 0.04, 16))
+    assert main(["privacy", "noise", "--epsilon", "2", *base, "--mechanism", "bandmf"]) == 2
+    assert main(["privacy", "noise", "--epsilon", "2", *base, "--mechanism", "bandmf", "--bands", "200"]) == 2
+    assert main(["privacy", "noise", "--epsilon", "2", *base, "--bands", "2"]) == 2
+    assert "--bands" in capsys.readouterr().err
+
+
+def test_cost_counts_the_noise_buffers_and_fits_fewer_sequences(capsys):
+    import json
+
+    from dptrain.cli import main
+    from dptrain.dp.cost import parameter_counts
+    from dptrain.model import DecoderConfig
+
+    config = str(Path(__file__).resolve().parents[1] / "dptrain" / "assets" / "model" / "tiny.yaml")
+    assert main(["cost", config, "--json", "--gpu-memory", "0.05"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(["cost", config, "--json", "--gpu-memory", "0.05", "--bands", "8"]) == 0
+    eight = json.loads(capsys.readouterr().out)
+    assert eight["noise_buffer_bytes"] == 7 * 4 * parameter_counts(DecoderConfig.from_yaml(config))["total"]
+    assert one["noise_buffer_bytes"] == 0
+    assert eight["largest_micro_batch"]["dptrain"] < one["largest_micro_batch"]["dptrain"]
+
+
+def test_planned_bandmf_config_leaves_sigma_and_bands_to_the_trainer():
+    from dptrain.scaling.plan import plan, training_config
+    from dptrain.scaling.law import load_law
+    from dptrain.scaling.plan import SHIPPED_LAW
+
+    row = plan(load_law(str(SHIPPED_LAW), None), 2e12, 8.0, 1e-6, 100_000, 64, top=1)[0]
+    cfg = training_config(row, 8.0, 1e-6, 64, "data", mechanism="bandmf")
+    assert cfg["privacy"]["mechanism"] == "bandmf" and "noise_multiplier" not in cfg["privacy"]
+    assert cfg["privacy"]["target_epsilon"] == 8.0

@@ -16,12 +16,16 @@ def register(sub) -> None:
                         help="bfloat16 = autocast over float32 weights")
     parser.add_argument("--gpu-memory", type=float, default=80.0,
                         help="GiB of accelerator memory, for the largest micro-batch that fits")
+    parser.add_argument("--bands", type=int, default=1,
+                        help="privacy.bands of BandMF: b-1 float32 noise buffers the size of the model, "
+                             "kept by the process that adds the noise (1: DP-SGD, none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
 def measure(args) -> dict:
-    from dptrain.dp.cost import count_step, largest_micro_batch, opacus_ghost_flops, static_bytes
+    from dptrain.dp.cost import (count_step, largest_micro_batch, opacus_ghost_flops, parameter_counts,
+                                 static_bytes)
     from dptrain.errors import UserError
     from dptrain.model import DecoderConfig
 
@@ -29,11 +33,12 @@ def measure(args) -> dict:
     seq_len = args.seq_len or cfg.max_seq_len
     if not 1 <= seq_len <= cfg.max_seq_len:
         raise UserError(f"--seq-len must be between 1 and the config's max_seq_len {cfg.max_seq_len}")
-    if args.micro_batch < 1 or args.gpu_memory <= 0:
-        raise UserError("--micro-batch and --gpu-memory must be positive")
+    if args.micro_batch < 1 or args.gpu_memory <= 0 or args.bands < 1:
+        raise UserError("--micro-batch, --gpu-memory and --bands must be positive")
+    buffers = 4 * (args.bands - 1) * parameter_counts(cfg)["total"]
     result = {"config": args.config, "seq_len": seq_len, "micro_batch": args.micro_batch,
               "dtype": args.dtype, "gpu_memory_bytes": args.gpu_memory * 2**30,
-              "static_bytes": static_bytes(cfg), "flops": {}, "flops_by_part": {}, "peak_bytes": {},
+              "static_bytes": static_bytes(cfg), "bands": args.bands, "noise_buffer_bytes": buffers, "flops": {}, "flops_by_part": {}, "peak_bytes": {},
               "peak_phase": {}, "peak_bytes_per_sequence": {}, "largest_micro_batch": {}}
     counts = {}
     for method in ("nonprivate", "dptrain"):
@@ -45,7 +50,7 @@ def measure(args) -> dict:
         result["peak_phase"][method] = main.peak_phase
         result["peak_bytes_per_sequence"][method] = by_batch[2].peak_bytes - by_batch[1].peak_bytes
         result["largest_micro_batch"][method] = largest_micro_batch(
-            by_batch[1], by_batch[2], cfg, args.gpu_memory * 2**30)
+            by_batch[1], by_batch[2], cfg, args.gpu_memory * 2**30 - (buffers if method == "dptrain" else 0))
     opacus = opacus_ghost_flops(cfg, args.micro_batch, seq_len, counts["nonprivate"])
     result["flops"]["opacus_ghost"] = sum(opacus.values())
     result["flops_by_part"]["opacus_ghost"] = opacus
@@ -78,5 +83,8 @@ def run(args) -> int:
           f"non-private {result['peak_phase']['nonprivate']}, dptrain {result['peak_phase']['dptrain']}); "
           f"fits = largest micro-batch within {result['gpu_memory_bytes'] / 2**30:g} GiB after "
           f"{result['static_bytes'] / 2**30:.2f} GiB of float32 weights, grads and Adam moments")
+    if result["bands"] > 1:
+        print(f"bandmf, {result['bands']} bands: {result['noise_buffer_bytes'] / 2**30:.2f} GiB of noise buffers "
+              f"({result['bands'] - 1} x the float32 weights), counted in dptrain's fit")
     print("opacus_ghost: flops by formula (dptrain.dp.cost.opacus_ghost_flops); its memory is not counted")
     return 0

@@ -62,6 +62,8 @@ def register(sub) -> None:
     parser.add_argument("--confirm-pld", action="store_true",
                         help="recalibrate the best plan's sigma with the PLD accountant, the one "
                              "the trainer uses (a few seconds; always done with --write-config)")
+    parser.add_argument("--mechanism", choices=("dpsgd", "bandmf"), default="dpsgd",
+                        help="the written config's privacy.mechanism (the law predicts DP-SGD's loss)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--write-config", metavar="FILE",
                         help="write a `dptrain train` config for the best plan")
@@ -217,6 +219,7 @@ def run(args) -> int:
     if args.write_config:
         write_training_config(args.write_config, best, args.epsilon, args.delta, args.seq_len,
                               args.data_path, unit=args.unit, sequences_per_unit=args.sequences_per_unit,
+                              mechanism=args.mechanism,
                               notes=[f"law {law.method}, holdout errors (mean): {describe_holdout(law)}; "
                                      + ("validated, on data that is the law's corpus at its sequence length"
                                         if usable else "not validated for this plan"

@@ -1,4 +1,7 @@
-"""`dptrain privacy epsilon|noise`: the (epsilon, delta) of a DP-SGD run, or the noise for a budget.
+"""`dptrain privacy epsilon|noise`: the (epsilon, delta) of a DP-SGD or BandMF run, or the noise for a budget.
+
+`--mechanism bandmf --bands b`: amplified BandMF with cyclic Poisson sampling at overall rate q,
+accounted as ⌈steps / b⌉ subsampled Gaussian rounds at rate b·q (dptrain.privacy.bandmf).
 
 The default accountant, pld, is a certified upper bound; prv's figure is printed as an estimate.
 """
@@ -18,7 +21,7 @@ MEANINGLESS_DELTA = 0.1
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("privacy", help="privacy accounting of DP-SGD runs")
+    parser = sub.add_parser("privacy", help="privacy accounting of DP-SGD and BandMF runs")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     eps = actions.add_parser("epsilon", help="epsilon spent by a run (Poisson-subsampled Gaussian)")
@@ -40,7 +43,28 @@ def _common(parser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="truncated Poisson sampling: largest batch kept (needs --dataset-size)")
     parser.add_argument("--dataset-size", type=int, default=None, help="number of examples")
+    parser.add_argument("--mechanism", choices=("dpsgd", "bandmf"), default="dpsgd",
+                        help="dpsgd: independent noise; bandmf: banded correlated noise, cyclic Poisson sampling")
+    parser.add_argument("--bands", type=int, default=None, help="bandmf's bands b (b·q <= 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _events(args) -> tuple[float, int]:
+    """(rate, count) the accountants compose: DP-SGD's q and steps, or BandMF's rounds."""
+    from dptrain.errors import UserError
+    from dptrain.privacy.bandmf import accounted
+
+    if args.mechanism == "dpsgd":
+        if args.bands is not None:
+            raise UserError("--bands applies to --mechanism bandmf only")
+        return args.sampling_rate, args.steps
+    if args.bands is None:
+        raise UserError("--mechanism bandmf needs --bands (dptrain plan, or a training config, chooses them)")
+    if args.max_batch_size is not None or args.dataset_size is not None:
+        raise UserError("truncated Poisson sampling (--max-batch-size) is not supported with --mechanism bandmf")
+    if not 0 < args.sampling_rate <= 1:
+        raise UserError(f"sampling rate must be in (0, 1], got {args.sampling_rate:g}")
+    return accounted(args.bands, args.sampling_rate, args.steps)
 
 
 def _accountants(choice: str, truncated: bool) -> list[str]:
@@ -90,10 +114,11 @@ def run_epsilon(args) -> int:
     check_noise_multiplier(args.noise_multiplier)
     check_delta(args.delta, args.dataset_size)
     truncated = args.max_batch_size is not None or args.dataset_size is not None
+    rate, count = _events(args)
     results, declined = {}, []
     for a in _accountants(args.accountant, truncated):
         try:
-            results[a] = epsilon(args.noise_multiplier, args.sampling_rate, args.steps, args.delta, a,
+            results[a] = epsilon(args.noise_multiplier, rate, count, args.delta, a,
                                  dataset_size=args.dataset_size, max_batch_size=args.max_batch_size)
         except EstimateUnavailable as err:
             if args.accountant != "all":
@@ -103,7 +128,8 @@ def run_epsilon(args) -> int:
         print(json.dumps({"noise_multiplier": args.noise_multiplier,
                           "sampling_rate": args.sampling_rate, "steps": args.steps,
                           "delta": args.delta, "dataset_size": args.dataset_size,
-                          "max_batch_size": args.max_batch_size, "epsilon": results,
+                          "max_batch_size": args.max_batch_size, "mechanism": args.mechanism,
+                          "bands": args.bands, "epsilon": results,
                           "upper_bounds": [a for a in results if is_upper_bound(a)]}))
     else:
         for name, value in results.items():
@@ -121,7 +147,8 @@ def run_noise(args) -> int:
 
     check_delta(args.delta, args.dataset_size)
     truncated = args.max_batch_size is not None or args.dataset_size is not None
-    results = {a: calibrate_noise(args.epsilon, args.delta, args.sampling_rate, args.steps, a,
+    rate, count = _events(args)
+    results = {a: calibrate_noise(args.epsilon, args.delta, rate, count, a,
                                   dataset_size=args.dataset_size,
                                   max_batch_size=args.max_batch_size)
                for a in _accountants(args.accountant, truncated)}
@@ -129,7 +156,8 @@ def run_noise(args) -> int:
         print(json.dumps({"epsilon": args.epsilon, "delta": args.delta,
                           "sampling_rate": args.sampling_rate, "steps": args.steps,
                           "dataset_size": args.dataset_size,
-                          "max_batch_size": args.max_batch_size, "noise_multiplier": results}))
+                          "max_batch_size": args.max_batch_size, "mechanism": args.mechanism,
+                          "bands": args.bands, "noise_multiplier": results}))
     else:
         for name, value in results.items():
             print(f"noise multiplier ({name}) = {value:.4f} for epsilon <= {args.epsilon:g} "

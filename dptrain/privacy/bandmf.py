@@ -34,6 +34,18 @@ from dptrain.errors import UserError
 MAX_AUTO_BANDS = 64
 
 
+def accounted(bands: int, sampling_rate: float, steps: int) -> tuple[float, int]:
+    """(rate, count) of the subsampled Gaussian events `steps` steps of b-band BandMF compose to,
+    at overall rate q = B/N: rate b·q within a part, ⌈steps / b⌉ rounds (b = 1: DP-SGD's q, steps)."""
+    if int(bands) != bands or bands < 1:
+        raise UserError(f"bands must be a positive integer, got {bands!r}")
+    rate = bands * sampling_rate
+    if rate > 1 + 1e-12:
+        raise UserError(f"{bands} bands at sampling rate {sampling_rate:g} would sample each part at rate "
+                        f"{rate:g} > 1: use at most {int(1 / sampling_rate)} bands")
+    return min(rate, 1.0), -(-int(steps) // int(bands))
+
+
 def _inverse_series(c: np.ndarray, steps: int) -> np.ndarray:
     """First column of C⁻¹ (Toeplitz, lower triangular): the power series 1 / c(z), `steps` terms."""
     from scipy.signal import lfilter

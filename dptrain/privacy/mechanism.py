@@ -27,7 +27,7 @@ import torch
 
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, StepRun, calibrate_noise, make_run
-from dptrain.privacy.bandmf import BandedNoise, choose_bands, optimize_coefficients
+from dptrain.privacy.bandmf import BandedNoise, accounted, choose_bands, optimize_coefficients
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import CyclicPoissonSampler, PoissonSampler, UnitSampler
 
@@ -80,7 +80,7 @@ class Mechanism:
     @property
     def sampling_rate(self) -> float:
         """The rate the accountants see: B/N, or for BandMF q_b = b·B/N within the part whose turn it is."""
-        return self.bands * self.expected_batch_size / self.num_examples
+        return accounted(self.bands, self.expected_batch_size / self.num_examples, 0)[0]
 
     @property
     def noise_std(self) -> float:
@@ -97,7 +97,8 @@ class Mechanism:
     def step_run(self, count: int = 1) -> StepRun:
         """`count` steps of this mechanism from its start, as the accountants compose them: one
         subsampled Gaussian per step, or per round of b steps for BandMF (⌈count / b⌉)."""
-        return make_run(self.noise_multiplier, self.sampling_rate, -(-count // self.bands), **self.truncation)
+        rate, rounds = accounted(self.bands, self.expected_batch_size / self.num_examples, count)
+        return make_run(self.noise_multiplier, rate, rounds, **self.truncation)
 
     def run_of_step(self, step: int) -> StepRun:
         """What step `step` (1-based, from this run's start) adds to the ledger: a BandMF round is

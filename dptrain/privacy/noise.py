@@ -53,6 +53,10 @@ class NoiseSource:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def buffer_bytes(self) -> int:
+        """Memory the noise keeps between steps: none (correlated noise keeps buffers)."""
+        return 0
+
     def for_step(self, step: int, rank: int = 0) -> Noise:
         if self.secure:
             return _secure_tensor

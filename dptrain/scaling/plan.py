@@ -285,7 +285,7 @@ def check_planned_data(data_path: str | Path, data_size: int, seq_len: int, unit
 
 def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_path: str | Path,
                     base_dir: Path | None = None, unit: str = "sequence", sequences_per_unit: int = 1,
-                    fitted_on: dict | None = None) -> dict:
+                    fitted_on: dict | None = None, mechanism: str = "dpsgd") -> dict:
     """A `dptrain train` config for a plan: the nearest shipped model config, the plan's batch,
     steps and sigma (rounded up, so the trainer's budget check at `target_epsilon` holds), the
     prepared data folder the plan's data size describes, and the optimizer, schedule and clip
@@ -314,6 +314,9 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
         cfg["schedule"] = dict(fitted_on["schedule"])
     if known(fitted_on.get("clip_norm")):
         cfg["privacy"]["max_grad_norm"] = float(fitted_on["clip_norm"])
+    if mechanism == "bandmf":  # σ and the bands are calibrated by the trainer for the budget
+        del cfg["privacy"]["noise_multiplier"]
+        cfg["privacy"]["mechanism"] = "bandmf"
     if unit != "sequence":  # micro-batches of whole units: a multiple of k rows, about 16
         k = int(sequences_per_unit)
         cfg["privacy"].update(unit=unit, max_sequences_per_unit=k)
@@ -323,10 +326,15 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
 
 def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: float, seq_len: int,
                           data_path: str | Path, unit: str = "sequence", sequences_per_unit: int = 1,
-                          notes: list[str] = (), fitted_on: dict | None = None) -> None:
+                          notes: list[str] = (), fitted_on: dict | None = None, mechanism: str = "dpsgd") -> None:
     path = Path(path)
     cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent,
-                          unit=unit, sequences_per_unit=sequences_per_unit, fitted_on=fitted_on)
+                          unit=unit, sequences_per_unit=sequences_per_unit, fitted_on=fitted_on,
+                          mechanism=mechanism)
+    if mechanism == "bandmf":
+        notes = [*notes, f"mechanism bandmf: the law was fitted on DP-SGD runs; the loss above is DP-SGD's, not "
+                         "predicted for BandMF (docs/privacy.md has measured comparisons; its learning rate "
+                         "wants tuning)"]
     if "optimizer" in cfg or "schedule" in cfg:
         notes = [*notes, "optimizer, schedule and clip norm: those of the law's sweep (its predictions "
                          "hold for them only)"]
