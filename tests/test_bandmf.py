@@ -286,6 +286,10 @@ def test_a_bandmf_run_resumes_bit_for_bit_and_accounts_its_rounds(data_dir, tmp_
     report = resumed.report()
     assert report["mechanism"]["kind"] == "bandmf" and report["mechanism"]["bands"] == 3
     assert "cyclic Poisson" in report["sampling"]
+    from dptrain.train.report import summary
+
+    text = summary(report)
+    assert "BandMF with 3 bands" in text and "accounted: 2 subsampled Gaussian releases" in text
     spent = resumed.books.data_epsilon(1e-5, "pld", 0.0)
     assert (spent["steps"], spent["runs"]) == (4, 2)  # both runs on this data, 2 rounds each
 

@@ -176,12 +176,19 @@ def _context_lines(report: dict) -> list[str]:
     lines = []
     if "truncated_steps" in report:
         lines.append(f"  truncated steps: {report['truncated_steps']}")
-    if report.get("accounted_steps", report["steps"]) != report["steps"]:
+    bands = report.get("mechanism", {}).get("bands", 1)
+    if bands > 1:  # the ledger counts BandMF's rounds of b steps, each one subsampled Gaussian
+        lines.append(f"  mechanism: BandMF with {bands} bands (each step's noise correlated with the previous "
+                     f"{bands - 1} steps')")
+        lines.append(f"  accounted: {report['accounted_steps']} subsampled Gaussian releases (a round of {bands} "
+                     f"steps each, earlier runs of the lineage and {report.get('crash_released_steps', 0)} steps "
+                     "released before a crash included)")
+    elif report.get("accounted_steps", report["steps"]) != report["steps"]:
         lines.append(f"  accounted steps: {report['accounted_steps']} (earlier runs of the lineage and "
                      f"{report.get('crash_released_steps', 0)} released before a crash included)")
     if (data := report.get("data_spent")) and data["epsilon"] is not None:
         lines.append(f"  spent on this data by all {data['runs']} run(s) its ledger records: ε {data['epsilon']:.4g} "
-                     f"({data['accountant']}, {data['steps']} steps)")
+                     f"({data['accountant']}, {data['steps']} {'releases' if bands > 1 else 'steps'})")
     if randomness := report.get("randomness"):
         lines.append(f"  randomness: {randomness['means']}")
     if (init := report.get("initialization")) and init.get("source"):
