@@ -8,6 +8,7 @@ per-step noise Adam normalises by; the other seeds reuse it. Each cell appends o
 
     python benchmarks/correlated_noise.py --out runs/bench-noise.jsonl --data runs/bench-noise-data \\
         [--epsilons 8 2] [--seeds 0 1 2] [--lrs 3e-3 8e-3]
+    python benchmarks/correlated_noise.py --out - --overhead [--steps 10]    # step time ratio only
 
 This is a benchmark, not a private run: it times steps, and seeds the randomness.
 """
@@ -67,6 +68,33 @@ def run_cell(cfg: TrainConfig, config_dir: Path) -> dict:
     return out
 
 
+def overhead(base: dict, config_dir: Path, data: str | None, epsilon: float, rounds: int, steps: int) -> None:
+    """Step time of BandMF against DP-SGD in this process: both trainers built on the same config,
+    timed in alternating blocks of `steps` steps (so load drifts hit both alike)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {}
+        for mechanism in ("dpsgd", "bandmf"):
+            cfg = cell_config(base, config_dir, Path(tmp) / mechanism, data, mechanism, epsilon, 3e-3, 0, None)
+            trainers[mechanism] = Trainer(cfg, config_dir)
+        times = {m: [] for m in trainers}
+        for _ in range(rounds):
+            for mechanism, trainer in trainers.items():
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    trainer.train_step()
+                    times[mechanism].append(time.perf_counter() - start)
+        dpsgd, bandmf = (statistics.median(times[m]) for m in ("dpsgd", "bandmf"))
+        b = trainers["bandmf"]
+        params = sum(p.numel() * p.element_size() for p in b.model.parameters())
+        print(f"{torch.get_num_threads()} thread(s), {rounds} x {steps} steps each, ε {epsilon:g}, "
+              f"bandmf {b.mechanism.bands} bands")
+        print(f"median step: dpsgd {dpsgd:.3f} s, bandmf {bandmf:.3f} s, ratio {bandmf / dpsgd:.3f}")
+        print(f"noise buffers: {b.noise.buffer_bytes() / 2**20:.1f} MiB = {b.noise.buffer_bytes() / params:.1f} x "
+              f"the float32 weights ({params / 2**20:.1f} MiB)")
+        for trainer in trainers.values():
+            trainer.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
@@ -78,10 +106,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="override privacy.steps")
     parser.add_argument("--data", default=None, help="the prepared (or demo) data folder; its privacy ledger "
                         "records every cell (default: the config's data.path)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only time BandMF's steps against DP-SGD's in this process (first --epsilons value)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config_dir = Path(args.config).resolve().parent
     base = configio.read_yaml(args.config)
+    if args.overhead:
+        overhead(base, config_dir, args.data, args.epsilons[0], rounds=3, steps=args.steps or 10)
+        return
     out = Path(args.out)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 

@@ -200,7 +200,9 @@ def finish_audit(trainer, setup: AuditSetup, initial: Path | None, significance:
         "canaries": {"kind": f"uniformly random token sequences of {setup.canaries.shape[1]} tokens "
                              f"(ids >= {FIRST_ORDINARY_ID}), one privacy unit each",
                      "num": int(len(included)), "included": int(included.sum()),
-                     "expected_draws_per_included_canary": trainer.sampling_rate * trainer.step},
+                     # rate x accounted releases: q·T for DP-SGD, q_b·⌈T/b⌉ (about the same) for BandMF
+                     "expected_draws_per_included_canary":
+                         trainer.sampling_rate * trainer.mechanism.step_run(trainer.step).count},
         **bounds,
         "accountant_epsilon": accountant_eps,
         "accountant": p.accountant,
