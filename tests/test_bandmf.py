@@ -294,15 +294,10 @@ def test_a_bandmf_run_resumes_bit_for_bit_and_accounts_its_rounds(data_dir, tmp_
     assert (spent["steps"], spent["runs"]) == (4, 2)  # both runs on this data, 2 rounds each
 
 
-def test_bandmf_under_fsdp_is_refused_before_any_compute(data_dir, tmp_path):
-    from dptrain.train.trainer import Trainer
-
-    with pytest.raises(UserError, match="fsdp"):
-        Trainer(bandmf_config(data_dir, tmp_path, runtime={"parallel": "fsdp"}))
-
-
-def _noise_worker(rank, world, data_dir, out_dir, result_file):
-    """Two ddp ranks, BandMF: the noise of steps with no data, as every rank sees it after the sum."""
+def _noise_worker(rank, world, mode, data_dir, out_dir, result_file):
+    """Two ranks, BandMF: (1) the noise of steps with no data, whole, as every rank sees it after the
+    sum (ddp) or gathered from the shards (fsdp); (2) a run checkpointed at step 2, continued, and
+    resumed from that checkpoint: the same weights."""
     import dataclasses
 
     import torch.distributed as dist
@@ -310,38 +305,60 @@ def _noise_worker(rank, world, data_dir, out_dir, result_file):
     from dptrain.train.trainer import Trainer
     from test_distributed import full_gradient, make_config
 
-    cfg = make_config(data_dir, out_dir, "ddp")
-    cfg.privacy.mechanism, cfg.privacy.bands, cfg.privacy.steps = "bandmf", 3, 6
-    trainer = Trainer(cfg)
+    def config(folder):
+        cfg = make_config(data_dir, out_dir / folder, mode)
+        cfg.privacy.mechanism, cfg.privacy.bands, cfg.privacy.steps = "bandmf", 3, 6
+        return cfg
+
+    trainer = Trainer(config("noise"))
     unit = dataclasses.replace(trainer.mechanism, expected_batch_size=1)
     rows = []
     for step in range(6):
         trainer.engine.zero_grad()
         trainer.parallel.privatize(trainer.engine, unit, trainer.noise, step)
         rows.append(full_gradient(trainer).cpu())
+    trainer.close()
     every = [None] * world
     dist.all_gather_object(every, torch.stack(rows))
+
+    straight = Trainer(config("train"))
+    for _ in range(2):
+        straight.train_step()
+    straight.save_checkpoint()
+    for _ in range(2):
+        straight.train_step()
+    expected = straight.parallel.full_state_dict(straight.model)
+    straight.close()
+    resumed = Trainer(config("train"))
+    at = resumed.step
+    for _ in range(2):
+        resumed.train_step()
+    got = resumed.parallel.full_state_dict(resumed.model)
     if rank == 0:
-        torch.save({"rows": every, "coefficients": trainer.mechanism.coefficients,
-                    "std": trainer.mechanism.noise_std}, result_file)
+        torch.save({"rows": every, "coefficients": trainer.mechanism.coefficients, "std": trainer.mechanism.noise_std,
+                    "resumed_at": at, "expected": expected, "got": got}, result_file)
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_add_the_factorised_noise_once(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_ranks_add_the_factorised_noise_once_and_resume_it(tmp_path, mode):
     from dptrain.data.demo import prepare_demo
     from test_distributed import VOCAB, run_distributed
 
     data = prepare_demo(tmp_path / "demo", seq_len=16, vocab_size=VOCAB, num_records=120)
-    run_distributed(_noise_worker, 2, data, tmp_path / "run", tmp_path / "result.pt")
+    run_distributed(_noise_worker, 2, mode, data, tmp_path / "run", tmp_path / "result.pt")
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     ranks = result["rows"]
-    assert torch.equal(ranks[0], ranks[1])  # one sum, the same on every rank
+    assert torch.equal(ranks[0], ranks[1])  # one noise, the same whole on every rank
     w = ranks[0].double().numpy() / result["std"]
     z = dense_strategy(result["coefficients"], 6) @ w  # C w: i.i.d. N(0, 1) if added once
     n = z.shape[1]
     empirical = z @ z.T / n
     assert np.abs(empirical - np.eye(6)).max() < 6 * math.sqrt(2 / n)  # twice the noise would read 2
     assert stats.kstest(z.reshape(-1), "norm").pvalue > 1e-4
+    assert result["resumed_at"] == 2
+    for name, w in result["expected"].items():
+        assert torch.equal(w, result["got"][name]), name
 
 
 # ---- the commands -------------------------------------------------------------------------------

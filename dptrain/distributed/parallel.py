@@ -45,6 +45,7 @@ from dptrain.dp.head import model_head_loss
 from dptrain.errors import UserError
 from dptrain.model import Decoder
 from dptrain.privacy.mechanism import Mechanism, clip_coefficients
+from dptrain.privacy.bandmf import BandedNoise
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import shard
 
@@ -110,6 +111,14 @@ class Parallel:
         box = [value if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
+
+    def gathered_on_main(self, value) -> list | None:
+        """Every rank's `value`, by rank, on rank 0 (None elsewhere). A collective."""
+        if not self.distributed:
+            return [value]
+        everyone = [None] * self.env.world_size if self.is_main else None
+        dist.gather_object(value, everyone, dst=0)
+        return everyone
 
     def check_agreement(self, facts: Callable[[], dict[str, str]]) -> None:
         """Stop every rank (UserError) when any rank's `facts()` differ from rank 0's. A collective;
@@ -209,7 +218,7 @@ class FullyShardedDP(Parallel):
         return norms
 
     def privatize(self, engine, mechanism, noise, step) -> None:
-        if not isinstance(noise, NoiseSource):
+        if not isinstance(noise, (NoiseSource, BandedNoise)):
             raise TypeError("fsdp derives its per-shard streams from the run's NoiseSource")
         # each rank noises its own slice, from its own stream
         engine.privatize(mechanism, noise.for_step(step, rank=self.env.rank), local=lambda g: g.to_local())

@@ -88,9 +88,6 @@ class Trainer:
         self.initialization, self.lineage, spent = origin.parent_of(cfg.init_from)
         plan = plan_mechanism(p, self.num_examples, cfg.runtime.micro_batch_size, spent, noise_free=noise_free)
         self.mechanism, self.planned_epsilon = plan.mechanism, plan.epsilon
-        if self.mechanism.bands > 1 and self.parallel.mode == "fsdp":
-            raise UserError("privacy.mechanism bandmf is not supported with runtime.parallel fsdp yet (each rank "
-                            "would keep its own noise buffers); use ddp or one process")
         self.checkpointer = Checkpointer(self.folder.checkpoints, self.parallel, cfg.checkpoint.keep_last)
         if self.parallel.is_main:
             checkpoints.remove_leftovers(self.folder.checkpoints)
@@ -125,6 +122,7 @@ class Trainer:
         self.sampler = self.mechanism.sampler(streams, p.secure_randomness, self.unit_ranges)
         self.noise = self.mechanism.noise_source(streams, p.secure_randomness)
         layout = f"fsdp-{self.parallel.env.world_size}" if self.parallel.mode == "fsdp" else "one-stream"
+        self.noise_layout = layout  # one stream (rank 0's) or a stream, and BandMF buffers, per shard
         # a derived folder (the audit's canary copy) names the data whose ledger it spends on
         data_ledger = DataLedger(self.train_data.manifest.get("ledger_of", self.train_data.path))
         if self.parallel.is_main:
@@ -318,11 +316,24 @@ class Trainer:
             "data_fingerprint": self.fingerprint,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "noise": self.noise.state_dict(),  # BandMF: the last b-1 noise tensors (secret)
+            # BandMF: each noising rank's last b-1 noise tensors (secret), by rank
+            "noise": self.parallel.gathered_on_main(self.noise.state_dict()),
+            "noise_layout": self.noise_layout,
             "batch_sizes": list(self.batch_sizes),
             "eval_history": list(self.eval_history),
             "nonfinite_examples": self.nonfinite_examples,
         }
+
+    def _load_noise(self, state: dict) -> None:
+        """The noise's own state (BandMF's buffers): rank 0's in one process and ddp, each rank's own
+        under fsdp, whose buffers are shards, so a BandMF run resumes in the layout it was saved in."""
+        saved = state.get("noise_layout", self.noise_layout)
+        if self.mechanism.bands > 1 and saved != self.noise_layout:
+            raise UserError(f"this BandMF run's noise buffers were saved in the {saved} layout, not {self.noise_layout}: "
+                            "resume it with the same runtime.parallel and number of processes")
+        states = state.get("noise") or [{}]
+        own = self.parallel.env.rank if self.noise_layout.startswith("fsdp") else 0
+        self.noise.load_state_dict(states[own] if own < len(states) else {})
 
     def _write_public(self, folder: Path) -> None:
         configio.write_yaml(self.cfg, folder / checkpoints.TRAIN_CONFIG_FILE)
@@ -343,7 +354,7 @@ class Trainer:
         checkpoints.load_weights(path, self.model, self.optimizer, state, self.parallel.mode)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        self.noise.load_state_dict(state.get("noise", {}))
+        self._load_noise(state)
         self.books.load_state_dict(state)
         self.lineage = list(state["lineage"])
         self.step = state["step"]
