@@ -294,6 +294,27 @@ def test_a_bandmf_run_resumes_bit_for_bit_and_accounts_its_rounds(data_dir, tmp_
     assert (spent["steps"], spent["runs"]) == (4, 2)  # both runs on this data, 2 rounds each
 
 
+def test_secure_bandmf_keeps_its_parts_and_buffers_and_charges_lost_steps_unamplified(data_dir, tmp_path):
+    from dptrain.train.trainer import Trainer
+
+    cfg = bandmf_config(data_dir, tmp_path, privacy={"secure_randomness": True}, runtime={"seed": None})
+    first = Trainer(cfg)
+    first.train_step()
+    first.save_checkpoint()
+    parts = [first.sampler.members(j).copy() for j in range(3)]
+    first.train_step()
+    first.train_step()  # steps 2 and 3 are released, then the process dies
+    first.close()
+    resumed = Trainer(cfg)
+    assert resumed.step == 1 and resumed.noise.next_step == 1
+    assert all(np.array_equal(parts[j], resumed.sampler.members(j)) for j in range(3))  # the OS draw, kept
+    assert resumed.books.crash_released_steps == 2
+    rates = sorted((r.sampling_rate, r.count) for r in resumed.ledger.runs)
+    assert rates == [(resumed.mechanism.sampling_rate, 1), (1.0, 2)]  # round 1, and 2 lost steps at q = 1
+    resumed.train_step()  # the buffers restored from the private state carry on
+    assert resumed.noise.next_step == 2
+
+
 def _noise_worker(rank, world, mode, data_dir, out_dir, result_file):
     """Two ranks, BandMF: (1) the noise of steps with no data, whole, as every rank sees it after the
     sum (ddp) or gathered from the shards (fsdp); (2) a run checkpointed at step 2, continued, and
