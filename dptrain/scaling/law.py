@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
+from threadpoolctl import threadpool_limits
 
 from dptrain.errors import UserError
 
@@ -294,6 +295,11 @@ class SemiParametricLaw(ScalingLaw):
         self.points = np.asarray(self.points, dtype=float)
         xyz, values = self.points[:, :3], self.points[:, 3]
         self._linear = LinearNDInterpolator(xyz, values, rescale=True)
+        # The triangulation's barycentric transforms (computed on first use, one tiny LAPACK solve
+        # per simplex) are computed here with one BLAS thread: thread hand-offs made them seconds
+        # slower on a busy 2-core machine, for the same numbers.
+        with threadpool_limits(1):
+            self._linear.tri.transform  # a cached property: computed once and kept
         self._scale = xyz.std(axis=0) + 1e-12
         self._nearest = NearestNDInterpolator(xyz / self._scale, values)
         span = xyz.max(axis=0) - xyz.min(axis=0)
