@@ -331,8 +331,11 @@ class Trainer:
         if self.mechanism.bands > 1 and saved != self.noise_layout:
             raise UserError(f"this BandMF run's noise buffers were saved in the {saved} layout, not {self.noise_layout}: "
                             "resume it with the same runtime.parallel and number of processes")
+        sharded = self.noise_layout.startswith("fsdp")
+        if not (sharded or self.parallel.is_main):
+            return  # under ddp only rank 0 adds noise: the other ranks keep no buffers
         states = state.get("noise") or [{}]
-        own = self.parallel.env.rank if self.noise_layout.startswith("fsdp") else 0
+        own = self.parallel.env.rank if sharded else 0
         self.noise.load_state_dict(states[own] if own < len(states) else {})
 
     def _write_public(self, folder: Path) -> None:
