@@ -112,6 +112,17 @@ def test_noise_state_resumes_exactly_and_refuses_steps_out_of_order():
         BandedNoise(NoiseSource(Streams(9)), optimize_coefficients(6, 2)).load_state_dict(state)
 
 
+@pytest.mark.gpu
+def test_noise_on_cuda_is_the_cpu_noise():
+    """Drawn on the CPU, correlated on the device with device buffers: the same w to float32 rounding."""
+    c = optimize_coefficients(5, 3)
+    on = {dev: BandedNoise(NoiseSource(Streams(21)), c) for dev in ("cpu", "cuda")}
+    for t in range(5):
+        draws = {dev: noise.for_step(t)((1000,), dev) for dev, noise in on.items()}
+        assert draws["cuda"].device.type == "cuda"
+        torch.testing.assert_close(draws["cuda"].cpu(), draws["cpu"], rtol=1e-5, atol=1e-6)
+
+
 # ---- the sampling -----------------------------------------------------------------------------
 def test_cyclic_poisson_samples_each_part_in_its_turn_at_rate_b_times_q():
     n, batch, bands, rounds = 3000, 60, 4, 150
