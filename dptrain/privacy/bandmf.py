@@ -23,6 +23,7 @@ The expected squared error summed over iterates is σ²·‖S C⁻¹‖²_F, whi
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,12 @@ def accounted(bands: int, sampling_rate: float, steps: int) -> tuple[float, int]
         raise UserError(f"{bands} bands at sampling rate {sampling_rate:g} would sample each part at rate "
                         f"{rate:g} > 1: use at most {int(1 / sampling_rate)} bands")
     return min(rate, 1.0), -(-int(steps) // int(bands))
+
+
+def opens_round(step: int, bands: int) -> bool:
+    """Whether step `step` (1-based, from the run's start) is the first of a round of b steps: where
+    the ledgers charge the round, so every prefix of the run is covered."""
+    return (step - 1) % bands == 0
 
 
 def _inverse_series(c: np.ndarray, steps: int) -> np.ndarray:
@@ -117,6 +124,7 @@ class BandChoice:
     bands: int
     noise_multiplier: float   # σ that meets the budget with these bands (RDP: used for the choice only)
     error: float              # σ² ‖S C⁻¹‖²_F: the summed noise variance of the iterates, per C²
+    coefficients: tuple[float, ...]  # the optimised strategy for these bands
 
 
 def candidate_bands(steps: int, num_examples: int, expected_batch_size: int,
@@ -140,8 +148,8 @@ def choose_bands(target_epsilon: float, delta: float, steps: int, num_examples: 
     for b in candidate_bands(steps, num_examples, expected_batch_size, max_bands):
         q = b * expected_batch_size / num_examples
         sigma = float(calibrate_rdp(target_epsilon, delta, [q], [math.ceil(steps / b)])[0])
-        error = sigma ** 2 * prefix_error(optimize_coefficients(steps, b), steps)
-        choices.append(BandChoice(b, sigma, error))
+        coefficients = optimize_coefficients(steps, b)
+        choices.append(BandChoice(b, sigma, sigma ** 2 * prefix_error(coefficients, steps), coefficients))
     return tuple(sorted(choices, key=lambda c: c.error))
 
 
@@ -167,7 +175,7 @@ class BandedNoise:
                                "each step's noise is drawn exactly once, in order")
         self.next_step += 1
         draw = self.source.for_step(step, rank)
-        calls = iter(range(1 << 62))
+        calls = itertools.count()
         c = self.coefficients
 
         def noise(shape, device="cpu", dtype=None):

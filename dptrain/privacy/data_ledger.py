@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, make_run
+from dptrain.privacy.bandmf import opens_round
 from dptrain.privacy.journal import read_appended
 
 DATA_LEDGER_FILE = "privacy_spent.jsonl"
@@ -83,7 +84,7 @@ class DataLedger:
             if bands > 1:
                 again = (e.get("run"), e["step"]) in released
                 released.add((e.get("run"), e["step"]))
-                q, count = (1.0, 1) if again else (q, int((e["step"] - 1) % bands == 0))
+                q, count = (1.0, 1) if again else (q, int(opens_round(e["step"], bands)))
             key = (e["noise_multiplier"], q, e.get("dataset_size"), e.get("max_batch_size"))
             counts[key] = counts.get(key, 0) + count
         ledger = PrivacyLedger()

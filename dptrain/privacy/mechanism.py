@@ -27,12 +27,11 @@ import torch
 
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, StepRun, calibrate_noise, make_run
-from dptrain.privacy.bandmf import BandedNoise, accounted, choose_bands, optimize_coefficients
+from dptrain.privacy.bandmf import BandedNoise, accounted, choose_bands, opens_round, optimize_coefficients
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import CyclicPoissonSampler, PoissonSampler, UnitSampler
 
 UNITS = ("sequence", "document", "group")
-KINDS = ("dpsgd", "bandmf")
 Noise = Callable[..., torch.Tensor]  # noise(shape, device, dtype) -> i.i.d. N(0, 1)
 
 
@@ -103,7 +102,7 @@ class Mechanism:
     def run_of_step(self, step: int) -> StepRun:
         """What step `step` (1-based, from this run's start) adds to the ledger: a BandMF round is
         charged at its first step, so every prefix of the run is covered."""
-        return make_run(self.noise_multiplier, self.sampling_rate, int((step - 1) % self.bands == 0),
+        return make_run(self.noise_multiplier, self.sampling_rate, int(opens_round(step, self.bands)),
                         **self.truncation)
 
     def journal_fields(self) -> dict:
@@ -193,15 +192,15 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
         raise UserError(f"privacy.delta {p.delta:g} is not below 1/N = {1 / num_examples:.3g}: "
                         f"such a guarantee allows publishing one of the {what} whole")
 
-    bands = 1
-    if p.mechanism == "bandmf":
-        bands = p.bands
-        if bands is None:
-            if p.target_epsilon is None or noise_free:
-                raise UserError("privacy.mechanism bandmf with privacy.noise_multiplier (or no noise) needs "
-                                "privacy.bands: the bands are chosen for a target_epsilon")
-            bands = choose_bands(p.target_epsilon, p.delta, p.steps, num_examples, p.expected_batch_size)[0].bands
-    coefficients = optimize_coefficients(p.steps, bands)
+    if p.mechanism == "bandmf" and p.bands is None:
+        if p.target_epsilon is None or noise_free:
+            raise UserError("privacy.mechanism bandmf with privacy.noise_multiplier (or no noise) needs "
+                            "privacy.bands: the bands are chosen for a target_epsilon")
+        best = choose_bands(p.target_epsilon, p.delta, p.steps, num_examples, p.expected_batch_size)[0]
+        bands, coefficients = best.bands, best.coefficients
+    else:
+        bands = p.bands if p.mechanism == "bandmf" else 1
+        coefficients = optimize_coefficients(p.steps, bands)
 
     def mechanism(sigma: float) -> Mechanism:
         return Mechanism(sigma, p.max_grad_norm, p.expected_batch_size, num_examples, p.unit, k,
