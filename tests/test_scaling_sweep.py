@@ -53,7 +53,7 @@ def write_spec(folder, data, sigma_bars) -> str:
 
 def test_sweep_appends_rows_and_skips_finished_runs(micro_data, tmp_path, capsys):
     spec = write_spec(tmp_path, micro_data, [0.05, 0.2])
-    assert main(["sweep", spec]) == 0
+    assert main(["sweep", "run", spec]) == 0
     rows = read_results(tmp_path / "results.csv")
     assert [r.run_id for r in rows] == ["micro-B8-sb0.05-T3-s0", "micro-B8-sb0.2-T3-s0"]
     for row, sigma_bar in zip(rows, [0.05, 0.2]):
@@ -67,7 +67,7 @@ def test_sweep_appends_rows_and_skips_finished_runs(micro_data, tmp_path, capsys
     assert rows[0].eval_curve[-1] != rows[1].eval_curve[-1]
     text = (tmp_path / "results.csv").read_text()
 
-    assert main(["sweep", spec]) == 0  # nothing left to do
+    assert main(["sweep", "run", spec]) == 0  # nothing left to do
     assert "0 run(s) trained" in capsys.readouterr().out
     assert (tmp_path / "results.csv").read_text() == text
 
@@ -97,10 +97,10 @@ def test_spec_errors_are_one_line(micro_data, tmp_path, capsys):
                             ({"stepz": [3]}, "stepz"),
                             ({"base": {**raw["base"], "privacy": {"delta": 2.0}}}, "delta")]:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**raw, **change}))
-        assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
+        assert main(["sweep", "run", str(tmp_path / "bad.yaml")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
-    assert main(["sweep", spec, "--only", "ladder-9"]) == 2
+    assert main(["sweep", "run", spec, "--only", "ladder-9"]) == 2
     assert "ladder-9" in capsys.readouterr().err
 
 

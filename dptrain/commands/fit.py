@@ -7,7 +7,9 @@ from dptrain.scaling import LAW_METHODS
 
 def register(sub) -> None:
     parser = sub.add_parser("fit", help="fit a DP scaling law L(M, T, sigma_bar) to sweep results")
-    parser.add_argument("results", nargs="+", help="sweep results CSV(s), fitted together")
+    parser.add_argument("results", nargs="+",
+                        help="sweep results CSV(s) and/or run folders (a finished run's folder, or any folder "
+                             "above them: every result.json under it), fitted together")
     parser.add_argument("--out", required=True, help="law JSON to write")
     parser.add_argument("--holdout", default="0.2,largest-model,late",
                         help="comma-separated rules holding out runs to measure prediction error: a "
@@ -62,11 +64,13 @@ def run(args) -> int:
     from dptrain.scaling.fit import applicable_methods
     from dptrain.scaling.law import VALIDATION_BAR, save_laws
     from dptrain.scaling.provenance import describe, fit_provenance
-    from dptrain.scaling.results import read_results
+    from dptrain.scaling.results import best_learning_rates, collect_results
 
-    runs = [run for path in args.results for run in read_results(path)]
+    runs = collect_results(args.results)
     if len({r.run_id for r in runs}) < len(runs):
-        raise UserError("the results files share run ids: a run may be fitted only once")
+        raise UserError("the results share run ids (a run in two files, or a CSV and its run folders): "
+                        "a run may be fitted only once")
+    runs, learning_rates = best_learning_rates(runs)  # a sweep over rates: each cell's best
     rules = [] if args.holdout == "none" else [r.strip() for r in args.holdout.split(",") if r.strip()]
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be 0 or more")
@@ -79,7 +83,10 @@ def run(args) -> int:
         unfit = [m for m in methods if m not in applicable_methods(runs)]
         if unfit:
             raise UserError(f"--methods: {', '.join(unfit)} needs runs at two batch sizes")
-    fitted_on = fit_provenance(runs, args.results, args.spec, args.data, args.corpus)
+    fitted_on = fit_provenance(runs, args.results, args.spec, args.data, args.corpus, learning_rates)
+    if learning_rates:
+        print(f"learning rates {', '.join(f'{x:g}' for x in learning_rates['grid'])}: each cell's best kept "
+              f"({len(runs)} cells x seeds)")
     laws = fit_all(runs, rules, args.params, methods=methods, bootstrap=args.bootstrap,
                    calibration=args.calibration)
     # with no holdout, the paper's form; else the method whose worst rule errs least

@@ -70,9 +70,10 @@ def spec_facts(path: str | Path) -> dict:
 
 
 def fit_provenance(runs: list[RunResult], results: list[str] = (), specs: list[str] = (),
-                   data: str | None = None, corpus: str | None = None) -> dict:
+                   data: str | None = None, corpus: str | None = None, learning_rates: dict | None = None) -> dict:
     """The `fitted_on` record of a law fitted on `runs` (read from `results`), made by the sweep
-    `specs`, on the prepared folder `data` (else a spec's data folder, where it exists here)."""
+    `specs`, on the prepared folder `data` (else a spec's data folder, where it exists here);
+    `learning_rates`: each cell's best rate, where the sweep tried several (`best_learning_rates`)."""
     from dptrain.data.prepare import MANIFEST
 
     spec_list = [spec_facts(p) for p in specs]
@@ -101,7 +102,10 @@ def fit_provenance(runs: list[RunResult], results: list[str] = (), specs: list[s
     flops = [6.0 * r.params_total * r.tokens for r in runs]
     optimizer = _same([f["optimizer"] for f in spec_list], "optimizer")
     lr_rule = UNKNOWN
-    if isinstance(optimizer, dict):
+    if learning_rates:
+        lr_rule = (f"the best of {', '.join(f'{x:g}' for x in learning_rates['grid'])} in each cell; a plan "
+                   "takes the best rate of the fitted cell nearest to it")
+    elif isinstance(optimizer, dict):
         lr_rule = f"one learning rate for every run ({optimizer['lr']:g}), not tuned per run"
     elif spec_list:
         lr_rule = "mixed: the specs set different optimizers (" + optimizer[len("mixed: "):] + ")"
@@ -112,6 +116,7 @@ def fit_provenance(runs: list[RunResult], results: list[str] = (), specs: list[s
         "optimizer": optimizer,
         "schedule": _same([f["schedule"] for f in spec_list], "schedule"),
         "lr_rule": lr_rule,
+        **({"learning_rates": learning_rates} if learning_rates else {}),
         "clip_norm": _same([f["clip_norm"] for f in spec_list], "clip_norm"),
         "compute": {"counted_as": COMPUTE_RULE, "per_run": [min(flops), max(flops)], "total": sum(flops),
                     "devices": sorted({r.device for r in runs}),
@@ -119,6 +124,23 @@ def fit_provenance(runs: list[RunResult], results: list[str] = (), specs: list[s
         "sources": {"results": [Path(p).name for p in results], "specs": [Path(p).name for p in specs],
                     "data": str(folder) if folder is not None else None},
     }
+
+
+def learning_rate_for(fitted_on: dict | None, params: float, sigma_bar: float) -> float | None:
+    """The learning rate the law assumes at (M, sigma_bar): the best rate of the nearest fitted cell
+    (distance in log M and log(sigma_bar + 1e-4), noise-free cells near the smallest noise), or the
+    sweep's one rate; None when the law records neither."""
+    import math
+
+    fitted_on = fitted_on or {}
+    cells = (fitted_on.get("learning_rates") or {}).get("best")
+    if cells:
+        def distance(c):
+            return (math.log(c["params"] / params) ** 2
+                    + math.log((c["sigma_bar"] + 1e-4) / (sigma_bar + 1e-4)) ** 2)
+        return float(min(cells, key=distance)["lr"])
+    o = fitted_on.get("optimizer")
+    return float(o["lr"]) if isinstance(o, dict) else None
 
 
 def known(value) -> bool:

@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from dptrain.errors import UserError
@@ -30,6 +31,7 @@ class RunResult:
     wall_time_s: float
     device: str
     date: str  # ISO 8601
+    lr: float | None = None  # peak learning rate (None: not recorded, in results from before it was)
 
     def params(self, key: str = "total") -> int:
         return self.params_total if key == "total" else self.params_nonembed
@@ -41,6 +43,7 @@ class RunResult:
 
 
 COLUMNS = [f.name for f in fields(RunResult)]
+OPTIONAL = {"lr"}  # columns older results files lack
 _INT = {"params_total", "params_nonembed", "batch_size", "steps", "seq_len", "tokens"}
 _FLOAT = {"sigma", "sigma_bar", "wall_time_s"}
 
@@ -75,6 +78,10 @@ def _parse_row(row: dict[str, str]) -> RunResult:
                 values[name] = float(text)
                 if not math.isfinite(values[name]) or values[name] < 0:
                     raise ValueError("must be finite and >= 0")
+            elif name in OPTIONAL:
+                values[name] = float(text) if text else None
+                if values[name] is not None and not (math.isfinite(values[name]) and values[name] > 0):
+                    raise ValueError("must be finite and > 0")
             elif name == "eval_curve":
                 values[name] = _parse_curve(text)
             else:
@@ -96,7 +103,7 @@ def read_results(path: str | Path) -> list[RunResult]:
         raise UserError(f"results file not found: {path}")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = set(COLUMNS) - set(reader.fieldnames or [])
+        missing = set(COLUMNS) - OPTIONAL - set(reader.fieldnames or [])
         if missing:
             raise UserError(f"{path}: missing columns {sorted(missing)}")
         runs = []
@@ -112,25 +119,97 @@ def read_results(path: str | Path) -> list[RunResult]:
 
 
 def _to_row(run: RunResult) -> dict[str, str]:
-    row = {k: str(v) for k, v in asdict(run).items()}
+    row = {k: "" if v is None else str(v) for k, v in asdict(run).items()}
     row["eval_curve"] = json.dumps([[s, l] for s, l in run.eval_curve])
     return row
 
 
 def append_results(path: str | Path, runs: list[RunResult]) -> int:
-    """Append the runs not yet in the file (by run_id); returns how many were written."""
+    """Append the runs not yet in the file (by run_id); returns how many were written. Holds an
+    exclusive lock on the file meanwhile: sweep jobs running at once append to one table."""
     path = Path(path)
-    present = {r.run_id for r in read_results(path)} if path.exists() else set()
-    new = []
-    for run in runs:
-        if run.run_id not in present:
-            new.append(run)
-            present.add(run.run_id)
-    write_header = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if write_header:
+    with path.open("a+", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        header = next(csv.reader(f), None)
+        present = {r.run_id for r in read_results(path)} if header else set()
+        new = []
+        for run in runs:  # the first of each id not yet in the file
+            if run.run_id not in present:
+                new.append(run)
+                present.add(run.run_id)
+        # an older table without the optional columns keeps its header
+        writer = csv.DictWriter(f, fieldnames=header or COLUMNS, extrasaction="ignore")
+        if not header:
             writer.writeheader()
         for run in new:
             writer.writerow(_to_row(run))
     return len(new)
+
+
+def best_learning_rates(runs: list[RunResult]) -> tuple[list[RunResult], dict | None]:
+    """Runs that differ only in learning rate, folded into one: at every evaluated step the loss of
+    the best rate (each step is the end point of a run that long under a constant rate after
+    warm-up), as McKenna et al. (2025) take the best rate per configuration. Returns the folded
+    runs and the choice ({"grid": rates, "best": one row per cell: its size, sigma_bar, batch and
+    the rate best at its last step}), or the runs unchanged and None when no two differ only in rate."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for run in runs:
+        key = (run.model, run.params_total, run.batch_size, run.sigma_bar, run.steps, run.seq_len)
+        groups.setdefault(key, []).append(run)
+    if all(len({r.lr for r in g}) < 2 for g in groups.values()):
+        return runs, None
+    if any(r.lr is None for r in runs):
+        raise UserError("some runs record no learning rate and others several: fit them apart")
+    folded, best = [], []
+    for (model, params, batch, sigma_bar, steps, _), group in groups.items():
+        seeds = {}  # runs of one seed differing in rate; seeds are kept apart (their spread is measured)
+        for run in group:
+            seeds.setdefault(run.run_id.replace(f"-lr{run.lr:.3g}", ""), []).append(run)
+        for name, tried in seeds.items():
+            points = [dict(r.eval_curve) for r in tried]
+            steps_all = sorted(set.intersection(*(set(p) for p in points)))
+            curve = tuple((s, min(p[s] for p in points)) for s in steps_all)
+            winner = min(tried, key=lambda r: r.final_loss())
+            folded.append(replace(winner, run_id=f"{name}-best-lr", eval_curve=curve,
+                                  wall_time_s=round(sum(r.wall_time_s for r in tried), 2)))
+            best.append({"params": params, "sigma_bar": sigma_bar, "batch": batch, "lr": winner.lr,
+                         "tried": sorted(r.lr for r in tried)})
+    grid = sorted({r.lr for r in runs})
+    return folded, {"grid": grid, "best": best}
+
+
+RESULT_FILE = "result.json"  # a finished sweep run's row, in its own run folder
+
+
+def write_run_result(folder: str | Path, run: RunResult) -> Path:
+    """The run's row as JSON in its folder (atomically): `dptrain fit FOLDER` reads these."""
+    path = Path(folder) / RESULT_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_to_row(run), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_run_result(path: str | Path) -> RunResult:
+    path = Path(path)
+    try:
+        row = json.loads(path.read_text())
+        return _parse_row({k: str(v) for k, v in row.items()})
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{path}: not a sweep run's result ({err})") from None
+
+
+def collect_results(paths: list[str | Path]) -> list[RunResult]:
+    """The runs in results CSVs and in folders: a finished run's folder (its result.json) or any
+    folder above run folders (every result.json under it). Unfinished runs have none and are skipped."""
+    runs: list[RunResult] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.rglob(RESULT_FILE))
+            if not found:
+                raise UserError(f"{path}: no finished sweep run under it (no {RESULT_FILE})")
+            runs += [read_run_result(p) for p in found]
+        else:
+            runs += read_results(path)
+    return runs

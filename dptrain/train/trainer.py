@@ -274,14 +274,21 @@ class Trainer:
             write_report(report, self.out_dir)
         return report
 
-    def _log_eval(self, log: MetricsLog, bar) -> None:
+    def record_eval(self) -> float | None:
+        """Evaluate, stop a diverged run, and keep the loss in the eval history (which checkpoints carry)."""
         loss = self.evaluate()
         if loss is None:
-            return
+            return None
         if not math.isfinite(loss):
             raise UserError(f"the held-out loss is {loss} at step {self.step}: training diverged; lower "
                             "optimizer.lr (or check the data) and start again from an earlier checkpoint")
         self.eval_history.append((self.step, loss))
+        return loss
+
+    def _log_eval(self, log: MetricsLog, bar) -> None:
+        loss = self.record_eval()
+        if loss is None:
+            return
         log.log(self.step, {"eval/loss": loss})
         if self.parallel.is_main:
             bar.write(f"step {self.step}: held-out loss {loss:.4f}")
