@@ -465,3 +465,38 @@ def test_real_torchrun_two_slurm_nodes_rendezvous(fakes, config, stand_in_repo, 
     assert sorted(r["RANK"] for r in got) == ["0", "1", "2", "3"]
     assert {r["WORLD_SIZE"] for r in got} == {"4"} and {r["LOCAL_RANK"] for r in got} == {"0", "1"}
     assert all(r["argv"] == ["train", str(config), *OVERRIDES] for r in got)
+
+
+# ---- sweeps as job arrays ------------------------------------------------------------------------
+
+SWEEP_SBATCH = ROOT / "launch" / "slurm" / "sweep.sbatch"
+SWEEP_JOB = ROOT / "launch" / "k8s" / "sweep_job.py"
+
+
+def test_sweep_array_task_trains_the_run_of_its_index(fakes, tmp_path):
+    spec = tmp_path / "my sweep.yaml"
+    spec.write_text("models: []\n")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    script = shutil.copy(SWEEP_SBATCH, spool / "slurm_script")
+    proc = run(["bash", script, "--dry-run", spec], fakes, cwd=tmp_path, SLURM_SUBMIT_DIR=str(ROOT),
+               SLURM_ARRAY_TASK_ID="7")
+    assert dry_run_command(proc) == ["python", "-m", "dptrain", "sweep", "run", str(spec), "--index", "7"]
+    proc = run(["bash", script, "--dry-run", spec], fakes, cwd=tmp_path, SLURM_SUBMIT_DIR=str(ROOT))
+    assert proc.returncode != 0 and "sbatch --array" in proc.stderr
+
+
+def test_sweep_renders_an_indexed_job():
+    proc = subprocess.run([sys.executable, str(SWEEP_JOB), "--name", "dp-sweep", "--image", "img:1", "--runs", "48",
+                           "--claim", "sweeps", "--parallelism", "6", "/sweep/spec.yaml"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job = yaml.safe_load(proc.stdout)
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == 48 and job["spec"]["parallelism"] == 6
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "dptrain", "sweep", "run", "/sweep/spec.yaml",
+                                    "--index", "$(JOB_COMPLETION_INDEX)"]
+    bad = subprocess.run([sys.executable, str(SWEEP_JOB), "--name", "Bad_Name", "--image", "i", "--runs", "1",
+                          "--claim", "c", "s.yaml"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "DNS label" in bad.stderr
