@@ -64,6 +64,11 @@ def register(sub) -> None:
                              "the trainer uses (a few seconds; always done with --write-config)")
     parser.add_argument("--mechanism", choices=("dpsgd", "bandmf"), default="dpsgd",
                         help="the written config's privacy.mechanism (the law predicts DP-SGD's loss)")
+    parser.add_argument("--check-shape", action="store_true",
+                        help="also plan at other epsilons (same compute and search) and check that a tighter "
+                             "epsilon never plans a larger model, as McKenna et al. 2025 find")
+    parser.add_argument("--shape-epsilons", default=None, metavar="E,...",
+                        help="the epsilons of --check-shape (default: epsilon x 1/4, 1/2, 1, 2, 4)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--write-config", metavar="FILE",
                         help="write a `dptrain train` config for the best plan")
@@ -72,6 +77,36 @@ def register(sub) -> None:
                              "names it; if it exists, its training split must hold --data-size sequences)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write planner figures (PNG) here")
     parser.set_defaults(func=run)
+
+
+def shape_epsilons(args) -> list[float]:
+    """The epsilons of --check-shape: --shape-epsilons, else the plan's epsilon x 1/4 .. 4."""
+    from dptrain.errors import UserError
+
+    if args.shape_epsilons is None:
+        return [args.epsilon * f for f in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    try:
+        values = [float(e) for e in args.shape_epsilons.split(",") if e.strip()]
+    except ValueError:
+        values = []
+    if len(values) < 2 or not all(math.isfinite(e) and e > 0 for e in values):
+        raise UserError(f"--shape-epsilons {args.shape_epsilons}: expected two or more finite epsilons > 0, "
+                        "comma-separated")
+    return values
+
+
+def print_shape(shape) -> None:
+    print(f"epsilon shape at compute {shape.compute:.3g} (same search; does a tighter epsilon plan a larger model?)")
+    print(f"{'epsilon':>8} {'params M':>10} {'batch':>7} {'steps':>9} {'sigma_bar':>10} {'loss':>7} "
+          f"{'outside':>8}  optimum")
+    for r in shape.rows:
+        if r.params is None:
+            print(f"{r.epsilon:8g} {'-':>10}  no plan: {r.error}")
+            continue
+        print(f"{r.epsilon:8g} {r.params:10.3g} {r.batch_size:7d} {r.steps:9d} {r.sigma_bar:10.3g} {r.loss:7.4f} "
+              f"{(f'{r.outside:.3g}x' if r.outside > 1 else 'inside'):>8}  "
+              + ("interior" if r.interior else f"on bound: {', '.join(r.edges)}"))
+    print(f"epsilon shape: {shape.describe()}")
 
 
 def check_numbers(args) -> None:
@@ -104,7 +139,7 @@ def run(args) -> int:
     from dptrain.errors import UserError
     from dptrain.scaling.law import VALIDATION_BAR, load_law
     from dptrain.scaling.plan import (MAX_EXTRAPOLATION, SATURATION_GAIN, SHIPPED_LAW, check_planned_data,
-                                      chinchilla_params, describe_extrapolation, plan,
+                                      chinchilla_params, describe_extrapolation, epsilon_shape, plan,
                                       saturation, with_pld_sigma, write_training_config)
     from dptrain.scaling.provenance import check_against, data_facts, describe
 
@@ -116,6 +151,7 @@ def run(args) -> int:
         args.data_path = args.data if args.data_path is None else args.data_path
     args.seq_len = 1024 if args.seq_len is None else args.seq_len
     check_numbers(args)
+    epsilons = shape_epsilons(args) if args.check_shape else []
     if args.sequences_per_unit < 1 or (args.unit == "sequence" and args.sequences_per_unit != 1):
         raise UserError("--sequences-per-unit must be at least 1, and 1 unless --unit is document or group")
     # A sampled unit costs k rows of seq-len tokens: the law sees it as one example of k * seq-len
@@ -162,6 +198,8 @@ def run(args) -> int:
               f"({fitted}): their losses are extrapolated", file=sys.stderr)
     sat = saturation(law, args.compute, *budget, **search, **bounds)
     nonprivate = chinchilla_params(args.compute)
+    shape = (epsilon_shape(law, args.compute, epsilons, args.delta, args.data_size, example_tokens,
+                           **search, **bounds) if args.check_shape else None)
 
     if args.json:
         json.dump({"plans": [asdict(p) for p in plans], "law_method": law.method,
@@ -174,7 +212,8 @@ def run(args) -> int:
                    "validated_for_this_plan": usable,
                    "saturation": [{"compute": c, "best_loss": l, "gain": None if math.isnan(g) else g}
                                   for c, l, g in sat],
-                   "nonprivate_params_chinchilla": nonprivate}, sys.stdout, indent=1)
+                   "nonprivate_params_chinchilla": nonprivate,
+                   **({"epsilon_shape": shape.to_dict()} if shape else {})}, sys.stdout, indent=1)
         print()
     else:
         print(f"compute {args.compute:.3g} FLOPs, eps {args.epsilon:g}, delta {args.delta:g}, "
@@ -216,6 +255,8 @@ def run(args) -> int:
                   f"(< {SATURATION_GAIN:.0%}); more data or a larger epsilon is what helps")
         elif here is not None:
             print(f"not saturated: 10x more compute improves the predicted loss by {here:.2%}")
+        if shape:
+            print_shape(shape)
     if args.write_config:
         write_training_config(args.write_config, best, args.epsilon, args.delta, args.seq_len,
                               args.data_path, unit=args.unit, sequences_per_unit=args.sequences_per_unit,

@@ -4,6 +4,7 @@ calibrate sigma for each (B, T) with the accountant, predict the loss with a sca
 Given eps, delta and the data size N, sigma depends only on (B, T) (q = B / N). So the candidates
 are a log grid of batch sizes B <= N times a log grid of step counts T, calibrated once per privacy
 budget (vectorised RDP, cached) and reused for every compute budget: M = C / (6 B S T) follows.
+The best point of that grid is then refined on a grid four times finer around it.
 """
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ SHIPPED_LAW = Path(__file__).resolve().parents[1] / "assets" / "scaling_law.json
 SATURATION_GAIN = 0.01  # 10x more compute improving the loss by less than this: saturated
 MAX_EXTRAPOLATION = 3.0  # a plan further outside the fitted range is refused unless allowed
 MAX_STEPS = 10**7
+PER_DECADE = 4  # the search grid's points per decade of B, T and compute spent
+# The best grid point is refined on this many points per decade, one grid step either side: on
+# the coarse grid alone near-ties 1.8x apart in M swap as epsilon moves (the shipped law's
+# parametric-batch shape planned 3.6e4, 6.4e4, 3.6e4, 6.4e4 parameters at epsilon 4, 4.8, 5.7,
+# 6.7 and C = 7.3e12, where the optimum rises 4.4e4 -> 5.0e4).
+REFINE_PER_DECADE = 16
 
 
 @dataclass(frozen=True)
@@ -107,18 +114,80 @@ def chinchilla_params(compute: float) -> float:
 
 
 def candidates(law: ScalingLaw, compute: float, grid: Grid, seq_len: int,
-               min_params: float = 1e5, max_params: float = 1e12) -> dict[str, np.ndarray]:
+               min_params: float = 1e5, max_params: float = 1e12, spend=None) -> dict[str, np.ndarray]:
     """Every (M, B, T) on the grid with M in range that spends the compute or down to 1/100 of it
     (spending less is allowed: past saturation more compute would only hurt), with sigma and
-    predicted loss."""
-    spend = compute * 10.0 ** (-np.arange(9) / 4)
+    predicted loss. `spend`: the compute levels tried (default 9, a quarter decade apart)."""
+    spend = compute * 10.0 ** (-np.arange(9) / PER_DECADE) if spend is None else np.asarray(spend, dtype=float)
     c, b, t = np.meshgrid(spend, grid.batch_sizes, grid.steps, indexing="ij")
     sigma = np.broadcast_to(grid.sigma, c.shape)
     m = c / (6 * seq_len * b * t)
     ok = (m >= min_params) & (m <= max_params) & np.isfinite(sigma)
     m, b, t, sigma = m[ok], b[ok], t[ok], sigma[ok]
     loss = law.predict(m, t, sigma / b, b, warn=False) if m.size else np.zeros(0)
-    return {"M": m, "B": b, "T": t, "sigma": sigma, "loss": loss}
+    return {"M": m, "B": b, "T": t, "sigma": sigma, "loss": loss, "spend": c[ok]}
+
+
+def _around(value: float, lo: float, hi: float, integer: bool = True) -> np.ndarray:
+    """REFINE_PER_DECADE points per decade, one coarse grid step either side of `value`, in [lo, hi]."""
+    k = REFINE_PER_DECADE // PER_DECADE
+    points = np.clip(value * 10.0 ** (np.arange(-k, k + 1) / REFINE_PER_DECADE), lo, hi)
+    return np.unique(np.round(points).astype(np.int64)) if integer else np.unique(points)
+
+
+def _calibrate_near(epsilon: float, delta: float, q: np.ndarray, steps: np.ndarray, guess: np.ndarray,
+                    within: float = 1.03, iters: int = 20) -> np.ndarray:
+    """The RDP sigma of `calibrate_rdp` for pairs whose sigma is about `guess`, some 5x faster:
+    bisection between guess / within and guess * within (20 halvings: 3e-8 apart) on the seven
+    RDP orders around each pair's best order at the guess, instead of 32 halvings on all 40. Fewer
+    orders can only over-state epsilon, so sigma still meets the budget; it is checked on every
+    order, and a pair outside the bracket is calibrated in full."""
+    from dptrain.scaling.noise import ORDERS, epsilon_rdp
+
+    by_order = np.stack([epsilon_rdp(guess, q, steps, delta, orders=ORDERS[j:j + 1]) for j in range(len(ORDERS))])
+    near = ORDERS[np.unique(np.clip(by_order.argmin(axis=0)[:, None] + np.arange(-3, 4), 0, len(ORDERS) - 1))]
+    lo, hi = np.log(guess / within), np.log(guess * within)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        ok = epsilon_rdp(np.exp(mid), q, steps, delta, orders=near) <= epsilon
+        lo, hi = np.where(ok, lo, mid), np.where(ok, mid, hi)
+    sigma = np.exp(hi)
+    # hi is never checked by the bisection, and a result at the bracket's bottom may lie below it
+    off = (epsilon_rdp(sigma, q, steps, delta) > epsilon) | (sigma <= guess / within * (1 + 1e-6))
+    if off.any():
+        sigma[off] = calibrate_rdp(epsilon, delta, q[off], steps[off])
+    return sigma
+
+
+def refine(law: ScalingLaw, compute: float, best: dict, grid: Grid, budget: tuple, seq_len: int,
+           min_params: float, max_params: float, exact: int = 4) -> dict:
+    """The best (M, B, T) within one coarse grid step of `best` (one candidate, as scalars) on a
+    grid REFINE_PER_DECADE per decade in B, T and the compute spent. Its sigma is interpolated
+    (log-linearly in B and T) from the coarse grid to rank the points, then calibrated for the
+    `exact` best of them, which decide: one calibration instead of one per point (the planner's
+    plots call this dozens of times). Never worse than `best`, which is returned if nothing beats it."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    epsilon, delta, data_size = budget
+    batches = _around(float(best["B"]), grid.batch_sizes[0], grid.batch_sizes[-1])
+    steps = _around(float(best["T"]), grid.steps[0], grid.steps[-1])
+    b, t = np.meshgrid(batches, steps, indexing="ij")
+    with np.errstate(invalid="ignore"):  # unreachable neighbours: inf, and no candidate there
+        log_sigma = RegularGridInterpolator((np.log(grid.batch_sizes), np.log(grid.steps)), np.log(grid.sigma))
+        guess = Grid(batches, steps, np.exp(log_sigma((np.log(b), np.log(t)))))
+    spend = _around(float(best["spend"]), compute / 100, compute, integer=False)
+    c = candidates(law, compute, guess, seq_len, min_params, max_params, spend=spend)
+    loss = np.where(np.isfinite(c["loss"]), c["loss"], np.inf)
+    top = [i for i in np.argsort(loss)[:exact] if np.isfinite(loss[i])]
+    if not top:
+        return best
+    sigma = _calibrate_near(epsilon, delta, c["B"][top] / data_size, c["T"][top], c["sigma"][top])
+    exact_loss = law.predict(c["M"][top], c["T"][top], sigma / c["B"][top], c["B"][top], warn=False)
+    exact_loss = np.where((sigma < 0.999e6) & np.isfinite(exact_loss), exact_loss, np.inf)
+    j = int(np.argmin(exact_loss))
+    if not exact_loss[j] < best["loss"]:
+        return best
+    return {**{k: v[top[j]] for k, v in c.items()}, "sigma": sigma[j], "loss": exact_loss[j]}
 
 
 def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_size: int,
@@ -139,12 +208,17 @@ def plan(law: ScalingLaw, compute: float, epsilon: float, delta: float, data_siz
         raise UserError(why_nothing_fits(compute, grid, seq_len, epsilon, delta, data_size,
                                          min_params, max_params))
     configs = configs if configs is not None else model_configs(params_key=law.params_key)
-    order = np.argsort(np.where(finite, c["loss"], np.inf))[:top]
+    order = [i for i in np.argsort(np.where(finite, c["loss"], np.inf))[:top + 1] if finite[i]]
     limits = {"batch": (grid.batch_sizes[0], grid.batch_sizes[-1]),
               "steps": (grid.steps[0], grid.steps[-1]),
               "params": (min_params, max_params)}
-    plans = [_make_plan(c["M"][i], int(c["B"][i]), int(c["T"][i]), c["sigma"][i], c["loss"][i],
-                        seq_len, configs) for i in order if finite[i]]
+    best = refine(law, compute, {k: v[order[0]] for k, v in c.items()}, grid,
+                  (float(epsilon), float(delta), int(data_size)), seq_len, min_params, max_params)
+    # the runners-up stay the coarse grid's, less one the refined best may have landed on
+    rows = [best] + [{k: v[i] for k, v in c.items()} for i in order[1:]
+                     if (c["B"][i], c["T"][i]) != (best["B"], best["T"]) or abs(c["M"][i] / best["M"] - 1) > 1e-9]
+    plans = [_make_plan(r["M"], int(r["B"]), int(r["T"]), r["sigma"], r["loss"], seq_len, configs)
+             for r in rows[:top]]
     return [_with_honesty(law, p, limits) for p in plans]
 
 
@@ -253,6 +327,111 @@ def saturation(law, compute, epsilon, delta, data_size, seq_len, factors=(0.1, 1
         rows.append((compute * f, loss, gain))
         previous = loss
     return rows
+
+
+# A tighter epsilon planning a model larger by at most this factor is a tie, not a reversal: the
+# refined grid's sizes are 10^(1/16) = 1.15x apart, and B and T are rounded to integers.
+SHAPE_SLACK = 10 ** (1.5 / REFINE_PER_DECADE)
+
+
+@dataclass(frozen=True)
+class ShapeRow:
+    epsilon: float
+    params: float | None = None  # the planned M; None where no plan meets the budget
+    batch_size: int = 0
+    steps: int = 0
+    sigma_bar: float = 0.0
+    loss: float = math.nan
+    edges: tuple[str, ...] = ()  # search bounds the optimum sits on
+    outside: float = 1.0  # the plan's largest factor outside the law's fitted range
+    error: str = ""
+
+    @property
+    def interior(self) -> bool:
+        return self.params is not None and not self.edges
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Planned model size against epsilon at one compute budget, and whether a tighter epsilon
+    ever plans a larger model (McKenna et al. 2025 find it plans a smaller or equal one)."""
+    compute: float
+    rows: tuple[ShapeRow, ...]  # tightest epsilon first
+    # (tighter epsilon, looser epsilon, ratio of their planned M), interior optima only
+    reversals: tuple[tuple[float, float, float], ...]
+
+    @property
+    def verdict(self) -> str:
+        """"holds", "violated" or "untested" (fewer than two interior optima to compare)."""
+        if self.reversals:
+            return "violated"
+        return "holds" if sum(r.interior for r in self.rows) >= 2 else "untested"
+
+    def describe(self) -> str:
+        """One line: the verdict and what it rests on."""
+        inner = [r for r in self.rows if r.interior]
+        if self.reversals:
+            tight, loose, ratio = max(self.reversals, key=lambda v: v[2])
+            return (f"violated: a tighter epsilon plans a larger model (eps {tight:g} plans {ratio:.2f}x the "
+                    f"model of eps {loose:g}; {len(self.reversals)} such pairs among {len(inner)} interior optima)")
+        if len(inner) >= 2:
+            return (f"holds: over {len(inner)} interior optima (eps {inner[0].epsilon:g}..{inner[-1].epsilon:g}) "
+                    f"a tighter epsilon never plans a larger model (ties within {SHAPE_SLACK:.2f}x)")
+        bounds = sorted({e for r in self.rows for e in r.edges})
+        return (f"untested: {len(inner)} of {len(self.rows)} optima are interior, too few to compare (the others "
+                + (f"sit on a search bound: {', '.join(bounds)})" if bounds else "have no plan)"))
+
+    def to_dict(self) -> dict:
+        return {"compute": self.compute, "verdict": self.verdict, "summary": self.describe(),
+                "rows": [{**asdict(r), "interior": r.interior} for r in self.rows],
+                "reversals": [list(v) for v in self.reversals], "tie_factor": SHAPE_SLACK}
+
+
+def epsilon_shape(law: ScalingLaw, compute: float, epsilons, delta: float, data_size: int,
+                  seq_len: int, **search) -> Shape:
+    """Plan at each epsilon with the same compute and search (`plan`'s grid and bounds; `search`:
+    its max_steps, max_batch, min_params, max_params) and compare the planned model sizes. Only
+    interior optima are compared: one on a search bound (the law's smallest fitted size, the
+    batch or step limits) would move if the bound did. A tighter epsilon planning a model more
+    than SHAPE_SLACK times larger is a reversal."""
+    rows = []
+    for eps in sorted(set(float(e) for e in epsilons)):
+        try:
+            p = plan(law, compute, eps, delta, data_size, seq_len, top=1, configs={}, **search)[0]
+        except UserError as err:  # the budget is out of reach at this epsilon
+            rows.append(ShapeRow(eps, error=str(err)))
+            continue
+        rows.append(ShapeRow(eps, p.params, p.batch_size, p.steps, p.sigma_bar, p.loss, p.edges, p.extrapolation))
+    inner = [r for r in rows if r.interior]
+    reversals = tuple((a.epsilon, b.epsilon, a.params / b.params) for i, a in enumerate(inner)
+                      for b in inner[i + 1:] if a.params > b.params * SHAPE_SLACK)
+    return Shape(float(compute), tuple(rows), reversals)
+
+
+FIT_SHAPE_EPSILONS = (1.0, 2.0, 4.0, 8.0)
+ASSUMED_DATA_SIZE = 100_000  # where the law does not record its corpus's size
+
+
+def shape_in_range(law: ScalingLaw, budgets: int = 3) -> tuple[list[Shape], dict]:
+    """`epsilon_shape` at `budgets` compute budgets spread over the law's per-run compute (its
+    `fitted_on` record), for the law's own corpus size (else ASSUMED_DATA_SIZE) and sequence
+    length, delta 1e-6 (0.1 / N where 1e-6 is not below 1 / N), epsilon in FIT_SHAPE_EPSILONS,
+    steps up to 10x the longest fitted run (a shorter grid: it takes seconds). ([], {}) when the
+    law records no compute. The setting is returned too."""
+    fitted_on = law.fitted_on or {}
+    per_run = (fitted_on.get("compute") or {}).get("per_run")
+    if not per_run:
+        return [], {}
+    n = (fitted_on.get("corpus") or {}).get("train_sequences")
+    setting = {"data_size": int(n) if isinstance(n, int) else ASSUMED_DATA_SIZE,
+               "data_size_known": isinstance(n, int),
+               "seq_len": int(fitted_on["seq_len"]) if isinstance(fitted_on.get("seq_len"), int) else 1024}
+    setting["delta"] = 1e-6 if 1e-6 < 1 / setting["data_size"] else 0.1 / setting["data_size"]
+    max_steps = max(10, int(10 * law.validity["T"][1]))
+    shapes = [epsilon_shape(law, c, FIT_SHAPE_EPSILONS, setting["delta"], setting["data_size"],
+                            setting["seq_len"], max_steps=max_steps)
+              for c in np.unique(np.geomspace(per_run[0], per_run[1], budgets))]
+    return shapes, setting
 
 
 def check_planned_data(data_path: str | Path, data_size: int, seq_len: int, unit: str = "sequence") -> None:
