@@ -314,33 +314,71 @@ def truncated(run: RunResult, fraction: float) -> RunResult:
     return dataclasses.replace(run, eval_curve=cut, steps=cut[-1][0])
 
 
+class UnsupportedHoldout(UserError):
+    """A holdout rule these runs cannot support: it would hold out every run, or leave too little
+    to fit (fewer than two model sizes, which every method needs), or cut a run to nothing."""
+
+
+HOLDOUT_RULES = ("largest-model", "longest", "late")
+
+
+def check_rule(rule: str) -> None:
+    """UserError for a rule that is not one (misspelled, or a fraction outside (0, 1))."""
+    if rule in HOLDOUT_RULES:
+        return
+    try:
+        fraction = float(rule)
+    except ValueError:
+        raise UserError(f"--holdout {rule!r}: expected a fraction in (0, 1), 'largest-model', "
+                        "'longest' or 'late'") from None
+    if not 0 < fraction < 1:
+        raise UserError(f"--holdout {rule}: the fraction must be in (0, 1)")
+
+
+def size_name(n: float) -> str:
+    """A parameter count as people write it: 40528 -> '40.5K'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
 def split_holdout(runs: list[RunResult], rule: str, seed: int = 0) -> tuple[list, list]:
     """(runs to fit, runs whose final loss is predicted). `rule`: a fraction like "0.2" (random
     runs), "largest-model" (every run of the largest M), "longest" (the runs with the most steps) or
     "late" (every run fitted on its first half, predicted at its end: 2x further in T; valid for
-    sweeps with a constant learning rate, where every evaluated step is an end point)."""
+    sweeps with a constant learning rate, where every evaluated step is an end point).
+    A misspelled rule is a UserError; a rule these runs cannot support raises
+    `UnsupportedHoldout`, whose message says why."""
+    check_rule(rule)
     if rule == "late":
+        short = [r.run_id for r in runs
+                 if not any(0 < step <= LATE_FRACTION * r.steps for step, _ in r.eval_curve)]
+        if short:
+            raise UnsupportedHoldout(f"{len(short)} of {len(runs)} runs have no eval point after step 0 in "
+                                     f"their first half ({', '.join(short[:3])}{', ...' if len(short) > 3 else ''})")
         return [truncated(r, LATE_FRACTION) for r in runs], list(runs)
+    sizes = sorted({r.params_total for r in runs})
     if rule == "largest-model":
-        top = max(r.params_total for r in runs)
-        held = [r for r in runs if r.params_total == top]
+        if len(sizes) < 2:
+            raise UnsupportedHoldout(f"the runs have one model size ({size_name(sizes[0])})")
+        held = [r for r in runs if r.params_total == sizes[-1]]
     elif rule == "longest":
-        top = max(r.steps for r in runs)
-        held = [r for r in runs if r.steps == top]
+        lengths = sorted({r.steps for r in runs})
+        if len(lengths) < 2:
+            raise UnsupportedHoldout(f"the runs have one length ({lengths[0]} steps)")
+        held = [r for r in runs if r.steps == lengths[-1]]
     else:
-        try:
-            fraction = float(rule)
-        except ValueError:
-            raise UserError(f"--holdout {rule!r}: expected a fraction in (0, 1), 'largest-model', "
-                            "'longest' or 'late'") from None
-        if not 0 < fraction < 1:
-            raise UserError(f"--holdout {rule}: the fraction must be in (0, 1)")
         order = np.random.default_rng(seed).permutation(len(runs))
-        held = [runs[i] for i in order[:max(1, round(fraction * len(runs)))]]
+        held = [runs[i] for i in order[:max(1, round(float(rule) * len(runs)))]]
     ids = {r.run_id for r in held}
     train = [r for r in runs if r.run_id not in ids]
     if not train:
-        raise UserError(f"--holdout {rule} holds out every run")
+        raise UnsupportedHoldout(f"it holds out all {len(runs)} runs")
+    left = sorted({r.params_total for r in train})
+    if len(left) < 2:  # every method needs two model sizes
+        raise UnsupportedHoldout(f"the {len(train)} runs it leaves to fit have one model size "
+                                 f"({size_name(left[0])}); every method needs two")
     return train, held
 
 
@@ -405,6 +443,11 @@ def leave_out(runs: list[RunResult], fitter, params_key: str, key, desc: str = "
     return out
 
 
+def _relative(group: dict) -> list[float]:
+    """Absolute relative error of each predicted run of a leave-out group."""
+    return [abs(p - m) / m for p, m in zip(group["predicted"], group["measured"])]
+
+
 def _errors(groups: list[dict]) -> dict:
     """Mean and max absolute relative error over the runs of the groups that were predicted."""
     done = [g for g in groups if "predicted" in g]
@@ -430,7 +473,10 @@ def calibrate(law: ScalingLaw, runs: list[RunResult], fitter, params_key: str = 
     sizes = leave_out(runs, fitter, params_key, lambda r: r.params(params_key), f"{law.method}: sizes")
     cell_errors, size_errors = _errors(cells), _errors(sizes)
     law.leave_one_cell_out = {"rule": "each (M, sigma_bar, batch) cell predicted by a fit without it",
-                              **cell_errors}
+                              **cell_errors,
+                              # per run, for the method choice (`choose_method`)
+                              "by_cell": [{"cell": g["group"], "errors": _relative(g)} for g in cells
+                                          if "predicted" in g]}
     law.leave_one_size_out = {
         "rule": "each model size predicted by a fit without it (the smallest and largest: extrapolation)",
         **size_errors,
@@ -458,22 +504,111 @@ def fit_all(runs: list[RunResult], holdout=("0.2",), params_key: str = "total",
     """Each method (default: every one the runs can inform; parametric-batch needs two batch
     sizes) fitted on all runs; its `holdout` entry gives, per rule in `holdout` (a rule or a
     sequence of them, see `split_holdout`), the errors on the held-out runs of the same method
-    fitted without them. The parametric laws also get `bootstrap` refits. With `calibration`,
-    every law also gets its leave-one-cell-out and leave-one-size-out errors and a calibrated
-    prediction interval (`calibrate`: one refit per cell and per size)."""
+    fitted without them. A rule the runs cannot support, or whose remaining runs a method cannot
+    fit, is skipped and recorded with the reason in `skipped_holdouts`; a misspelled rule is a
+    UserError before any fit. The parametric laws also get `bootstrap` refits. With
+    `calibration`, every law also gets its leave-one-cell-out and leave-one-size-out errors and a
+    calibrated prediction interval (`calibrate`: one refit per cell and per size)."""
     rules = [holdout] if isinstance(holdout, str) else list(holdout or ())
+    for rule in rules:
+        check_rule(rule)
+    splits, unsupported = {}, {}
+    for rule in rules:
+        try:
+            splits[rule] = split_holdout(runs, rule)
+        except UnsupportedHoldout as why:
+            unsupported[rule] = str(why)
     laws = {}
     methods = applicable_methods(runs) if methods is None else methods
     for name in progress_bar(methods, desc="fitting", unit="method", disable=None):
         fitter = FITTERS[name]
         law = fitter(runs, params_key)
         for rule in rules:
-            train, held = split_holdout(runs, rule)
+            if rule in unsupported:
+                law.skipped_holdouts[rule] = unsupported[rule]
+                continue
+            train, held = splits[rule]
+            try:
+                without = fitter(train, params_key)
+            except UserError as err:  # e.g. the runs left have noisy runs of one size only
+                law.skipped_holdouts[rule] = f"the {len(train)} runs it leaves cannot be fitted: {err}"
+                continue
             law.holdout[rule] = {"fitted_on": "the other runs" if rule != "late" else "each run's first half",
-                                 **holdout_error(fitter(train, params_key), held)}
+                                 **holdout_error(without, held)}
         if isinstance(law, ParametricLaw) and bootstrap:
             law.bootstrap = bootstrap_parametric(runs, params_key, bootstrap, fitter=fitter)
         if calibration:
             calibrate(law, runs, fitter, params_key)
         laws[name] = law
     return laws
+
+
+def _cell_errors(law: ScalingLaw) -> dict[tuple, list[float]]:
+    """{cell: leave-one-cell-out error of each of its runs}, from the law's calibration."""
+    return {tuple(c["cell"]): c["errors"] for c in law.leave_one_cell_out.get("by_cell", ())}
+
+
+def choose_method(laws: dict[str, ScalingLaw]) -> tuple[str | None, dict]:
+    """The method of lowest leave-one-cell-out mean error, and an estimate of the error of
+    choosing that way, by nesting: for each cell c, the method of lowest mean error on the other
+    cells is chosen and scored on c. (None, {}) when no law has leave-one-cell-out errors.
+
+    Methods are compared on the cells every one of them predicted; a mean is over runs, as in
+    `leave_one_cell_out`. The nesting reuses the residuals `calibrate` computed, no extra fit:
+    the choice for c never reads c's own error, but the other cells' errors come from fits that
+    did see c (each left out one other cell). A strictly nested estimate would refit every method
+    without c and each other cell, cells^2 fits per method. So the estimate removes the optimism
+    of picking the best of several methods on the errors it is then quoted with, not the small
+    one of c having been in the inner fits."""
+    errors = {name: _cell_errors(law) for name, law in laws.items()}
+    errors = {name: e for name, e in errors.items() if e}
+    if not errors:
+        return None, {}
+    cells = sorted(set.intersection(*(set(e) for e in errors.values())))
+    if not cells:
+        return None, {}
+    names = list(errors)  # fitting order: ties go to the earlier method
+    total = {n: sum(sum(errors[n][c]) for c in cells) for n in names}
+    count = sum(len(errors[names[0]][c]) for c in cells)
+    per_method = {n: {"mean_abs_rel_error": total[n] / count,
+                      "max_abs_rel_error": max(max(errors[n][c]) for c in cells)} for n in names}
+    chosen = min(names, key=lambda n: total[n])
+    nested, picked = [], {}
+    for c in cells:
+        k = len(errors[names[0]][c])
+        if count == k:  # one cell: nothing to choose on
+            break
+        inner = min(names, key=lambda n: (total[n] - sum(errors[n][c])) / (count - k))
+        picked[inner] = picked.get(inner, 0) + 1
+        nested += errors[inner][c]
+    record = {"rule": "leave-one-cell-out", "lowest": chosen, "cells": len(cells), "runs": count,
+              "per_method": per_method}
+    if nested:
+        record["nested"] = {
+            "mean_abs_rel_error": float(np.mean(nested)), "max_abs_rel_error": float(np.max(nested)),
+            "inner_choices": picked,
+            "what": "for each cell, the method of lowest leave-one-cell-out mean error on the other "
+                    "cells, scored on that cell; the other cells' errors come from fits that saw it "
+                    "(residuals reused, not refitted)"}
+    return chosen, record
+
+
+def default_method(laws: dict[str, ScalingLaw], given: str | None = None) -> tuple[str, dict]:
+    """The method a law file names as its default, and how it was chosen (the file's
+    "method_choice"): `given` where named, else the lowest leave-one-cell-out error
+    (`choose_method`); without those errors (no calibration), the lowest worst holdout error, which
+    is measured on the same holdouts it is then quoted with; with neither, the paper's form."""
+    lowest, record = choose_method(laws)
+    if given is not None:
+        return given, {**record, "rule": "given (--default)", "chosen": given}
+    if lowest is not None:
+        return lowest, {**record, "chosen": lowest}
+    measured = [name for name, law in laws.items() if law.holdout]
+    if measured:
+        name = min(measured, key=lambda k: laws[k].worst_holdout_error())
+        return name, {"rule": "worst holdout rule", "chosen": name,
+                      "note": "no leave-one-cell-out errors: chosen on the holdout errors it is quoted "
+                              "with, so they flatter it"}
+    name = "parametric" if "parametric" in laws else next(iter(laws))
+    return name, {"rule": "none measured", "chosen": name,
+                  "note": "no leave-one-cell-out or holdout errors: the paper's form where fitted"}

@@ -97,6 +97,9 @@ class ScalingLaw:
     # What the law was fitted on (corpus, tokenizer, sequence length, optimizer, ...): the file's
     # "fitted_on" record (`dptrain.scaling.provenance`), set by `load_law`; None in older files.
     fitted_on: dict | None = None
+    # {rule: why} for the holdout rules the runs could not support (`fit.split_holdout`); empty in
+    # files from before.
+    skipped_holdouts: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if "rule" in self.holdout:  # a law file of one rule, written before rules were keyed
@@ -182,8 +185,8 @@ class ScalingLaw:
         raise NotImplementedError
 
     def to_dict(self) -> dict:
-        extra = {k: getattr(self, k) for k in ("calibration", "leave_one_cell_out", "leave_one_size_out")
-                 if getattr(self, k)}
+        extra = {k: getattr(self, k) for k in ("skipped_holdouts", "calibration", "leave_one_cell_out",
+                                               "leave_one_size_out") if getattr(self, k)}
         return {"method": self.method, "params_key": self.params_key, "validity": self.validity,
                 "holdout": self.holdout, **extra}
 
@@ -330,10 +333,12 @@ def law_from_dict(d: dict) -> ScalingLaw:
 
 
 def save_laws(path: str | Path, laws: dict[str, ScalingLaw], default: str,
-              fitted_on: dict | None = None) -> None:
+              fitted_on: dict | None = None, method_choice: dict | None = None) -> None:
     """Write the laws; `fitted_on` (`dptrain.scaling.provenance.fit_provenance`) records what they
-    were fitted on."""
+    were fitted on, `method_choice` (`dptrain.scaling.fit.default_method`) how the default was
+    chosen."""
     doc = {"format": FORMAT, "default": default,
+           **({"method_choice": method_choice} if method_choice else {}),
            **({"fitted_on": fitted_on} if fitted_on is not None else {}),
            "laws": {k: v.to_dict() for k, v in laws.items()}}
     Path(path).write_text(json.dumps(doc, indent=1) + "\n")
