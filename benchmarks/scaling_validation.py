@@ -8,7 +8,9 @@ match), with the sweep's data and protocol (optimizer, schedule, evaluation: the
 on them), once per seed. The comparison models (0.5x and 2x by default) train at the same compute
 and steps, their batch scaled inversely to their size, σ calibrated by the trainer to the same
 (ε, δ). A seed sets the public initial weights; sampling and noise draw a fresh secret every run.
-From the repository root:
+The learning rate is the law's (`fitted_on`: the sweep's one rate, or the best rate of the fitted
+cell nearest the plan), and each run's loss is checked against the law's 90% interval. From the
+repository root:
 
     python benchmarks/scaling_validation.py --law LAW.json --spec scaling/sweep-cpu-v3.yaml \
         --compute 2e12 --epsilon 8 --seeds 0 1
@@ -26,6 +28,7 @@ from dptrain.data.demo import prepare_demo
 from dptrain.model import DecoderConfig, parameter_counts
 from dptrain.scaling.law import load_law
 from dptrain.scaling.plan import MODEL_CONFIG_DIR, SHIPPED_LAW, plan, with_pld_sigma, write_training_config
+from dptrain.scaling.provenance import learning_rate_for
 from dptrain.scaling.results import append_results
 from dptrain.scaling.sweep import load_spec, result_row
 from dptrain.train.config import load_train_config
@@ -69,6 +72,9 @@ def main() -> None:
     ap.add_argument("--method", default=None, help="law method (default: the file's default)")
     ap.add_argument("--spec", default="scaling/sweep-cpu-v3.yaml", help="sweep whose data and protocol to use")
     ap.add_argument("--max-steps", type=int, default=1000)
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="largest batch the planner may pick (a law fitted at one batch does not know "
+                         "what a larger one gains beyond its sigma_bar)")
     ap.add_argument("--min-params", type=float, default=None,
                     help="smallest model the planner considers (default: the law's smallest fitted model)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -89,7 +95,7 @@ def main() -> None:
     delta = base["privacy"]["delta"] if args.delta is None else args.delta
     law = load_law(args.law, args.method)
     best = plan(law, args.compute, args.epsilon, delta, n, seq_len, top=1,
-                max_steps=args.max_steps, min_params=args.min_params)[0]
+                max_steps=args.max_steps, max_batch=args.max_batch, min_params=args.min_params)[0]
     best = with_pld_sigma(law, best, args.epsilon, delta, n)  # as `dptrain plan --write-config` does
     print(f"plan ({law.method}, {args.law}): C {args.compute:.3g}, eps {args.epsilon:g}, N {n}: M {best.params:.3g} "
           f"(nearest shipped config {best.nearest_config}), B {best.batch_size}, T {best.steps}, sigma {best.sigma:.4g} "
@@ -103,8 +109,12 @@ def main() -> None:
     protocol = ["logging.wandb=disabled", "logging.progress=false", "logging.every=50", "checkpoint.every=0",
                 "optimizer.betas=[" + ",".join(map(str, base["optimizer"]["betas"])) + "]"]
     protocol += [o for key in ("optimizer", "schedule", "runtime", "eval") for o in flat(key, base.get(key, {}))]
+    lr = learning_rate_for(law.fitted_on, best.params, best.sigma_bar)
+    if lr is not None:  # the law's rate for this plan (a sweep over rates: its nearest cell's best)
+        protocol.append(f"optimizer.lr={lr}")
+        print(f"learning rate {lr:g} ({law.fitted_on.get('lr_rule', 'the sweep')})")
     vocab_size = train_split.manifest["vocab_size"]
-    runs, predictions, sizes = {}, {}, {}
+    runs, predictions, sizes, inside = {}, {}, {}, {}
     for factor in [1.0, *args.sizes]:
         model, m = sized_model(best.params * factor, vocab_size)
         name = "plan" if factor == 1.0 else f"{factor:g}x"
@@ -122,7 +132,10 @@ def main() -> None:
             achieved = sum(tail) / len(tail)  # the sweep's final loss: mean of the last 3 eval points
             sigma_bar = trainer.noise_multiplier / batch
             predicted = float(law.predict(m, best.steps, sigma_bar, batch, warn=False))
+            interval = law.interval(m, best.steps, sigma_bar, batch)
             runs.setdefault(name, []).append(achieved)
+            if interval:
+                inside.setdefault(name, []).append(interval[0] <= achieved <= interval[1])
             if args.results:
                 append_results(args.results, [result_row(
                     trainer, f"{out.name}-{name}-s{seed}", f"validation-{name}", batch, best.steps,
@@ -130,8 +143,9 @@ def main() -> None:
             predictions[name], sizes[name] = predicted, m
             print(f"{name:5s} M {m:>9,} B {batch:5d} T {best.steps:5d} sigma {trainer.noise_multiplier:.4g} "
                   f"seed {seed}: achieved {achieved:.4f}, law {predicted:.4f} ({(predicted - achieved) / achieved:+.2%}), "
-                  f"epsilon {trainer.ledger.epsilon(delta, trainer.cfg.privacy.accountant):.4g}, {wall:.0f} s",
-                  flush=True)
+                  f"epsilon {trainer.ledger.epsilon(delta, trainer.cfg.privacy.accountant):.4g}, {wall:.0f} s"
+                  + (f"; 90% interval {interval[0]:.4f}..{interval[1]:.4f}: "
+                     f"{'inside' if inside[name][-1] else 'OUTSIDE'}" if interval else ""), flush=True)
     means = {name: statistics.mean(v) for name, v in runs.items()}
     planned = means["plan"]
     print("mean over seeds: " + ", ".join(f"{k} (M {sizes[k]:,}) {v:.4f}" for k, v in means.items()))
@@ -139,6 +153,9 @@ def main() -> None:
           f"({(predictions['plan'] - planned) / planned:+.2%} against the mean achieved), plan's own figure "
           f"{best.loss:.4f} at M {best.params:.4g}; beats " +
           ", ".join(f"{k} ({'yes' if planned < v else 'no'})" for k, v in means.items() if k != "plan"))
+    if inside.get("plan"):
+        print(f"planned run inside the law's 90% interval in {sum(inside['plan'])} of {len(inside['plan'])} seeds; "
+              f"within 3% of the law in {sum(abs(predictions['plan'] - a) / a <= 0.03 for a in runs['plan'])}")
 
 if __name__ == "__main__":
     main()

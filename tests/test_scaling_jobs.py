@@ -199,6 +199,11 @@ def test_design_sizes_the_sweep_to_the_budget(micro_data, tmp_path, fake_timing)
     assert spec.base["schedule"]["decay"] == "constant" and spec.base["runtime"]["threads"] == 1
     header = (tmp_path / "b" / "spec.yaml").read_text().splitlines()[0]
     assert "4 core-hours" in header
+    # what the main grid leaves pays for seed repeats: the smallest sizes again, every rate
+    assert large.repeats and large.seconds + large.repeat_seconds <= 4 * 3600
+    seeds = load_spec(tmp_path / "b" / "spec-seeds.yaml")
+    assert seeds.seeds == [1] and len(seeds.sigma_bars) == 1 and seeds.results == spec.results
+    assert len(expand(seeds, tmp_path / "b")) == len(large.repeats) * 2
 
 
 def test_design_refuses_what_it_cannot_do(micro_data, tmp_path, fake_timing, capsys):
@@ -213,3 +218,18 @@ def test_design_refuses_what_it_cannot_do(micro_data, tmp_path, fake_timing, cap
     assert main(["sweep", "design", "--data", str(micro_data), "--core-hours", "1", "--delta", "0.5",
                  "--out", str(tmp_path / "s.yaml")]) == 2
     assert not (tmp_path / "s.yaml").exists()
+
+
+def test_written_plan_config_takes_the_nearest_cells_rate():
+    from dptrain.scaling.plan import Plan, training_config
+
+    fitted_on = {"optimizer": {"name": "adamw", "lr": 6e-3, "betas": [0.9, 0.95], "weight_decay": 0.0},
+                 "learning_rates": {"grid": [6e-3, 2.4e-2], "best": [
+                     {"params": 2e4, "sigma_bar": 0.005, "batch": 32, "lr": 2.4e-2},
+                     {"params": 3e5, "sigma_bar": 0.005, "batch": 32, "lr": 6e-3}]}}
+    fields = {f: 0 for f in Plan.__dataclass_fields__}
+    small = Plan(**{**fields, "params": 2.5e4, "batch_size": 32, "steps": 500, "sigma": 0.16, "sigma_bar": 0.005,
+                    "loss": 4.0, "nearest_config": "ladder-0", "accountant": "rdp"})
+    large = dataclasses.replace(small, params=2.5e5, nearest_config="ladder-2")
+    assert training_config(small, 8, 1e-6, 64, "data", fitted_on=fitted_on)["optimizer"]["lr"] == 2.4e-2
+    assert training_config(large, 8, 1e-6, 64, "data", fitted_on=fitted_on)["optimizer"]["lr"] == 6e-3

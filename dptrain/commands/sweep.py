@@ -38,7 +38,7 @@ def register(sub) -> None:
     design_p.add_argument("--delta", type=float, default=None,
                           help="delta of the planned runs (default: 1/N^1.1 of the data's N sequences)")
     design_p.add_argument("--batch", type=int, default=32, help="expected batch size of the sweep's runs")
-    design_p.add_argument("--learning-rates", default="3e-3,6e-3,1.2e-2", metavar="LR,LR,...",
+    design_p.add_argument("--learning-rates", default="6e-3,1.2e-2,2.4e-2", metavar="LR,LR,...",
                           help="peak learning rates tried in every cell (AdamW, constant after warm-up)")
     design_p.add_argument("--out", required=True, metavar="SPEC.yaml",
                           help="spec to write; the model ladder goes into models/ beside it")

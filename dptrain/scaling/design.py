@@ -41,7 +41,9 @@ class Design:
     sigma_bars: list[float]
     learning_rates: list[float]
     batch: int
-    seconds: float  # estimated device-seconds of the whole sweep
+    seconds: float  # estimated device-seconds of the main grid
+    repeats: list[dict]  # the sizes repeated at a second seed (every rate, the middle noise level)
+    repeat_seconds: float
 
     @property
     def runs(self) -> int:
@@ -121,14 +123,30 @@ def sigma_bar_levels(epsilons: tuple[float, float], delta: float, data_size: int
     return [0.0] + [float(f"{x:.3g}") for x in np.geomspace(lo, hi, SIGMA_LEVELS)]
 
 
+def run_seconds(rung: dict, steps: int) -> float:
+    return STARTUP_SECONDS + steps * rung["step_s"] + (steps // EVAL_EVERY + 1) * rung["eval_s"]
+
+
+def choose_repeats(sizes: list[dict], steps: int, learning_rates: list[float], left_s: float) -> tuple[list[dict], float]:
+    """The smallest sizes, as many as the rest of the budget pays for, repeated at seed 1 with every
+    rate: the seed spread the law's interval needs (each cell's best rate, twice)."""
+    chosen, cost = [], 0.0
+    for rung in sizes:
+        extra = len(learning_rates) * run_seconds(rung, steps)
+        if cost + extra > left_s:
+            break
+        chosen.append(rung)
+        cost += extra
+    return chosen, cost
+
+
 def choose(rungs: list[dict], sigma_bars: list[float], learning_rates: list[float], budget_s: float) -> tuple[list[dict], int, float]:
     """The most sizes (at least MIN_SIZES, smallest first), then the longest runs, that the budget
     pays for: (sizes, steps, estimated seconds)."""
     per_cell = len(sigma_bars) * len(learning_rates)
     for steps in STEP_CHOICES:
         for k in range(len(rungs), MIN_SIZES - 1, -1):
-            cost = per_cell * sum(STARTUP_SECONDS + steps * r["step_s"] + (steps // EVAL_EVERY + 1) * r["eval_s"]
-                                  for r in rungs[:k])
+            cost = per_cell * sum(run_seconds(r, steps) for r in rungs[:k])
             if cost <= budget_s:
                 return rungs[:k], steps, cost
     smallest = per_cell * sum(STARTUP_SECONDS + STEP_CHOICES[-1] * r["step_s"] for r in rungs[:MIN_SIZES])
@@ -178,13 +196,18 @@ def design_sweep(data: str | Path, out: str | Path, hours: float, gpu: bool, eps
         torch.set_num_threads(threads)
     sigma_bars = sigma_bar_levels(epsilons, delta, n, batch, STEP_CHOICES[0])
     sizes, steps, seconds = choose(rungs, sigma_bars, learning_rates, hours * 3600)
-    design = Design(sizes, steps, sigma_bars, list(learning_rates), batch, seconds)
+    repeats, repeat_seconds = choose_repeats(sizes, steps, learning_rates, hours * 3600 - seconds)
+    design = Design(sizes, steps, sigma_bars, list(learning_rates), batch, seconds, repeats, repeat_seconds)
     write_spec(Path(out), design, str(data), delta, device.type, runs_dir, epsilons, hours, n)
     if progress:
         print(f"{design.runs} runs: {len(sizes)} sizes ({sizes[0]['params']:,}..{sizes[-1]['params']:,}) x "
               f"sigma_bar {', '.join(f'{s:g}' for s in sigma_bars)} x lr {', '.join(f'{x:g}' for x in learning_rates)}, "
               f"T {steps}, batch {batch}: about {seconds / 3600:.2f} {'GPU' if gpu else 'core'}-hours")
-        print(f"wrote {out}; next: dptrain sweep run {out} --jobs N (or a job array: see launch/)")
+        print(f"seed repeats: {len(repeats)} size(s) x {len(learning_rates)} rates at seed 1, about "
+              f"{repeat_seconds / 3600:.2f} more" if repeats else
+              "seed repeats: none fit the budget (the law's interval will lack the seed spread)")
+        print(f"wrote {out}{' and its -seeds companion' if repeats else ''}; next: dptrain sweep run {out} "
+              "--jobs N (or a job array: see launch/), and the same for the companion")
     return design
 
 
@@ -226,3 +249,12 @@ def write_spec(out: Path, d: Design, data: str, delta: float, device: str, runs_
               f"# Run: dptrain sweep run {out} [--jobs N]; as a job array of `dptrain sweep run {out} --index I`\n"
               f"# (see launch/). Then: dptrain fit {spec['base']['out_dir']} --spec {out} --data {data} --out law.json\n")
     out.write_text(header + yaml.safe_dump(spec, sort_keys=False))
+    if d.repeats:
+        mid = d.sigma_bars[1 + len(d.sigma_bars[1:]) // 2]
+        seeds = dict(spec, models=[f"models/{r['name']}.yaml" for r in d.repeats], sigma_bars=[mid], seeds=[1])
+        companion = out.with_name(f"{out.stem}-seeds.yaml")
+        companion.write_text(
+            f"# Written by `dptrain sweep design` with {out.name}: its smallest sizes again at seed 1, every\n"
+            f"# rate, sigma_bar {mid:g} ({len(d.repeats) * len(d.learning_rates)} runs, about "
+            f"{d.repeat_seconds / 3600:.2f} {unit}-hours):\n# the seed spread in the law's interval. Same "
+            "results table and runs folder.\n" + yaml.safe_dump(seeds, sort_keys=False))

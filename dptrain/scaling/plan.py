@@ -482,13 +482,14 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
                     "noise_multiplier": math.ceil(p.sigma * 1e6) / 1e6, "accountant": p.accountant,
                     "expected_batch_size": int(p.batch_size), "steps": int(p.steps)},
     }
-    from dptrain.scaling.provenance import known
+    from dptrain.scaling.provenance import known, learning_rate_for
 
     fitted_on = fitted_on or {}
     if isinstance(fitted_on.get("optimizer"), dict):
         o = fitted_on["optimizer"]
-        cfg["optimizer"] = {"name": o["name"], "lr": o["lr"], "betas": list(o["betas"]),
-                            "weight_decay": o["weight_decay"]}
+        # the sweep's one rate, or, where it tried several, the best of the fitted cell nearest the plan
+        cfg["optimizer"] = {"name": o["name"], "lr": learning_rate_for(fitted_on, p.params, p.sigma_bar),
+                            "betas": list(o["betas"]), "weight_decay": o["weight_decay"]}
     if isinstance(fitted_on.get("schedule"), dict):
         cfg["schedule"] = dict(fitted_on["schedule"])
     if known(fitted_on.get("clip_norm")):
