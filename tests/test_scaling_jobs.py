@@ -233,3 +233,14 @@ def test_written_plan_config_takes_the_nearest_cells_rate():
     large = dataclasses.replace(small, params=2.5e5, nearest_config="ladder-2")
     assert training_config(small, 8, 1e-6, 64, "data", fitted_on=fitted_on)["optimizer"]["lr"] == 2.4e-2
     assert training_config(large, 8, 1e-6, 64, "data", fitted_on=fitted_on)["optimizer"]["lr"] == 6e-3
+
+
+def test_a_plan_outside_the_fitted_batches_says_what_it_assumes():
+    from dptrain.scaling.plan import _with_honesty, describe_extrapolation, plan
+
+    law = illustrative_law({"M": [1e5, 1e8], "T": [10, 1e5], "sigma_bar": [1e-6, 1e-1], "batch": [32, 32]})
+    best = plan(law, 1e15, 8, 1e-6, 1_000_000, 64, top=1)[0]
+    assert best.batch_size != 32 and "outside the fitted batches (32..32)" in describe_extrapolation(best)
+    at_32 = plan(law, 1e15, 8, 1e-6, 1_000_000, 64, top=1, max_batch=32)[0]
+    assert at_32.batch_size == 32 and not at_32.assumes
+    assert not _with_honesty(illustrative_law(), best).assumes  # a law with no batch range assumes nothing

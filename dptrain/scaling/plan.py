@@ -60,6 +60,8 @@ class Plan:
     interval: tuple[float, float] | None = None  # 90% interval of the loss a run will measure
     interval_kind: str | None = None  # "calibrated" (held-out cells, seed spread) or "bootstrap"
     seq_len: int = 0  # tokens per example the law is applied to (seq len x sequences per unit)
+    # What the prediction assumes beyond the fitted runs, said in words (a batch the sweep never ran)
+    assumes: tuple[str, ...] = ()
 
     @property
     def extrapolation(self) -> float:
@@ -274,7 +276,14 @@ def _with_honesty(law: ScalingLaw, p: Plan, limits: dict | None = None) -> Plan:
     # a sweep records the tokens predicted per sequence, one less than the prepared length.
     if isinstance(law_seq, int) and p.seq_len and abs(p.seq_len - law_seq) > 1:
         outside["seq_len"] = max(p.seq_len / law_seq, law_seq / p.seq_len)
-    return Plan(**{**asdict(p), "outside": outside,
+    assumes = []
+    batches = law.validity.get("batch")
+    if not law.reads_batch and batches and not batches[0] <= p.batch_size <= batches[1]:
+        # such a law reads the batch through sigma_bar only; more data per step also lowers the
+        # loss where the noise is small (measured: docs/scaling.md, "Batch beyond sigma_bar")
+        assumes.append(f"batch {p.batch_size} is outside the fitted batches ({batches[0]:g}..{batches[1]:g}): "
+                       "the law assumes the batch acts through sigma_bar only")
+    return Plan(**{**asdict(p), "outside": outside, "assumes": tuple(assumes),
                    "interval": law.interval(p.params, p.steps, p.sigma_bar, p.batch_size),
                    "interval_kind": law.interval_kind,
                    "edges": tuple(dict.fromkeys(edges))})
@@ -293,7 +302,8 @@ def describe_extrapolation(p: Plan) -> str:
     else:
         interval = "; no prediction interval in this law"
     edges = f"; on the search bound: {', '.join(p.edges)}" if p.edges else ""
-    return f"predicted loss {p.loss:.4f}, {where}{interval}{edges}"
+    assumes = "".join(f"; {a}" for a in p.assumes)
+    return f"predicted loss {p.loss:.4f}, {where}{interval}{edges}{assumes}"
 
 
 def replan_with_sigma(law: ScalingLaw, p: Plan, sigma: float, accountant: str) -> Plan:
