@@ -141,7 +141,7 @@ def run(args) -> int:
     fitted_on = fit_provenance(runs, args.results, args.spec, args.data, args.corpus, learning_rates)
     if learning_rates:
         print(f"learning rates {', '.join(f'{x:g}' for x in learning_rates['grid'])}: each cell's best kept "
-              f"({len(runs)} cells x seeds)")
+              f"({len(runs)} runs once folded, one per cell and seed)")
     laws = fit_all(runs, rules, args.params, methods=methods, bootstrap=args.bootstrap,
                    calibration=args.calibration)
     if args.default is not None and args.default not in laws:
