@@ -168,3 +168,26 @@ def test_stdlib_corpus_splits_modules_from_test_suites(tmp_path):
     names = lambda paths: [p.relative_to(tmp_path).as_posix() for p in paths]  # noqa: E731
     assert names(modules) == ["json/decoder.py", "os.py"]
     assert names(tests) == ["idlelib/idle_test/test_x.py", "test/test_os.py", "unittest/test/test_case.py"]
+
+
+def test_debian_corpus_reads_documentation_not_its_copyright_files(tmp_path):
+    """The second corpus: changelog/NEWS/README files (gzipped or not, UTF-8 only) are documents;
+    the copyright files train only the tokenizer."""
+    import gzip
+
+    spec = importlib.util.spec_from_file_location("debian_corpus", ROOT / "scaling" / "debian_corpus.py")
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    files = {"pkg-a/changelog.Debian.gz": gzip.compress(("entry " * 5000).encode()),
+             "pkg-a/copyright": b"Copyright 2020 someone\n", "pkg-b/README": b"read me\n",
+             "pkg-b/NEWS.gz": gzip.compress(b"\xff\xfe not utf-8"), "pkg-b/examples/run.sh": b"echo\n",
+             "pkg-c/copyright": b"License: MIT\n"}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    documents, copyrights = corpus.documentation_files(tmp_path)
+    names = lambda paths: [p.relative_to(tmp_path).as_posix() for p in paths]  # noqa: E731
+    assert names(documents) == ["pkg-a/changelog.Debian.gz", "pkg-b/NEWS.gz", "pkg-b/README"]
+    assert names(copyrights) == ["pkg-a/copyright", "pkg-c/copyright"]
+    assert len(corpus.read_text(tmp_path / "pkg-a/changelog.Debian.gz")) == 30000
+    assert corpus.read_text(tmp_path / "pkg-b/NEWS.gz") is None  # not UTF-8: left out
