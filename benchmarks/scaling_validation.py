@@ -149,10 +149,10 @@ def main() -> None:
     means = {name: statistics.mean(v) for name, v in runs.items()}
     planned = means["plan"]
     print("mean over seeds: " + ", ".join(f"{k} (M {sizes[k]:,}) {v:.4f}" for k, v in means.items()))
+    others = ", ".join(f"{k} ({'yes' if planned < v else 'no'})" for k, v in means.items() if k != "plan")
     print(f"planned run: law {predictions['plan']:.4f} at the trained size "
           f"({(predictions['plan'] - planned) / planned:+.2%} against the mean achieved), plan's own figure "
-          f"{best.loss:.4f} at M {best.params:.4g}; beats " +
-          ", ".join(f"{k} ({'yes' if planned < v else 'no'})" for k, v in means.items() if k != "plan"))
+          f"{best.loss:.4f} at M {best.params:.4g}" + (f"; beats {others}" if others else ""))
     if inside.get("plan"):
         print(f"planned run inside the law's 90% interval in {sum(inside['plan'])} of {len(inside['plan'])} seeds; "
               f"within 3% of the law in {sum(abs(predictions['plan'] - a) / a <= 0.03 for a in runs['plan'])}")
