@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from dptrain.distributed.parallel import DataParallel, make_parallel
 from dptrain.dp import DPEngine
+from dptrain.dp.benchmark import timed_call
 from dptrain.model import Decoder, DecoderConfig
 from dptrain.privacy.mechanism import Mechanism
 from dptrain.privacy.noise import NoiseSource
@@ -100,13 +100,7 @@ def main(argv=None) -> int:
     for _ in progress_bar(range(args.steps), desc="timing", disable=not parallel.is_main):
         for name, fn in methods.items():
             parallel.barrier()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(fn, device))
     if parallel.is_main:
         tokens_per_step = args.micro_batch * args.seq_len * world
         print(f"{world} x {device.type}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "

@@ -38,6 +38,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of `fn` takes, the device synchronised before and after (CUDA kernels run
+    asynchronously: without it the clock would stop before they finish)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -11,7 +11,6 @@ is read from the data but its size, sequence length and vocabulary, and nothing 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +70,7 @@ def rung_config(shape: tuple, vocab_size: int, seq_len: int) -> dict:
 def measure_seconds(config: dict, batch: int, seq_len: int, device: torch.device, repeats: int = 3) -> tuple[float, float]:
     """(seconds per private step at `batch`, seconds per evaluation of EVAL_SEQUENCES) of this model
     here, on random tokens: per-example clipping, noise and AdamW, as the trainer does them."""
+    from dptrain.dp.benchmark import timed_call
     from dptrain.dp.engine import DPEngine
     from dptrain.model import Decoder, DecoderConfig
 
@@ -94,16 +94,7 @@ def measure_seconds(config: dict, batch: int, seq_len: int, device: torch.device
 
     def timed(fn) -> float:
         fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return min(timed_call(fn, device) for _ in range(repeats))
 
     return timed(step), timed(evaluate)
 
