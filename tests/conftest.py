@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 
 import pytest
@@ -6,6 +7,12 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests that start worker processes use the "forkserver" start method: each worker forks from one
+# server that has imported torch and the trainer once, where a fresh interpreter per worker spends
+# seconds of CPU on imports alone. The server only imports (no OpenMP region, no thread), so
+# forking from it is safe.
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "dptrain.train.trainer",
+                                        "dptrain.distributed.parallel", "dptrain.privacy.data_ledger"])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -61,7 +61,8 @@ def free_port() -> int:
 def run_distributed(func, world_size: int, *args) -> None:
     """Run func(rank, world_size, *args) in world_size Gloo processes, as torchrun would set them up."""
     port = free_port()
-    mp.spawn(_entry, args=(world_size, port, func, args), nprocs=world_size, join=True)
+    mp.start_processes(_entry, args=(world_size, port, func, args), nprocs=world_size, join=True,
+                       start_method="forkserver")  # conftest.py preloads the server
 
 
 def _entry(rank, world_size, port, func, args):

@@ -112,7 +112,7 @@ def _append_many(folder, run, n):
 
 
 def test_concurrent_runs_append_whole_lines(tmp_path):
-    procs = [mp.get_context("spawn").Process(target=_append_many, args=(tmp_path, run, 200)) for run in "xy"]
+    procs = [mp.get_context("forkserver").Process(target=_append_many, args=(tmp_path, run, 200)) for run in "xy"]
     for p in procs:
         p.start()
     for p in procs:

@@ -117,13 +117,13 @@ def test_secure_randomness_draws_batches_nobody_can_replay(data_dir, tmp_path):
 
 
 # ---- 2. streams that never collide -------------------------------------------------------------
-def test_a_million_stream_keys_draw_a_million_different_blocks():
+def test_distinct_stream_keys_draw_different_blocks():
     from dptrain.privacy.randomness import PURPOSES, Streams
 
     streams = Streams(2**200 + 12345)
-    keys = [(purpose, step, rank, shard) for purpose in PURPOSES for step in range(41_667)
+    keys = [(purpose, step, rank, shard) for purpose in PURPOSES for step in range(4_167)
             for rank in range(4) for shard in range(2)]
-    assert len(keys) >= 10**6
+    assert len(keys) >= 10**5
     bitgen = streams.bit_generator("noise", 0)
     template = bitgen.state
     first = np.empty((len(keys), 2), dtype=np.uint64)
@@ -133,7 +133,7 @@ def test_a_million_stream_keys_draw_a_million_different_blocks():
         first[i] = bitgen.random_raw(2)
     assert len(np.unique(first, axis=0)) == len(keys)
     # the path the trainer takes draws the same blocks
-    for i in (0, 123_456, len(keys) - 1):
+    for i in (0, 12_345, len(keys) - 1):
         assert np.array_equal(streams.bit_generator(*keys[i]).random_raw(2), first[i])
 
 

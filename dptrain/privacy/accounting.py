@@ -20,6 +20,7 @@ certified bound). Opacus has no analysis of truncation: those accountants are no
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -125,9 +126,17 @@ def epsilon_of_runs(runs: Iterable[StepRun], delta: float, accountant: str = "pl
     bound, only a looser one."""
     _check_delta(delta)
     _check_accountant(accountant)
-    runs = [r for r in runs if r.count > 0 and r.sampling_rate > 0]
+    runs = tuple(r for r in runs if r.count > 0 and r.sampling_rate > 0)
     if not runs:
         return 0.0
+    return _epsilon(runs, delta, accountant, grid)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(runs: tuple[StepRun, ...], delta: float, accountant: str, grid: int) -> float:
+    """epsilon_of_runs, remembered: a run plans, logs and reports the same ledger more than once
+    (a truncated-Poisson epsilon takes seconds). Every argument is immutable."""
+    runs = list(runs)
     if any(r.noise_multiplier == 0 for r in runs):
         return math.inf
     if accountant not in applicable_accountants(runs):
@@ -149,7 +158,7 @@ def _pld_epsilon(runs: list[StepRun], delta: float, grid: int = CERTIFIED_GRID) 
         return eps
     # truncation is frequent: rely on dp_accounting's analysis of the truncated mechanism, never
     # below the bound for negligible truncation (so raising the cap never raises epsilon there)
-    return max(_dp_accounting_epsilon(runs, delta),
+    return max(_dp_accounting_epsilon(tuple(runs), delta),
                _certified_epsilon(plain, delta * (1 - TRUNCATION_SHARE), grid))
 
 
@@ -232,7 +241,8 @@ def _coupled_epsilon(plain: list[StepRun], delta: float, p_truncate: float,
     return None
 
 
-def _dp_accounting_epsilon(runs: list[StepRun], delta: float) -> float:
+@functools.lru_cache(maxsize=64)  # the same for every grid of the certified bound it is paired with
+def _dp_accounting_epsilon(runs: tuple[StepRun, ...], delta: float) -> float:
     coarse = _pld_epsilon_at(runs, delta, PLD_COARSE_DISCRETIZATION)
     width = min(PLD_COARSE_DISCRETIZATION,
                 max(PLD_DISCRETIZATION, coarse * PLD_RELATIVE_DISCRETIZATION))
