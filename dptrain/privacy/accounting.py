@@ -129,7 +129,19 @@ def epsilon_of_runs(runs: Iterable[StepRun], delta: float, accountant: str = "pl
     runs = tuple(r for r in runs if r.count > 0 and r.sampling_rate > 0)
     if not runs:
         return 0.0
-    return _epsilon(runs, delta, accountant, grid)
+    return _epsilon(_merge_gaussians(runs), delta, accountant, grid)
+
+
+def _merge_gaussians(runs: tuple[StepRun, ...]) -> tuple[StepRun, ...]:
+    """Unsubsampled Gaussian releases (q = 1, not truncated) as one: n releases at σ_i compose to
+    exactly the Gaussian at (Σ n_i / σ_i²)^(-1/2) (privacy losses of Gaussians add as Gaussians).
+    BLT's rounds and re-released steps are such releases, each at its own σ."""
+    plain = [r for r in runs if r.sampling_rate == 1 and not r.truncated and r.noise_multiplier > 0]
+    if len(plain) < 2 and not (plain and plain[0].count > 1):
+        return runs
+    inverse = math.fsum(r.count / r.noise_multiplier ** 2 for r in plain)
+    rest = tuple(r for r in runs if r not in plain)
+    return (*rest, StepRun(1 / math.sqrt(inverse), 1.0, 1))
 
 
 @functools.lru_cache(maxsize=256)

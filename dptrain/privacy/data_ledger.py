@@ -24,13 +24,14 @@ from pathlib import Path
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, make_run
 from dptrain.privacy.bandmf import opens_round
+from dptrain.privacy.blt import from_state, round_charge, second_release_charge
 from dptrain.privacy.journal import read_appended
 
 DATA_LEDGER_FILE = "privacy_spent.jsonl"
 # The fields that make two lines the same release: one run's step, replayed with the same draw.
 # The run id is part of it: two runs under the same seed draw alike but train differently.
 RELEASE_KEYS = ("run", "draw", "step", "layout", "noise_multiplier", "sampling_rate", "dataset_size",
-                "max_batch_size", "unit", "max_sequences_per_unit", "bands")
+                "max_batch_size", "unit", "max_sequences_per_unit", "bands", "blt")
 
 
 class DataLedger:
@@ -76,11 +77,21 @@ class DataLedger:
     def spent(self) -> PrivacyLedger:
         """Every distinct release as one ledger, ready for the certified accountant. A BandMF run's
         steps are charged per round (at each round's first step); a second release of the same step
-        of a run (another draw, after a crash) as an unsubsampled Gaussian (see journal.record_entries)."""
+        of a run (another draw, after a crash) as an unsubsampled Gaussian (see journal.record_entries).
+        A BLT run's rounds are charged as Gaussians carrying each round's share of the sensitivity."""
         counts: dict[tuple, int] = {}
         released: set[tuple] = set()
         for e in self.releases():
             q, count, bands = e["sampling_rate"], 1, e.get("bands", 1)
+            if "blt" in e:
+                again = (e.get("run"), e["step"]) in released
+                released.add((e.get("run"), e["step"]))
+                blt = from_state(e["blt"])
+                run = (second_release_charge(blt, bands, e["noise_multiplier"]) if again else
+                       round_charge(blt, bands, e["noise_multiplier"], e["step"]))
+                key = (run.noise_multiplier, 1.0, None, None)
+                counts[key] = counts.get(key, 0) + run.count
+                continue
             if bands > 1:
                 again = (e.get("run"), e["step"]) in released
                 released.add((e.get("run"), e["step"]))

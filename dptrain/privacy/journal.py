@@ -62,8 +62,14 @@ def record_entries(ledger, entries: list[dict]) -> None:
 
     A lost BandMF step is released again by the resumed run with noise that shares its correlated
     part with the lost one, so it is not a fresh round of cyclic Poisson sampling: each is charged
-    as an unsubsampled Gaussian release (q = 1), which bounds any query of sensitivity 1."""
+    as an unsubsampled Gaussian release (q = 1), which bounds any query of sensitivity 1; a lost
+    BLT step likewise, at the sensitivity of one row of its strategy (dptrain.privacy.blt)."""
+    from dptrain.privacy.blt import from_state, second_release_charge
+
     for e in entries:
+        if "blt" in e:
+            ledger.add(second_release_charge(from_state(e["blt"]), e["bands"], e["noise_multiplier"]))
+            continue
         rate = 1.0 if e.get("bands", 1) > 1 else e["sampling_rate"]
         ledger.record(e["noise_multiplier"], rate, dataset_size=e.get("dataset_size"),
                       max_batch_size=e.get("max_batch_size"))

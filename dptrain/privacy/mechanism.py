@@ -12,10 +12,12 @@ and the three functions below, so the privacy arithmetic exists once:
 
 What the ledger and journal record of a step is `Mechanism.step_run` and `Mechanism.journal_fields`.
 
-Two kinds (`privacy.mechanism`): "dpsgd", independent noise at every step (Poisson sampling), and
+Three kinds (`privacy.mechanism`): "dpsgd", independent noise at every step (Poisson sampling);
 "bandmf", noise correlated across b steps by a banded strategy matrix with cyclic Poisson sampling
-(dptrain.privacy.bandmf); b = 1 is DP-SGD. Only the noise source, the sampler and the rate and
-count the accountants see differ; the clipping, the noise scale σC and the divisor B do not.
+(dptrain.privacy.bandmf; b = 1 is DP-SGD); "blt", noise correlated by a buffered Toeplitz strategy,
+the same cyclic sampling over P = N/B parts, accounted without amplification
+(dptrain.privacy.blt). Only the noise source, the sampler and what the accountants see differ; the
+clipping, the noise scale σC and the divisor B do not.
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ import torch
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, StepRun, calibrate_noise, make_run
 from dptrain.privacy.bandmf import BandedNoise, accounted, choose_bands, opens_round, optimize_coefficients
+from dptrain.privacy.blt import BLT, BLTNoise, choose_buffers, optimize_blt, round_charge
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import CyclicPoissonSampler, PoissonSampler, UnitSampler
 
 UNITS = ("sequence", "document", "group")
+MAX_PARTS = 65535  # parts of the cyclic sampling (stored as uint16 per unit)
 Noise = Callable[..., torch.Tensor]  # noise(shape, device, dtype) -> i.i.d. N(0, 1)
 
 
@@ -46,8 +50,9 @@ class Mechanism:
     unit: str = "sequence"
     sequences_per_unit: int = 1    # k: sequences a sampled unit contributes
     max_batch_size: int | None = None  # truncated Poisson: draws above it are cut (and accounted)
-    bands: int = 1                 # b: BandMF's bands (1: DP-SGD)
+    bands: int = 1                 # b: BandMF's bands (1: DP-SGD), or BLT's parts P (its min-separation)
     coefficients: tuple[float, ...] = (1.0,)  # the banded Toeplitz C's first column, norm 1
+    blt: BLT | None = None         # BLT's strategy (then bands counts its parts)
 
     def __post_init__(self):
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -60,12 +65,12 @@ class Mechanism:
             what = "sequences" if self.unit == "sequence" else f"{self.unit}s"
             raise UserError(f"privacy.expected_batch_size {self.expected_batch_size} exceeds the "
                             f"{self.num_examples} training {what}")
-        if len(self.coefficients) != self.bands or not self.coefficients[0] > 0:
+        if self.blt is None and (len(self.coefficients) != self.bands or not self.coefficients[0] > 0):
             raise UserError(f"a {self.bands}-band strategy needs {self.bands} coefficients with c_0 > 0")
         if abs(math.fsum(c * c for c in self.coefficients) - 1) > 1e-9:
             raise UserError("the strategy's columns must have norm 1: the accounting assumes sensitivity 1")
-        if self.bands > 1 and self.max_batch_size is not None:
-            raise UserError("privacy.max_batch_size (truncated Poisson) is not supported with privacy.mechanism bandmf")
+        if self.kind != "dpsgd" and self.max_batch_size is not None:
+            raise UserError(f"privacy.max_batch_size (truncated Poisson) is not supported with privacy.mechanism {self.kind}")
         if self.bands * self.expected_batch_size > self.num_examples:
             raise UserError(f"privacy.bands {self.bands} × expected_batch_size {self.expected_batch_size} exceeds "
                             f"the {self.num_examples} training examples: each of the b parts must hold a batch")
@@ -74,6 +79,8 @@ class Mechanism:
     # ---- what it is -------------------------------------------------------------------------
     @property
     def kind(self) -> str:
+        if self.blt is not None:
+            return "blt"
         return "dpsgd" if self.bands == 1 else "bandmf"
 
     @property
@@ -93,15 +100,26 @@ class Mechanism:
             return {}
         return {"dataset_size": self.num_examples, "max_batch_size": self.max_batch_size}
 
+    def sensitivity(self, steps: int) -> float:
+        """BLT: the min-separation sensitivity of C over the whole rounds `steps` steps touch."""
+        rounds = -(-int(steps) // self.bands)
+        return math.sqrt(float(self.blt.round_shares(self.bands, rounds).sum())) if rounds else 0.0
+
     def step_run(self, count: int = 1) -> StepRun:
         """`count` steps of this mechanism from its start, as the accountants compose them: one
-        subsampled Gaussian per step, or per round of b steps for BandMF (⌈count / b⌉)."""
+        subsampled Gaussian per step, or per round of b steps for BandMF (⌈count / b⌉); for BLT one
+        Gaussian (q = 1) at σ / sensitivity, what its rounds' charges compose to."""
+        if self.blt is not None:
+            return make_run(self.noise_multiplier / self.sensitivity(count) if count else 0.0, 1.0, int(count > 0))
         rate, rounds = accounted(self.bands, self.expected_batch_size / self.num_examples, count)
         return make_run(self.noise_multiplier, rate, rounds, **self.truncation)
 
     def run_of_step(self, step: int) -> StepRun:
         """What step `step` (1-based, from this run's start) adds to the ledger: a BandMF round is
-        charged at its first step, so every prefix of the run is covered."""
+        charged at its first step, so every prefix of the run is covered; so is a BLT round, as a
+        Gaussian (q = 1) carrying the round's share of the sensitivity."""
+        if self.blt is not None:
+            return round_charge(self.blt, self.bands, self.noise_multiplier, step)
         return make_run(self.noise_multiplier, self.sampling_rate, int(opens_round(step, self.bands)),
                         **self.truncation)
 
@@ -112,7 +130,8 @@ class Mechanism:
                 "dataset_size": t.get("dataset_size"), "max_batch_size": t.get("max_batch_size"),
                 **({} if self.unit == "sequence" else
                    {"unit": self.unit, "max_sequences_per_unit": self.sequences_per_unit}),
-                **({} if self.bands == 1 else {"bands": self.bands})}
+                **({} if self.bands == 1 else {"bands": self.bands}),
+                **({} if self.blt is None else {"blt": self.blt.state()})}
 
     # ---- what it does -----------------------------------------------------------------------
     def sampler(self, streams, secure: bool, unit_ranges=None):
@@ -127,8 +146,10 @@ class Mechanism:
                               max_batch_size=self.max_batch_size, secure=secure)
 
     def noise_source(self, streams, secure: bool):
-        """i.i.d. N(0, 1) per step (DP-SGD), or its BandMF correlation C⁻¹z (which keeps b-1 buffers)."""
+        """i.i.d. N(0, 1) per step (DP-SGD), or its correlation C⁻¹z (BandMF keeps b-1 buffers, BLT d)."""
         source = NoiseSource(streams, secure=secure)
+        if self.blt is not None:
+            return BLTNoise(source, self.blt)
         return source if self.bands == 1 else BandedNoise(source, self.coefficients)
 
     @torch.no_grad()
@@ -192,7 +213,13 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
         raise UserError(f"privacy.delta {p.delta:g} is not below 1/N = {1 / num_examples:.3g}: "
                         f"such a guarantee allows publishing one of the {what} whole")
 
-    if p.mechanism == "bandmf" and p.bands is None:
+    blt = None
+    if p.mechanism == "blt":
+        # parts: as many as hold a batch each (min-separation N/B), at most one per step
+        bands = max(1, min(num_examples // p.expected_batch_size, p.steps, MAX_PARTS))
+        blt = optimize_blt(p.steps, bands, p.buffers) if p.buffers else choose_buffers(p.steps, bands)
+        coefficients = (1.0,)
+    elif p.mechanism == "bandmf" and p.bands is None:
         if p.target_epsilon is None or noise_free:
             raise UserError("privacy.mechanism bandmf with privacy.noise_multiplier (or no noise) needs "
                             "privacy.bands: the bands are chosen for a target_epsilon")
@@ -204,7 +231,7 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
 
     def mechanism(sigma: float) -> Mechanism:
         return Mechanism(sigma, p.max_grad_norm, p.expected_batch_size, num_examples, p.unit, k,
-                         p.max_batch_size, bands, coefficients)
+                         p.max_batch_size, bands, coefficients, blt)
 
     if noise_free:
         return Plan(mechanism(0.0), math.inf)
@@ -214,8 +241,11 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
         if spent.steps:
             raise UserError(f"the weights already spent {spent.steps} steps on private data: give "
                             "privacy.noise_multiplier, and target_epsilon as the budget of the whole lineage")
-        sigma = calibrate_noise(p.target_epsilon, p.delta, probe.sampling_rate, probe.step_run(p.steps).count,
-                                accountant=p.accountant, **probe.truncation)
+        if blt is not None:  # one Gaussian at σ / sensitivity
+            sigma = calibrate_noise(p.target_epsilon, p.delta, 1.0, 1, accountant=p.accountant) * probe.sensitivity(p.steps)
+        else:
+            sigma = calibrate_noise(p.target_epsilon, p.delta, probe.sampling_rate, probe.step_run(p.steps).count,
+                                    accountant=p.accountant, **probe.truncation)
     planned = mechanism(sigma)
     ledger = PrivacyLedger()
     ledger.load_state_dict(spent.state_dict())
@@ -224,6 +254,6 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
     if p.target_epsilon is not None and eps > p.target_epsilon:
         lineage = f" after the {spent.steps} steps already spent" if spent.steps else ""
         raise UserError(f"the plan (σ={sigma:.4g}, q={planned.sampling_rate:.4g}, {p.steps} steps{lineage}"
-                        f"{'' if bands == 1 else f', {bands} bands'}) "
+                        f"{'' if bands == 1 else f', {bands} parts' if blt else f', {bands} bands'}) "
                         f"spends ε={eps:.4g} > privacy.target_epsilon {p.target_epsilon:g} at δ={p.delta:g}")
     return Plan(planned, eps)

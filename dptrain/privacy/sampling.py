@@ -105,8 +105,8 @@ class CyclicPoissonSampler:
 
     def __init__(self, num_examples: int, expected_batch_size: int | float, bands: int,
                  seed: int | Streams | None, *, secure: bool = False) -> None:
-        if int(bands) != bands or not 1 <= bands <= 255:
-            raise UserError(f"bands must be an integer in [1, 255], got {bands!r}")
+        if int(bands) != bands or not 1 <= bands <= 65535:
+            raise UserError(f"bands (parts) must be an integer in [1, 65535], got {bands!r}")
         if bands * expected_batch_size > num_examples:
             raise UserError(f"{bands} bands need at least bands × expected batch = {bands * expected_batch_size} "
                             f"examples (each part must hold a batch), got {num_examples}")
@@ -117,9 +117,10 @@ class CyclicPoissonSampler:
         self.max_batch_size = None
         self.steps_taken = 0
         self.truncated_steps = 0
-        self._parts = (os_below(self.bands, self.num_examples).astype(np.uint8) if self.secure
+        self._dtype = np.uint8 if self.bands <= 255 else np.uint16
+        self._parts = (os_below(self.bands, self.num_examples).astype(self._dtype) if self.secure
                        else self.streams.generator("partition", 0).integers(0, self.bands, self.num_examples,
-                                                                             dtype=np.uint8))
+                                                                             dtype=self._dtype))
         self._members: dict[int, np.ndarray] = {}
 
     @property
@@ -159,7 +160,7 @@ class CyclicPoissonSampler:
             raise UserError("the sampler state was saved for (examples, expected batch, bands, secure) = "
                             f"{saved}, not {mine}; resuming would change the sampling")
         if self.secure:
-            parts = np.frombuffer(state.get("parts") or b"", dtype=np.uint8)
+            parts = np.frombuffer(state.get("parts") or b"", dtype=self._dtype)
             if parts.shape != (self.num_examples,) or (parts >= self.bands).any():
                 raise UserError("corrupt sampler state: the parts of the cyclic Poisson sampling are missing")
             self._parts, self._members = parts, {}

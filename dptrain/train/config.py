@@ -48,8 +48,11 @@ class PrivacyConfig:
     data_budget: float | None = None
     # dpsgd: independent noise every step. bandmf: noise correlated across `bands` steps, cyclic
     # Poisson sampling (dptrain.privacy.bandmf); bands None: chosen for the budget (at most 64).
-    mechanism: Literal["dpsgd", "bandmf"] = "dpsgd"
+    # blt: noise correlated through `buffers` decaying buffers, the data in N/B parts taken in turn,
+    # accounted without amplification (dptrain.privacy.blt); buffers None: chosen (at most 4).
+    mechanism: Literal["dpsgd", "bandmf", "blt"] = "dpsgd"
     bands: int | None = None
+    buffers: int | None = None
 
     def __post_init__(self):
         if self.expected_batch_size <= 0:
@@ -70,8 +73,10 @@ class PrivacyConfig:
             raise ValueError("max_batch_size must be at least expected_batch_size")
         if self.data_budget is not None and not self.data_budget > 0:
             raise ValueError("data_budget must be positive")
-        if self.mechanism not in ("dpsgd", "bandmf"):
-            raise ValueError(f"mechanism must be dpsgd or bandmf, got {self.mechanism!r}")
+        if self.mechanism not in ("dpsgd", "bandmf", "blt"):
+            raise ValueError(f"mechanism must be dpsgd, bandmf or blt, got {self.mechanism!r}")
+        if self.buffers is not None and (self.mechanism != "blt" or not 1 <= self.buffers <= 8):
+            raise ValueError("buffers applies to mechanism blt only, and must lie in [1, 8]")
         if self.bands is not None and (self.mechanism != "bandmf" or not 1 <= self.bands <= 255):
             raise ValueError("bands applies to mechanism bandmf only, and must lie in [1, 255]")
         if self.max_sequences_per_unit < 1:

@@ -69,9 +69,12 @@ def privacy_report(trainer) -> dict:
                      f"cyclic Poisson: {mechanism.bands} parts drawn at random, step t samples part t mod "
                      f"{mechanism.bands} at rate {mechanism.sampling_rate:.4g}"),
         # dpsgd: independent noise; bandmf: noise correlated by a banded Toeplitz C (columns of norm 1),
-        # accounted as one subsampled Gaussian per round of `bands` steps (amplified BandMF)
+        # accounted as one subsampled Gaussian per round of `bands` steps (amplified BandMF); blt:
+        # noise correlated by a buffered Toeplitz C, `bands` parts taken in turn, accounted as the
+        # Gaussian mechanism at σ / sensitivity (no amplification)
         "mechanism": {"kind": mechanism.kind, "bands": mechanism.bands,
-                      "coefficients": list(mechanism.coefficients)},
+                      **({"coefficients": list(mechanism.coefficients)} if mechanism.blt is None else
+                         {**mechanism.blt.state(), "sensitivity": mechanism.sensitivity(trainer.step)})},
         "steps": trainer.step,
         "planned_steps": p.steps,
         # Every noisy step that touched the data: this run's, its parents', and any a crash lost.
@@ -177,7 +180,12 @@ def _context_lines(report: dict) -> list[str]:
     if "truncated_steps" in report:
         lines.append(f"  truncated steps: {report['truncated_steps']}")
     bands = report.get("mechanism", {}).get("bands", 1)
-    if bands > 1:  # the ledger counts BandMF's rounds of b steps, each one subsampled Gaussian
+    if report.get("mechanism", {}).get("kind") == "blt":
+        m = report["mechanism"]
+        lines.append(f"  mechanism: BLT with {len(m['decays'])} buffers, the data in {bands} parts taken in turn "
+                     f"(each unit at most once every {bands} steps), sensitivity {m['sensitivity']:.4g}")
+        lines.append("  accounted: the Gaussian mechanism at σ / sensitivity, without amplification by sampling")
+    elif bands > 1:  # the ledger counts BandMF's rounds of b steps, each one subsampled Gaussian
         lines.append(f"  mechanism: BandMF with {bands} bands (each step's noise correlated with the previous "
                      f"{bands - 1} steps')")
         lines.append(f"  accounted: {report['accounted_steps']} subsampled Gaussian releases (a round of {bands} "

@@ -332,11 +332,11 @@ class Trainer:
         }
 
     def _load_noise(self, state: dict) -> None:
-        """The noise's own state (BandMF's buffers): rank 0's in one process and ddp, each rank's own
-        under fsdp, whose buffers are shards, so a BandMF run resumes in the layout it was saved in."""
+        """The noise's own state (BandMF's or BLT's buffers): rank 0's in one process and ddp, each rank's
+        own under fsdp, whose buffers are shards, so such a run resumes in the layout it was saved in."""
         saved = state.get("noise_layout", self.noise_layout)
-        if self.mechanism.bands > 1 and saved != self.noise_layout:
-            raise UserError(f"this BandMF run's noise buffers were saved in the {saved} layout, not {self.noise_layout}: "
+        if self.mechanism.kind != "dpsgd" and saved != self.noise_layout:
+            raise UserError(f"this {self.mechanism.kind} run's noise buffers were saved in the {saved} layout, not {self.noise_layout}: "
                             "resume it with the same runtime.parallel and number of processes")
         sharded = self.noise_layout.startswith("fsdp")
         if not (sharded or self.parallel.is_main):
