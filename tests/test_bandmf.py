@@ -326,8 +326,8 @@ def test_secure_bandmf_keeps_its_parts_and_buffers_and_charges_lost_steps_unampl
     assert resumed.noise.next_step == 2
 
 
-def _noise_worker(rank, world, mode, data_dir, out_dir, result_file):
-    """Two ranks, BandMF: (1) the noise of steps with no data, whole, as every rank sees it after the
+def _noise_worker(rank, world, mode, data_dir, out_dir, result_file, kind="bandmf"):
+    """Two ranks, BandMF (or BLT): (1) the noise of steps with no data, whole, as every rank sees it after the
     sum (ddp) or gathered from the shards (fsdp); (2) a run checkpointed at step 2, continued, and
     resumed from that checkpoint: the same weights."""
     import dataclasses
@@ -339,7 +339,11 @@ def _noise_worker(rank, world, mode, data_dir, out_dir, result_file):
 
     def config(folder):
         cfg = make_config(data_dir, out_dir / folder, mode)
-        cfg.privacy.mechanism, cfg.privacy.bands, cfg.privacy.steps = "bandmf", 3, 6
+        cfg.privacy.mechanism, cfg.privacy.steps = kind, 6
+        if kind == "bandmf":
+            cfg.privacy.bands = 3
+        else:
+            cfg.privacy.buffers = 2
         return cfg
 
     trainer = Trainer(config("noise"))
@@ -367,18 +371,20 @@ def _noise_worker(rank, world, mode, data_dir, out_dir, result_file):
         resumed.train_step()
     got = resumed.parallel.full_state_dict(resumed.model)
     if rank == 0:
-        torch.save({"rows": every, "coefficients": trainer.mechanism.coefficients, "std": trainer.mechanism.noise_std,
+        m = trainer.mechanism
+        column = m.coefficients if m.blt is None else tuple(m.blt.strategy_coefficients(6))
+        torch.save({"rows": every, "coefficients": column, "std": m.noise_std,
                     "resumed_at": at, "expected": expected, "got": got}, result_file)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_gloo_ranks_add_the_factorised_noise_once_and_resume_it(tmp_path, mode):
+@pytest.mark.parametrize("mode,kind", [("ddp", "bandmf"), ("fsdp", "bandmf"), ("ddp", "blt"), ("fsdp", "blt")])
+def test_two_gloo_ranks_add_the_factorised_noise_once_and_resume_it(tmp_path, mode, kind):
     from dptrain.data.demo import prepare_demo
     from test_distributed import VOCAB, run_distributed
 
     data = prepare_demo(tmp_path / "demo", seq_len=16, vocab_size=VOCAB, num_records=120)
-    run_distributed(_noise_worker, 2, mode, data, tmp_path / "run", tmp_path / "result.pt")
+    run_distributed(_noise_worker, 2, mode, data, tmp_path / "run", tmp_path / "result.pt", kind)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     ranks = result["rows"]
     assert torch.equal(ranks[0], ranks[1])  # one noise, the same whole on every rank

@@ -1,0 +1,221 @@
+"""BLT (buffered Toeplitz noise, cyclic parts, no amplification) against naive references.
+
+The sensitivity against every participation pattern, the realised noise against dense C⁻¹z and its
+covariance, the rounds' charges against the exact Gaussian mechanism (closed form), and a run that
+resumes bit for bit and charges its data what its own ledger does. Two Gloo processes: test_bandmf.py.
+"""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.stats import norm
+
+from dptrain.errors import UserError
+from dptrain.privacy.accounting import PrivacyLedger, epsilon_of_runs, make_run
+from dptrain.privacy.blt import (BLT, BLTNoise, loss, minsep_sensitivity, noise_error, optimize_blt,
+                                 round_charge)
+from dptrain.privacy.mechanism import Mechanism, plan_mechanism
+from dptrain.privacy.noise import NoiseSource
+from dptrain.privacy.randomness import Streams
+from dptrain.train.config import PrivacyConfig
+
+STRATEGY = BLT((0.9, 0.5), (0.3, 0.2))
+
+
+def toeplitz(column) -> np.ndarray:
+    n = len(column)
+    return np.array([[column[i - j] if i >= j else 0.0 for j in range(n)] for i in range(n)])
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """The exact ε(δ) of the Gaussian mechanism with μ = sensitivity / σ (Balle & Wang 2018)."""
+    from scipy.optimize import brentq
+
+    def gap(eps):
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta
+
+    return 0.0 if gap(0.0) <= 0 else brentq(gap, 0.0, 500.0, xtol=1e-12)
+
+
+# ---- the strategy -------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps,parts", [(9, 1), (11, 3), (12, 4), (10, 10)])
+def test_minsep_sensitivity_is_the_worst_of_every_participation_pattern(steps, parts):
+    rng = np.random.default_rng(steps)
+    other = np.r_[1.0, np.sort(rng.uniform(0, 1, steps - 1))[::-1]]  # any non-increasing column
+    for c in (STRATEGY.strategy_coefficients(steps), other):
+        cm = toeplitz(c)
+        worst = 0.0
+        for pattern in itertools.product((0, 1), repeat=steps):
+            ones = np.flatnonzero(pattern)
+            if len(ones) > 1 and np.diff(ones).min() < parts:
+                continue
+            worst = max(worst, float(np.linalg.norm(cm @ np.array(pattern, dtype=float))))
+        assert minsep_sensitivity(c, parts) == pytest.approx(worst, rel=1e-12)
+    if steps % parts == 0:  # the rounds' shares add up to the same sensitivity
+        assert STRATEGY.round_shares(parts, steps // parts).sum() == pytest.approx(
+            minsep_sensitivity(STRATEGY.strategy_coefficients(steps), parts) ** 2, rel=1e-12)
+    with pytest.raises(UserError, match="non-increasing"):
+        minsep_sensitivity(np.array([1.0, 0.2, 0.5]), 1)
+
+
+def test_strategy_and_noise_coefficients_invert_each_other_and_rows_are_bounded():
+    steps = 30
+    c, h = STRATEGY.strategy_coefficients(steps), STRATEGY.noise_coefficients(steps)
+    np.testing.assert_allclose(toeplitz(c) @ toeplitz(h), np.eye(steps), atol=1e-12)
+    assert c[0] == 1 and c[1] == pytest.approx(0.5) and c[2] == pytest.approx(0.3 * 0.9 + 0.2 * 0.5)
+    # any participation P apart: every row of C u stays under the bound a second release is charged at
+    for parts in (1, 3, 7):
+        latest = max(sum(c[t - s] for s in range(t, -1, -parts)) for t in range(steps))
+        assert latest <= STRATEGY.row_bound(parts) + 1e-12
+    with pytest.raises(UserError, match="decays in"):
+        BLT((1.2,), (0.5,))
+    with pytest.raises(UserError, match="summing to at most 1"):
+        BLT((0.5, 0.5), (0.7, 0.6))
+
+
+def test_optimised_blt_is_valid_deterministic_and_beats_independent_noise():
+    steps, parts = 200, 20
+    blt = optimize_blt(steps, parts, 2)
+    assert blt == optimize_blt(steps, parts, 2)  # a resume plans the same strategy
+    c = blt.strategy_coefficients(steps)
+    assert (c > 0).all() and (np.diff(c) <= 1e-15).all()  # what the sensitivity bound needs
+    identity = np.zeros(steps)
+    identity[0] = 1.0
+    independent = math.ceil(steps / parts) * noise_error(identity)  # DP-SGD without amplification
+    assert loss(blt, steps, parts) < 0.2 * independent
+
+
+# ---- the noise --------------------------------------------------------------------------------
+def realised(noise, steps: int, size: int) -> np.ndarray:
+    rows = []
+    for t in range(steps):
+        draw = noise.for_step(t)
+        rows.append(torch.cat([draw((size // 2,)), draw((size - size // 2,))]).double().numpy())
+    return np.stack(rows)
+
+
+def test_noise_is_c_inverse_z_exactly_and_its_covariance_is_the_factorisation():
+    steps, size = 8, 40_000
+    w = realised(BLTNoise(NoiseSource(Streams(5)), STRATEGY), steps, size)
+    z = realised(NoiseSource(Streams(5)), steps, size)
+    cm = toeplitz(STRATEGY.strategy_coefficients(steps))
+    np.testing.assert_allclose(cm @ w, z, atol=1e-4)  # C w = z: the same draws, correlated by C⁻¹
+    inverse = np.linalg.inv(cm)
+    expected = inverse @ inverse.T
+    empirical = w @ w.T / size
+    assert np.abs(empirical - expected).max() < 6 / math.sqrt(size) * expected.diagonal().max()
+    for t in (0, steps - 1):
+        assert stats.kstest(w[t] / math.sqrt(expected[t, t]), "norm").pvalue > 1e-4
+
+
+def test_noise_state_resumes_exactly_and_refuses_another_strategy():
+    straight = realised(BLTNoise(NoiseSource(Streams(9)), STRATEGY), 6, 10)
+    first = BLTNoise(NoiseSource(Streams(9)), STRATEGY)
+    realised(first, 4, 10)
+    state = first.state_dict()
+    assert first.buffer_bytes() == 2 * 10 * 4  # d buffers of the noised tensors, float32
+    second = BLTNoise(NoiseSource(Streams(9)), STRATEGY)
+    second.load_state_dict(state)
+    rest = np.stack([torch.cat([d((5,)), d((5,))]).double().numpy() for d in (second.for_step(4), second.for_step(5))])
+    np.testing.assert_array_equal(rest, straight[4:])
+    with pytest.raises(RuntimeError, match="exactly once"):
+        second.for_step(2)
+    with pytest.raises(UserError, match="another strategy"):
+        BLTNoise(NoiseSource(Streams(9)), BLT((0.8,), (0.4,))).load_state_dict(state)
+
+
+# ---- the accounting ---------------------------------------------------------------------------
+def blt_mechanism(sigma=1.0, steps=20, n=1000, batch=100) -> Mechanism:
+    return Mechanism(sigma, 1.0, batch, n, bands=n // batch, blt=STRATEGY)
+
+
+@pytest.mark.parametrize("sigma,steps", [(2.0, 20), (5.0, 35)])
+def test_rounds_compose_to_the_exact_gaussian_mechanism_at_every_prefix(sigma, steps):
+    m = blt_mechanism(sigma)
+    parts = m.bands
+    ledger = PrivacyLedger()
+    for step in range(1, steps + 1):
+        ledger.add(m.run_of_step(step))
+        rounds = math.ceil(step / parts)
+        sens = minsep_sensitivity(STRATEGY.strategy_coefficients(rounds * parts), parts)
+        if step in (1, parts, steps):
+            exact = gaussian_epsilon(sens / sigma, 1e-5)
+            got = ledger.epsilon(1e-5)
+            assert exact <= got <= exact * 1.01 + 1e-6  # an upper bound, and tight
+    assert m.step_run(steps).noise_multiplier == pytest.approx(sigma / sens, rel=1e-12)
+    assert epsilon_of_runs([m.step_run(steps)], 1e-5) == pytest.approx(ledger.epsilon(1e-5), rel=1e-9)
+
+
+def test_unsubsampled_gaussians_compose_into_one_exactly():
+    runs = [make_run(2.0, 1.0, 3), make_run(1.5, 1.0, 1), make_run(4.0, 1.0, 2)]
+    mu = math.sqrt(3 / 4 + 1 / 1.5 ** 2 + 2 / 16)
+    for accountant in ("pld", "rdp"):
+        got = epsilon_of_runs(runs, 1e-6, accountant)
+        assert got >= gaussian_epsilon(mu, 1e-6) * (1 - 1e-9)
+    assert epsilon_of_runs(runs, 1e-6) <= gaussian_epsilon(mu, 1e-6) * 1.01
+    with_subsampled = [*runs, make_run(1.0, 0.01, 100)]
+    assert epsilon_of_runs(with_subsampled, 1e-6) > epsilon_of_runs(runs, 1e-6)
+
+
+def test_plan_calibrates_sigma_to_the_sensitivity_and_names_the_parts():
+    privacy = PrivacyConfig(target_epsilon=4.0, delta=1e-5, expected_batch_size=100, steps=25, mechanism="blt",
+                            buffers=2)
+    plan = plan_mechanism(privacy, 1000, 10)
+    m = plan.mechanism
+    assert m.kind == "blt" and m.bands == 10 and m.blt.buffers == 2
+    mu = m.sensitivity(25) / m.noise_multiplier
+    assert gaussian_epsilon(mu, 1e-5) <= plan.epsilon <= 4.0
+    assert plan.epsilon > 3.9  # calibrated, not merely safe
+    assert round_charge(m.blt, m.bands, m.noise_multiplier, 2).count == 0  # charged at each round's first step
+    with pytest.raises(ValueError, match="buffers applies to mechanism blt only"):
+        PrivacyConfig(noise_multiplier=1.0, delta=1e-5, expected_batch_size=10, steps=5, buffers=2)
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+BLT_RUN = {"privacy": {"noise_multiplier": 1.0, "delta": 1e-5, "expected_batch_size": 16, "steps": 6,
+                       "mechanism": "blt", "buffers": 2},
+           "runtime": {"micro_batch_size": 8, "device": "cpu", "seed": 13},
+           "eval": {"every": 0, "max_sequences": 16},
+           "checkpoint": {"every": 0, "keep_last": 2}}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from tiny_runs import demo_data
+
+    return demo_data(tmp_path_factory.mktemp("demo"))
+
+
+def test_a_blt_run_resumes_bit_for_bit_and_charges_its_data_as_its_ledger(data_dir, tmp_path):
+    from tiny_runs import tiny_run_config
+
+    from dptrain.train.report import summary
+    from dptrain.train.trainer import Trainer
+
+    straight = Trainer(tiny_run_config(data_dir, tmp_path / "a", BLT_RUN))
+    for _ in range(6):
+        straight.train_step()
+    cfg = tiny_run_config(data_dir, tmp_path / "b", BLT_RUN)
+    interrupted = Trainer(cfg)
+    for _ in range(4):
+        interrupted.train_step()
+    interrupted.save_checkpoint()
+    interrupted.close()
+    resumed = Trainer(cfg)
+    assert resumed.step == 4 and resumed.noise.next_step == 4
+    for _ in range(2):
+        resumed.train_step()
+    for name, w in straight.model.state_dict().items():
+        assert torch.equal(w, resumed.model.state_dict()[name]), name
+    m = resumed.mechanism
+    assert m.kind == "blt" and m.bands == min(resumed.num_examples // 16, 6)
+    report = resumed.report()
+    assert report["mechanism"]["kind"] == "blt" and "BLT with 2 buffers" in summary(report)
+    want = gaussian_epsilon(m.sensitivity(6) / m.noise_multiplier, 1e-5)
+    assert want <= report["epsilon"]["pld"] <= want * 1.01
+    # the data's ledger (both runs' steps, from their journal lines) charges what the ledgers do
+    both = straight.books.data.spent().epsilon(1e-5)
+    assert both == pytest.approx(epsilon_of_runs([m.step_run(6)] * 2, 1e-5), rel=1e-9)
