@@ -219,3 +219,45 @@ def test_a_blt_run_resumes_bit_for_bit_and_charges_its_data_as_its_ledger(data_d
     # the data's ledger (both runs' steps, from their journal lines) charges what the ledgers do
     both = straight.books.data.spent().epsilon(1e-5)
     assert both == pytest.approx(epsilon_of_runs([m.step_run(6)] * 2, 1e-5), rel=1e-9)
+
+
+# ---- the commands -------------------------------------------------------------------------------
+def test_privacy_cli_accounts_and_calibrates_blt_as_its_gaussian(capsys):
+    import json
+
+    from dptrain.cli import main
+
+    argv = ["--sampling-rate", "0.1", "--steps", "25", "--delta", "1e-5", "--mechanism", "blt", "--buffers", "2", "--json"]
+    assert main(["privacy", "noise", "--epsilon", "4", *argv]) == 0
+    noise = json.loads(capsys.readouterr().out)
+    sigma = noise["noise_multiplier"]["pld"]
+    assert main(["privacy", "epsilon", "--noise-multiplier", str(sigma), *argv]) == 0
+    eps = json.loads(capsys.readouterr().out)
+    # the same strategy as a training run plans (P = 1/q = 10 parts, 2 buffers)
+    planned = plan_mechanism(PrivacyConfig(target_epsilon=4.0, delta=1e-5, expected_batch_size=100, steps=25,
+                                           mechanism="blt", buffers=2), 1000, 10).mechanism
+    assert eps["sensitivity"] == pytest.approx(planned.sensitivity(25), rel=1e-12)
+    assert gaussian_epsilon(eps["sensitivity"] / sigma, 1e-5) <= eps["epsilon"]["pld"] <= 4.0
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.1", "--steps", "5",
+                 "--delta", "1e-5", "--buffers", "2"]) == 2
+    assert "--buffers applies to --mechanism blt only" in capsys.readouterr().err
+
+
+def test_cost_counts_blt_buffers_and_a_planned_config_leaves_sigma_to_the_trainer(capsys):
+    import json
+    from pathlib import Path
+
+    from dptrain.cli import main
+    from dptrain.dp.cost import parameter_counts
+    from dptrain.model import DecoderConfig
+    from dptrain.scaling.law import load_law
+    from dptrain.scaling.plan import SHIPPED_LAW, plan, training_config
+
+    config = str(Path(__file__).resolve().parents[1] / "dptrain" / "assets" / "model" / "tiny.yaml")
+    assert main(["cost", config, "--json", "--gpu-memory", "0.05", "--buffers", "3"]) == 0
+    three = json.loads(capsys.readouterr().out)
+    assert three["noise_buffer_bytes"] == 3 * 4 * parameter_counts(DecoderConfig.from_yaml(config))["total"]
+    assert main(["cost", config, "--bands", "4", "--buffers", "3"]) == 2
+    row = plan(load_law(str(SHIPPED_LAW), None), 2e12, 8.0, 1e-6, 100_000, 64, top=1)[0]
+    cfg = training_config(row, 8.0, 1e-6, 64, "data", mechanism="blt")
+    assert cfg["privacy"]["mechanism"] == "blt" and "noise_multiplier" not in cfg["privacy"]

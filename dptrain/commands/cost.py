@@ -19,6 +19,9 @@ def register(sub) -> None:
     parser.add_argument("--bands", type=int, default=1,
                         help="privacy.bands of BandMF: b-1 float32 noise buffers the size of the model, "
                              "kept by the process that adds the noise (1: DP-SGD, none)")
+    parser.add_argument("--buffers", type=int, default=0,
+                        help="privacy.buffers of BLT: that many float32 noise buffers the size of the model "
+                             "(0: none; not with --bands)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -33,12 +36,15 @@ def measure(args) -> dict:
     seq_len = args.seq_len or cfg.max_seq_len
     if not 1 <= seq_len <= cfg.max_seq_len:
         raise UserError(f"--seq-len must be between 1 and the config's max_seq_len {cfg.max_seq_len}")
-    if args.micro_batch < 1 or args.gpu_memory <= 0 or args.bands < 1:
-        raise UserError("--micro-batch, --gpu-memory and --bands must be positive")
-    buffers = 4 * (args.bands - 1) * parameter_counts(cfg)["total"]
+    if args.micro_batch < 1 or args.gpu_memory <= 0 or args.bands < 1 or args.buffers < 0:
+        raise UserError("--micro-batch, --gpu-memory and --bands must be positive, --buffers at least 0")
+    if args.bands > 1 and args.buffers:
+        raise UserError("--bands (BandMF) and --buffers (BLT) are two mechanisms: give one")
+    buffers = 4 * (args.bands - 1 + args.buffers) * parameter_counts(cfg)["total"]
     result = {"config": args.config, "seq_len": seq_len, "micro_batch": args.micro_batch,
               "dtype": args.dtype, "gpu_memory_bytes": args.gpu_memory * 2**30,
-              "static_bytes": static_bytes(cfg), "bands": args.bands, "noise_buffer_bytes": buffers, "flops": {}, "flops_by_part": {}, "peak_bytes": {},
+              "static_bytes": static_bytes(cfg), "bands": args.bands, "buffers": args.buffers,
+              "noise_buffer_bytes": buffers, "flops": {}, "flops_by_part": {}, "peak_bytes": {},
               "peak_phase": {}, "peak_bytes_per_sequence": {}, "largest_micro_batch": {}}
     counts = {}
     for method in ("nonprivate", "dptrain"):
@@ -86,5 +92,8 @@ def run(args) -> int:
     if result["bands"] > 1:
         print(f"bandmf, {result['bands']} bands: {result['noise_buffer_bytes'] / 2**30:.2f} GiB of noise buffers "
               f"({result['bands'] - 1} x the float32 weights), counted in dptrain's fit")
+    if result["buffers"]:
+        print(f"blt, {result['buffers']} buffers: {result['noise_buffer_bytes'] / 2**30:.2f} GiB of noise buffers "
+              f"({result['buffers']} x the float32 weights), counted in dptrain's fit")
     print("opacus_ghost: flops by formula (dptrain.dp.cost.opacus_ghost_flops); its memory is not counted")
     return 0

@@ -62,7 +62,7 @@ def register(sub) -> None:
     parser.add_argument("--confirm-pld", action="store_true",
                         help="recalibrate the best plan's sigma with the PLD accountant, the one "
                              "the trainer uses (a few seconds; always done with --write-config)")
-    parser.add_argument("--mechanism", choices=("dpsgd", "bandmf"), default="dpsgd",
+    parser.add_argument("--mechanism", choices=("dpsgd", "bandmf", "blt"), default="dpsgd",
                         help="the written config's privacy.mechanism (the law predicts DP-SGD's loss)")
     parser.add_argument("--check-shape", action="store_true",
                         help="also plan at other epsilons (same compute and search) and check that a tighter "

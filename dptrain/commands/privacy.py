@@ -1,7 +1,9 @@
-"""`dptrain privacy epsilon|noise`: the (epsilon, delta) of a DP-SGD or BandMF run, or the noise for a budget.
+"""`dptrain privacy epsilon|noise`: the (epsilon, delta) of a DP-SGD, BandMF or BLT run, or the noise for a budget.
 
 `--mechanism bandmf --bands b`: amplified BandMF with cyclic Poisson sampling at overall rate q,
 accounted as ⌈steps / b⌉ subsampled Gaussian rounds at rate b·q (dptrain.privacy.bandmf).
+`--mechanism blt [--buffers d]`: BLT over P = 1/q parts taken in turn, the strategy optimised as a
+training run would, accounted as the Gaussian mechanism at σ / sensitivity (dptrain.privacy.blt).
 
 The default accountant, pld, is a certified upper bound; prv's figure is printed as an estimate.
 """
@@ -43,28 +45,41 @@ def _common(parser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="truncated Poisson sampling: largest batch kept (needs --dataset-size)")
     parser.add_argument("--dataset-size", type=int, default=None, help="number of examples")
-    parser.add_argument("--mechanism", choices=("dpsgd", "bandmf"), default="dpsgd",
-                        help="dpsgd: independent noise; bandmf: banded correlated noise, cyclic Poisson sampling")
+    parser.add_argument("--mechanism", choices=("dpsgd", "bandmf", "blt"), default="dpsgd",
+                        help="dpsgd: independent noise; bandmf: banded correlated noise, cyclic Poisson sampling; "
+                             "blt: buffered correlated noise, 1/q parts in turn, no amplification")
     parser.add_argument("--bands", type=int, default=None, help="bandmf's bands b (b·q <= 1)")
+    parser.add_argument("--buffers", type=int, default=None, help="blt's buffers d (default: chosen, at most 4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _events(args) -> tuple[float, int]:
-    """(rate, count) the accountants compose: DP-SGD's q and steps, or BandMF's rounds."""
+def _events(args) -> tuple[float, int, float]:
+    """(rate, count, sensitivity) the accountants compose at σ / sensitivity: DP-SGD's q and steps,
+    BandMF's rounds, or BLT's one Gaussian."""
     from dptrain.errors import UserError
+    from dptrain.privacy import blt
     from dptrain.privacy.bandmf import accounted
 
+    if args.buffers is not None and args.mechanism != "blt":
+        raise UserError("--buffers applies to --mechanism blt only")
+    if args.mechanism in ("bandmf", "blt") and not 0 < args.sampling_rate <= 1:
+        raise UserError(f"sampling rate must be in (0, 1], got {args.sampling_rate:g}")
+    if args.mechanism == "blt":
+        if args.bands is not None or args.max_batch_size is not None or args.dataset_size is not None:
+            raise UserError("--mechanism blt takes neither --bands nor truncated Poisson sampling")
+        parts = blt.parts_for(args.sampling_rate, args.steps)
+        strategy = (blt.optimize_blt(args.steps, parts, args.buffers) if args.buffers
+                    else blt.choose_buffers(args.steps, parts))
+        return 1.0, 1, blt.sensitivity(strategy, parts, args.steps)
     if args.mechanism == "dpsgd":
         if args.bands is not None:
             raise UserError("--bands applies to --mechanism bandmf only")
-        return args.sampling_rate, args.steps
+        return args.sampling_rate, args.steps, 1.0
     if args.bands is None:
         raise UserError("--mechanism bandmf needs --bands (dptrain plan, or a training config, chooses them)")
     if args.max_batch_size is not None or args.dataset_size is not None:
         raise UserError("truncated Poisson sampling (--max-batch-size) is not supported with --mechanism bandmf")
-    if not 0 < args.sampling_rate <= 1:
-        raise UserError(f"sampling rate must be in (0, 1], got {args.sampling_rate:g}")
-    return accounted(args.bands, args.sampling_rate, args.steps)
+    return (*accounted(args.bands, args.sampling_rate, args.steps), 1.0)
 
 
 def _accountants(choice: str, truncated: bool) -> list[str]:
@@ -114,11 +129,11 @@ def run_epsilon(args) -> int:
     check_noise_multiplier(args.noise_multiplier)
     check_delta(args.delta, args.dataset_size)
     truncated = args.max_batch_size is not None or args.dataset_size is not None
-    rate, count = _events(args)
+    rate, count, sens = _events(args)
     results, declined = {}, []
     for a in _accountants(args.accountant, truncated):
         try:
-            results[a] = epsilon(args.noise_multiplier, rate, count, args.delta, a,
+            results[a] = epsilon(args.noise_multiplier / sens, rate, count, args.delta, a,
                                  dataset_size=args.dataset_size, max_batch_size=args.max_batch_size)
         except EstimateUnavailable as err:
             if args.accountant != "all":
@@ -129,7 +144,7 @@ def run_epsilon(args) -> int:
                           "sampling_rate": args.sampling_rate, "steps": args.steps,
                           "delta": args.delta, "dataset_size": args.dataset_size,
                           "max_batch_size": args.max_batch_size, "mechanism": args.mechanism,
-                          "bands": args.bands, "epsilon": results,
+                          "bands": args.bands, **_blt_fields(args, sens), "epsilon": results,
                           "upper_bounds": [a for a in results if is_upper_bound(a)]}))
     else:
         for name, value in results.items():
@@ -142,22 +157,26 @@ def run_epsilon(args) -> int:
     return 0
 
 
+def _blt_fields(args, sens: float) -> dict:
+    return {} if args.mechanism != "blt" else {"sensitivity": sens}
+
+
 def run_noise(args) -> int:
     from dptrain.privacy.accounting import calibrate_noise
 
     check_delta(args.delta, args.dataset_size)
     truncated = args.max_batch_size is not None or args.dataset_size is not None
-    rate, count = _events(args)
-    results = {a: calibrate_noise(args.epsilon, args.delta, rate, count, a,
-                                  dataset_size=args.dataset_size,
-                                  max_batch_size=args.max_batch_size)
+    rate, count, sens = _events(args)
+    results = {a: sens * calibrate_noise(args.epsilon, args.delta, rate, count, a,
+                                         dataset_size=args.dataset_size,
+                                         max_batch_size=args.max_batch_size)
                for a in _accountants(args.accountant, truncated)}
     if args.json:
         print(json.dumps({"epsilon": args.epsilon, "delta": args.delta,
                           "sampling_rate": args.sampling_rate, "steps": args.steps,
                           "dataset_size": args.dataset_size,
                           "max_batch_size": args.max_batch_size, "mechanism": args.mechanism,
-                          "bands": args.bands, "noise_multiplier": results}))
+                          "bands": args.bands, **_blt_fields(args, sens), "noise_multiplier": results}))
     else:
         for name, value in results.items():
             print(f"noise multiplier ({name}) = {value:.4f} for epsilon <= {args.epsilon:g} "

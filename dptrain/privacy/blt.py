@@ -32,6 +32,19 @@ import numpy as np
 from dptrain.errors import UserError
 
 MAX_AUTO_BUFFERS = 4  # more buffers rarely help (jax_privacy stops when one more gains < 1%)
+MAX_PARTS = 65535  # parts of the cyclic sampling (a uint16 per unit)
+
+
+def parts_for(sampling_rate: float, steps: int) -> int:
+    """P: as many parts as hold an expected batch each (min-separation N/B), at most one per step."""
+    return max(1, min(int(1 / sampling_rate + 1e-9), int(steps), MAX_PARTS))
+
+
+def sensitivity(blt: "BLT", parts: int, steps: int) -> float:
+    """The min-separation sensitivity of C over the whole rounds `steps` steps touch (what the
+    ledger charges: a round in full at its first step)."""
+    rounds = -(-int(steps) // parts)
+    return math.sqrt(float(blt.round_shares(parts, rounds).sum())) if rounds else 0.0
 
 
 def _polynomials(decays, scales) -> tuple[np.ndarray, np.ndarray]:

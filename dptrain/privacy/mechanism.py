@@ -30,12 +30,11 @@ import torch
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, StepRun, calibrate_noise, make_run
 from dptrain.privacy.bandmf import BandedNoise, accounted, choose_bands, opens_round, optimize_coefficients
-from dptrain.privacy.blt import BLT, BLTNoise, choose_buffers, optimize_blt, round_charge
+from dptrain.privacy.blt import BLT, BLTNoise, choose_buffers, optimize_blt, parts_for, round_charge, sensitivity
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import CyclicPoissonSampler, PoissonSampler, UnitSampler
 
 UNITS = ("sequence", "document", "group")
-MAX_PARTS = 65535  # parts of the cyclic sampling (stored as uint16 per unit)
 Noise = Callable[..., torch.Tensor]  # noise(shape, device, dtype) -> i.i.d. N(0, 1)
 
 
@@ -102,8 +101,7 @@ class Mechanism:
 
     def sensitivity(self, steps: int) -> float:
         """BLT: the min-separation sensitivity of C over the whole rounds `steps` steps touch."""
-        rounds = -(-int(steps) // self.bands)
-        return math.sqrt(float(self.blt.round_shares(self.bands, rounds).sum())) if rounds else 0.0
+        return sensitivity(self.blt, self.bands, steps)
 
     def step_run(self, count: int = 1) -> StepRun:
         """`count` steps of this mechanism from its start, as the accountants compose them: one
@@ -215,8 +213,7 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
 
     blt = None
     if p.mechanism == "blt":
-        # parts: as many as hold a batch each (min-separation N/B), at most one per step
-        bands = max(1, min(num_examples // p.expected_batch_size, p.steps, MAX_PARTS))
+        bands = parts_for(p.expected_batch_size / num_examples, p.steps)
         blt = optimize_blt(p.steps, bands, p.buffers) if p.buffers else choose_buffers(p.steps, bands)
         coefficients = (1.0,)
     elif p.mechanism == "bandmf" and p.bands is None:

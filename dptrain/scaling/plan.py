@@ -504,9 +504,9 @@ def training_config(p: Plan, epsilon: float, delta: float, seq_len: int, data_pa
         cfg["schedule"] = dict(fitted_on["schedule"])
     if known(fitted_on.get("clip_norm")):
         cfg["privacy"]["max_grad_norm"] = float(fitted_on["clip_norm"])
-    if mechanism == "bandmf":  # σ and the bands are calibrated by the trainer for the budget
+    if mechanism in ("bandmf", "blt"):  # σ and the bands (buffers) are calibrated by the trainer for the budget
         del cfg["privacy"]["noise_multiplier"]
-        cfg["privacy"]["mechanism"] = "bandmf"
+        cfg["privacy"]["mechanism"] = mechanism
     if unit != "sequence":  # micro-batches of whole units: a multiple of k rows, about 16
         k = int(sequences_per_unit)
         cfg["privacy"].update(unit=unit, max_sequences_per_unit=k)
@@ -521,9 +521,9 @@ def write_training_config(path: str | Path, p: Plan, epsilon: float, delta: floa
     cfg = training_config(p, epsilon, delta, seq_len, data_path, base_dir=path.resolve().parent,
                           unit=unit, sequences_per_unit=sequences_per_unit, fitted_on=fitted_on,
                           mechanism=mechanism)
-    if mechanism == "bandmf":
-        notes = [*notes, f"mechanism bandmf: the law was fitted on DP-SGD runs; the loss above is DP-SGD's, not "
-                         "predicted for BandMF (docs/privacy.md has measured comparisons; its learning rate "
+    if mechanism != "dpsgd":
+        notes = [*notes, f"mechanism {mechanism}: the law was fitted on DP-SGD runs; the loss above is DP-SGD's, not "
+                         f"predicted for {mechanism} (docs/privacy.md has measured comparisons; its learning rate "
                          "wants tuning)"]
     if "optimizer" in cfg or "schedule" in cfg:
         notes = [*notes, "optimizer, schedule and clip norm: those of the law's sweep (its predictions "
