@@ -160,6 +160,25 @@ def test_unsubsampled_gaussians_compose_into_one_exactly():
     assert epsilon_of_runs(with_subsampled, 1e-6) > epsilon_of_runs(runs, 1e-6)
 
 
+def test_the_datas_ledger_charges_rounds_replays_once_and_second_releases_at_a_rows_sensitivity(tmp_path):
+    from dptrain.privacy.data_ledger import DataLedger
+    from dptrain.privacy.journal import record_entries
+
+    m = blt_mechanism(3.0)  # 10 parts
+    fields = {"draw": "d1", "layout": "one-stream", **m.journal_fields()}
+    data = DataLedger(tmp_path)
+    data.append([{"run": "a", "step": s, **fields} for s in range(1, 21)])  # rounds open at 1 and 11
+    data.append([{"run": "a", "step": 3, **fields}])                        # an exact replay: nothing new
+    assert data.spent().epsilon(1e-5) == pytest.approx(epsilon_of_runs([m.step_run(20)], 1e-5), rel=1e-9)
+    data.append([{"run": "a", "step": 12, **fields, "draw": "d2"}])         # step 12 again, another draw
+    again = make_run(3.0 / STRATEGY.row_bound(10), 1.0, 1)
+    want = epsilon_of_runs([m.step_run(20), again], 1e-5)
+    assert data.spent().epsilon(1e-5) == pytest.approx(want, rel=1e-9)
+    lost = PrivacyLedger()
+    record_entries(lost, [{"step": 12, **fields}])  # what a resumed run that cannot replay it adds
+    assert lost.runs == (again,)
+
+
 def test_plan_calibrates_sigma_to_the_sensitivity_and_names_the_parts():
     privacy = PrivacyConfig(target_epsilon=4.0, delta=1e-5, expected_batch_size=100, steps=25, mechanism="blt",
                             buffers=2)
