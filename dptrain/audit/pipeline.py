@@ -200,9 +200,7 @@ def finish_audit(trainer, setup: AuditSetup, initial: Path | None, significance:
         "canaries": {"kind": f"uniformly random token sequences of {setup.canaries.shape[1]} tokens "
                              f"(ids >= {FIRST_ORDINARY_ID}), one privacy unit each",
                      "num": int(len(included)), "included": int(included.sum()),
-                     # rate x accounted releases: q·T for DP-SGD, q_b·⌈T/b⌉ (about the same) for BandMF
-                     "expected_draws_per_included_canary":
-                         trainer.sampling_rate * trainer.mechanism.step_run(trainer.step).count},
+                     "expected_draws_per_included_canary": trainer.mechanism.expected_participations(trainer.step)},
         **bounds,
         "accountant_epsilon": accountant_eps,
         "accountant": p.accountant,

@@ -99,6 +99,12 @@ class Mechanism:
             return {}
         return {"dataset_size": self.num_examples, "max_batch_size": self.max_batch_size}
 
+    def expected_participations(self, steps: int) -> float:
+        """How many of `steps` steps a unit is expected to join: q·T for DP-SGD, the rate within
+        its part times its turns for BandMF and BLT (about the same)."""
+        turns = -(-int(steps) // self.bands)
+        return self.sampling_rate * turns
+
     def sensitivity(self, steps: int) -> float:
         """BLT: the min-separation sensitivity of C over the whole rounds `steps` steps touch."""
         return sensitivity(self.blt, self.bands, steps)
