@@ -240,6 +240,31 @@ def test_a_blt_run_resumes_bit_for_bit_and_charges_its_data_as_its_ledger(data_d
     assert both == pytest.approx(epsilon_of_runs([m.step_run(6)] * 2, 1e-5), rel=1e-9)
 
 
+def test_secure_blt_keeps_its_parts_and_buffers_and_charges_lost_steps_at_a_rows_sensitivity(data_dir, tmp_path):
+    from tiny_runs import tiny_run_config
+
+    from dptrain.train.trainer import Trainer
+
+    cfg = tiny_run_config(data_dir, tmp_path, BLT_RUN, privacy={"secure_randomness": True}, runtime={"seed": None})
+    first = Trainer(cfg)
+    first.train_step()
+    first.save_checkpoint()
+    parts = first.sampler.members(0).copy()
+    first.train_step()
+    first.train_step()  # steps 2 and 3 are released, then the process dies
+    first.close()
+    resumed = Trainer(cfg)
+    m = resumed.mechanism
+    assert resumed.step == 1 and resumed.noise.next_step == 1
+    assert np.array_equal(parts, resumed.sampler.members(0))  # the OS draw, kept in the private state
+    assert resumed.books.crash_released_steps == 2
+    lost = make_run(m.noise_multiplier / m.blt.row_bound(m.bands), 1.0, 1)
+    assert resumed.ledger.epsilon(1e-5) == pytest.approx(
+        epsilon_of_runs([m.run_of_step(1), lost, lost], 1e-5), rel=1e-9)
+    resumed.train_step()  # the buffers restored from the private state carry on
+    assert resumed.noise.next_step == 2
+
+
 # ---- the commands -------------------------------------------------------------------------------
 def test_privacy_cli_accounts_and_calibrates_blt_as_its_gaussian(capsys):
     import json
