@@ -1,4 +1,4 @@
-"""DP-SGD against BandMF at the same (ε, δ): held-out loss, step time and memory, on the demo.
+"""DP-SGD against BandMF and BLT at the same (ε, δ): held-out loss, step time and memory, on the demo.
 
 Every cell trains the demo's model on the demo's data (configs/demo.yaml, or --config) with the
 mechanism, ε, learning rate and seed of the cell, then evaluates the held-out loss. The learning
@@ -7,7 +7,7 @@ per-step noise Adam normalises by; the other seeds reuse it. Each cell appends o
 --out (cells already there are skipped, so the script resumes), then a table is printed.
 
     python benchmarks/correlated_noise.py --out runs/bench-noise.jsonl --data runs/bench-noise-data \\
-        [--epsilons 8 2] [--seeds 0 1 2] [--lrs 3e-3 8e-3]
+        [--epsilons 8 2] [--seeds 0 1 2] [--lrs 3e-3 8e-3] [--mechanisms dpsgd bandmf blt] [--optimizer sgd]
     python benchmarks/correlated_noise.py --out - --overhead [--steps 10]    # step time ratio only
 
 This is a benchmark, not a private run: it times steps, and seeds the randomness.
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cell_config(base: dict, config_dir: Path, out_dir: Path, data: str | None, mechanism: str, epsilon: float,
-                lr: float, seed: int, steps: int | None) -> TrainConfig:
+                lr: float, seed: int, steps: int | None, optimizer: str = "adamw") -> TrainConfig:
     raw = json.loads(json.dumps(base))
     raw["model"] = str((config_dir / raw["model"]).resolve()) if not Path(raw["model"]).is_absolute() else raw["model"]
     raw["out_dir"] = str(out_dir)
@@ -42,7 +42,7 @@ def cell_config(base: dict, config_dir: Path, out_dir: Path, data: str | None, m
     raw["privacy"].update(target_epsilon=epsilon, mechanism=mechanism)
     if steps:
         raw["privacy"]["steps"] = steps
-    raw["optimizer"]["lr"] = lr
+    raw["optimizer"].update(lr=lr, name=optimizer)
     raw["runtime"].update(seed=seed, threads=1)
     raw["eval"]["every"] = 0
     raw["logging"] = {"wandb": "disabled", "progress": False}
@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 8e-3])
     parser.add_argument("--mechanisms", nargs="+", default=["dpsgd", "bandmf"])
     parser.add_argument("--steps", type=int, default=None, help="override privacy.steps")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"),
+                        help="sgd: momentum betas[0] of the config (the workload the strategies are optimised for)")
     parser.add_argument("--data", default=None, help="the prepared (or demo) data folder; its privacy ledger "
                         "records every cell (default: the config's data.path)")
     parser.add_argument("--overhead", action="store_true",
@@ -120,11 +122,13 @@ def main() -> None:
 
     def measured(mechanism, epsilon, lr, seed):
         for row in done:
-            if (row["mechanism"], row["target_epsilon"], row["lr"], row["seed"]) == (mechanism, epsilon, lr, seed):
+            if (row["mechanism"], row["target_epsilon"], row["lr"], row["seed"], row.get("optimizer", "adamw")) == (
+                    mechanism, epsilon, lr, seed, args.optimizer):
                 return row
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = cell_config(base, config_dir, Path(tmp) / "run", args.data, mechanism, epsilon, lr, seed, args.steps)
-            row = {"mechanism": mechanism, "target_epsilon": epsilon, "lr": lr, "seed": seed,
+            cfg = cell_config(base, config_dir, Path(tmp) / "run", args.data, mechanism, epsilon, lr, seed, args.steps,
+                              args.optimizer)
+            row = {"mechanism": mechanism, "optimizer": args.optimizer, "target_epsilon": epsilon, "lr": lr, "seed": seed,
                    "steps": cfg.privacy.steps, **run_cell(cfg, config_dir)}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")

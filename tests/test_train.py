@@ -312,3 +312,14 @@ def test_group_unit_run_resumes_bit_for_bit(group_data, tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert straight.batch_sizes == resumed.batch_sizes
 
+
+
+def test_sgd_takes_a_heavy_ball_step_on_the_private_gradient(data_dir, tmp_path):
+    trainer = Trainer(make_config(data_dir, tmp_path, optimizer={"name": "sgd", "lr": 0.1, "betas": [0.8, 0.95]}))
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.optimizer.defaults["momentum"] == 0.8
+    before = weights(trainer)
+    lr = trainer.optimizer.param_groups[0]["lr"]  # as the schedule sets it for step 1
+    trainer.train_step()
+    for name, p in trainer.model.named_parameters():
+        # first step: the momentum buffer is the gradient itself
+        torch.testing.assert_close(p.detach(), before[name] - lr * p.grad, rtol=0, atol=1e-6, msg=name)

@@ -85,7 +85,9 @@ class PrivacyConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "adam"] = "adamw"
+    # sgd: heavy-ball momentum, betas[0] its coefficient (the linear update correlated noise's
+    # strategies are optimised for; Adam's second moment sees each step's full noise)
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8

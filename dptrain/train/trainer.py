@@ -161,6 +161,8 @@ class Trainer:
         vectors = [p for p in self.model.parameters() if p.ndim < 2]
         groups = [{"params": matrices, "weight_decay": opt.weight_decay},
                   {"params": vectors, "weight_decay": 0.0}]
+        if opt.name == "sgd":
+            return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.betas[0])
         cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
         return cls(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
