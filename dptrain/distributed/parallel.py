@@ -45,8 +45,7 @@ from dptrain.dp.head import model_head_loss
 from dptrain.errors import UserError
 from dptrain.model import Decoder
 from dptrain.privacy.mechanism import Mechanism, clip_coefficients
-from dptrain.privacy.bandmf import BandedNoise
-from dptrain.privacy.blt import BLTNoise
+from dptrain.privacy.correlated import CorrelatedNoise
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import shard
 
@@ -219,7 +218,7 @@ class FullyShardedDP(Parallel):
         return norms
 
     def privatize(self, engine, mechanism, noise, step) -> None:
-        if not isinstance(noise, (NoiseSource, BandedNoise, BLTNoise)):
+        if not isinstance(noise, (NoiseSource, CorrelatedNoise)):
             raise TypeError("fsdp derives its per-shard streams from the run's NoiseSource")
         # each rank noises its own slice, from its own stream
         engine.privatize(mechanism, noise.for_step(step, rank=self.env.rank), local=lambda g: g.to_local())

@@ -23,13 +23,13 @@ The expected squared error summed over iterates is σ²·‖S C⁻¹‖²_F, whi
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from dptrain.errors import UserError
+from dptrain.privacy.correlated import CorrelatedNoise
 
 # Largest number of bands dptrain picks by itself: b-1 model-sized buffers is the memory cost.
 MAX_AUTO_BANDS = 64
@@ -153,58 +153,26 @@ def choose_bands(target_epsilon: float, delta: float, steps: int, num_examples: 
     return tuple(sorted(choices, key=lambda c: c.error))
 
 
-class BandedNoise:
-    """The correlated noise of a banded Toeplitz C: w_t = (z_t − Σ_{j≥1} c_j w_{t-j}) / c_0, i.e. w = C⁻¹z.
+class BandedNoise(CorrelatedNoise):
+    """The correlated noise of a banded Toeplitz C: w_t = (z_t − Σ_{j≥1} c_j w_{t-j}) / c_0, i.e. w = C⁻¹z,
+    from the last b-1 noise tensors of each noised tensor (dptrain.privacy.correlated)."""
 
-    Wraps the run's i.i.d. noise source (keyed or secure); `for_step(step, rank)` returns that step's
-    noise function, which turns the i-th draw of the step into w for tensor i using the last b-1
-    w's of tensor i. Those buffers are the mechanism's state: they are kept in the private
-    checkpoint state (a resume continues the same C⁻¹z exactly) and are secret like the noise.
-    """
+    BUFFERS_KEY = "history"  # newest first
 
     def __init__(self, source, coefficients) -> None:
-        self.source = source
-        self.secure = source.secure
+        super().__init__(source)
         self.coefficients = tuple(float(c) for c in coefficients)
-        self.next_step = 0
-        self._history: list[list] = []  # per tensor: its last b-1 noise tensors, newest first
 
-    def for_step(self, step: int, rank: int = 0):
-        if step != self.next_step:
-            raise RuntimeError(f"correlated noise asked for step {step} after step {self.next_step - 1}: "
-                               "each step's noise is drawn exactly once, in order")
-        self.next_step += 1
-        draw = self.source.for_step(step, rank)
-        calls = itertools.count()
+    def strategy_state(self) -> dict:
+        return {"coefficients": list(self.coefficients)}
+
+    def _new_buffers(self, w) -> list:
+        return []
+
+    def _correlate(self, w, history: list) -> None:
         c = self.coefficients
-
-        def noise(shape, device="cpu", dtype=None):
-            import torch
-
-            i = next(calls)
-            if i == len(self._history):
-                self._history.append([])
-            history = self._history[i]
-            w = draw(shape, device, torch.float32)
-            for j, past in enumerate(history, start=1):
-                w.sub_(past.to(w.device), alpha=c[j])
-            w.div_(c[0])
-            history.insert(0, w.clone())
-            del history[len(c) - 1:]
-            return w if dtype is None else w.to(dtype)
-
-        return noise
-
-    def buffer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for h in self._history for t in h)
-
-    def state_dict(self) -> dict:
-        return {"next_step": self.next_step, "coefficients": list(self.coefficients),
-                "history": [[t.detach().cpu() for t in h] for h in self._history]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if list(state.get("coefficients", [])) != list(self.coefficients):
-            # also what a checkpoint of a DP-SGD run (no state) gets: a mechanism cannot change mid-run
-            raise UserError("the checkpoint's correlated noise was drawn for another strategy matrix: use a new out_dir")
-        self.next_step = int(state["next_step"])
-        self._history = [list(h) for h in state["history"]]
+        for j, past in enumerate(history, start=1):
+            w.sub_(past.to(w.device), alpha=c[j])
+        w.div_(c[0])
+        history.insert(0, w.clone())
+        del history[len(c) - 1:]

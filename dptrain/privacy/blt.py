@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dptrain.errors import UserError
+from dptrain.privacy.correlated import CorrelatedNoise
 
 MAX_AUTO_BUFFERS = 4  # more buffers rarely help (jax_privacy stops when one more gains < 1%)
 MAX_PARTS = 65535  # parts of the cyclic sampling (a uint16 per unit)
@@ -197,58 +198,27 @@ def choose_buffers(steps: int, parts: int, max_buffers: int = MAX_AUTO_BUFFERS) 
     return best
 
 
-class BLTNoise:
-    """The correlated noise w = C⁻¹z of a BLT strategy: w_t = z_t − Σ_i ω_i s_i, then s_i ← θ_i s_i + w_t.
-
-    Wraps the run's i.i.d. noise source (keyed or secure) like BandMF's `BandedNoise`; the d buffers
-    of every noised tensor are the mechanism's state, kept in the private checkpoint state (a resume
-    continues the same C⁻¹z exactly) and secret like the noise.
-    """
+class BLTNoise(CorrelatedNoise):
+    """The correlated noise w = C⁻¹z of a BLT strategy: w_t = z_t − Σ_i ω_i s_i, then s_i ← θ_i s_i + w_t,
+    from d buffers per noised tensor (dptrain.privacy.correlated)."""
 
     def __init__(self, source, blt: BLT) -> None:
-        self.source = source
-        self.secure = source.secure
+        super().__init__(source)
         self.blt = blt
-        self.next_step = 0
-        self._buffers: list[list] = []  # per noised tensor: its d buffers
 
-    def for_step(self, step: int, rank: int = 0):
-        if step != self.next_step:
-            raise RuntimeError(f"correlated noise asked for step {step} after step {self.next_step - 1}: "
-                               "each step's noise is drawn exactly once, in order")
-        self.next_step += 1
-        draw = self.source.for_step(step, rank)
-        calls = itertools.count()
-        decays, scales = self.blt.decays, self.blt.scales
+    def strategy_state(self) -> dict:
+        return {"blt": self.blt.state()}
 
-        def noise(shape, device="cpu", dtype=None):
-            import torch
+    def _new_buffers(self, w) -> list:
+        import torch
 
-            i = next(calls)
-            w = draw(shape, device, torch.float32)
-            if i == len(self._buffers):
-                self._buffers.append([torch.zeros_like(w) for _ in decays])
-            buffers = self._buffers[i]
-            for s, omega in zip(buffers, scales):
-                w.sub_(s.to(w.device), alpha=omega)
-            for j, (s, theta) in enumerate(zip(buffers, decays)):
-                buffers[j] = s.to(w.device).mul_(theta).add_(w)
-            return w if dtype is None else w.to(dtype)
+        return [torch.zeros_like(w) for _ in self.blt.decays]
 
-        return noise
-
-    def buffer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self._buffers for t in b)
-
-    def state_dict(self) -> dict:
-        return {"next_step": self.next_step, "blt": self.blt.state(),
-                "buffers": [[t.detach().cpu() for t in b] for b in self._buffers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("blt") != self.blt.state():
-            raise UserError("the checkpoint's correlated noise was drawn for another strategy matrix: use a new out_dir")
-        self.next_step = int(state["next_step"])
-        self._buffers = [list(b) for b in state["buffers"]]
+    def _correlate(self, w, buffers: list) -> None:
+        for s, omega in zip(buffers, self.blt.scales):
+            w.sub_(s.to(w.device), alpha=omega)
+        for j, (s, theta) in enumerate(zip(buffers, self.blt.decays)):
+            buffers[j] = s.to(w.device).mul_(theta).add_(w)
 
 
 def round_charge(blt: BLT, parts: int, noise_multiplier: float, step: int):
