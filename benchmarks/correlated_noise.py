@@ -68,12 +68,13 @@ def run_cell(cfg: TrainConfig, config_dir: Path) -> dict:
     return out
 
 
-def overhead(base: dict, config_dir: Path, data: str | None, epsilon: float, rounds: int, steps: int) -> None:
-    """Step time of BandMF against DP-SGD in this process: both trainers built on the same config,
-    timed in alternating blocks of `steps` steps (so load drifts hit both alike)."""
+def overhead(base: dict, config_dir: Path, data: str | None, epsilon: float, rounds: int, steps: int,
+             mechanisms=("dpsgd", "bandmf", "blt")) -> None:
+    """Step time of BandMF and BLT against DP-SGD in this process: every trainer built on the same
+    config, timed in alternating blocks of `steps` steps (so load drifts hit them alike)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {}
-        for mechanism in ("dpsgd", "bandmf"):
+        for mechanism in mechanisms:
             cfg = cell_config(base, config_dir, Path(tmp) / mechanism, data, mechanism, epsilon, 3e-3, 0, None)
             trainers[mechanism] = Trainer(cfg, config_dir)
         times = {m: [] for m in trainers}
@@ -83,14 +84,14 @@ def overhead(base: dict, config_dir: Path, data: str | None, epsilon: float, rou
                     start = time.perf_counter()
                     trainer.train_step()
                     times[mechanism].append(time.perf_counter() - start)
-        dpsgd, bandmf = (statistics.median(times[m]) for m in ("dpsgd", "bandmf"))
-        b = trainers["bandmf"]
-        params = sum(p.numel() * p.element_size() for p in b.model.parameters())
-        print(f"{torch.get_num_threads()} thread(s), {rounds} x {steps} steps each, ε {epsilon:g}, "
-              f"bandmf {b.mechanism.bands} bands")
-        print(f"median step: dpsgd {dpsgd:.3f} s, bandmf {bandmf:.3f} s, ratio {bandmf / dpsgd:.3f}")
-        print(f"noise buffers: {b.noise.buffer_bytes() / 2**20:.1f} MiB = {b.noise.buffer_bytes() / params:.1f} x "
-              f"the float32 weights ({params / 2**20:.1f} MiB)")
+        median = {m: statistics.median(t) for m, t in times.items()}
+        print(f"{torch.get_num_threads()} thread(s), {rounds} x {steps} steps each, ε {epsilon:g}")
+        for mechanism, trainer in trainers.items():
+            params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+            print(f"{mechanism:7} ({trainer.mechanism.bands} bands/parts): median step {median[mechanism]:.3f} s, "
+                  f"ratio to dpsgd {median[mechanism] / median['dpsgd']:.3f}; noise buffers "
+                  f"{trainer.noise.buffer_bytes() / 2**20:.1f} MiB = {trainer.noise.buffer_bytes() / params:.1f} x "
+                  f"the float32 weights ({params / 2**20:.1f} MiB)")
         for trainer in trainers.values():
             trainer.close()
 
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="the prepared (or demo) data folder; its privacy ledger "
                         "records every cell (default: the config's data.path)")
     parser.add_argument("--overhead", action="store_true",
-                        help="only time BandMF's steps against DP-SGD's in this process (first --epsilons value)")
+                        help="only time BandMF's and BLT's steps against DP-SGD's in this process (first --epsilons value)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config_dir = Path(args.config).resolve().parent
