@@ -95,21 +95,33 @@ def test_noise_is_c_inverse_z_exactly_and_its_covariance_is_the_factorisation():
         assert stats.kstest(w[t] / math.sqrt(expected[t, t]), "norm").pvalue > 1e-4
 
 
-def test_noise_state_resumes_exactly_and_refuses_steps_out_of_order():
-    c = optimize_coefficients(6, 3)
-    straight = realised(BandedNoise(NoiseSource(Streams(9)), c), 6, 10)
-    first = BandedNoise(NoiseSource(Streams(9)), c)
+def _banded(coefficients):
+    return lambda source: BandedNoise(source, coefficients)
+
+
+def _blt(decays, scales):
+    from dptrain.privacy.blt import BLT, BLTNoise
+
+    return lambda source: BLTNoise(source, BLT(decays, scales))
+
+
+# the shared correlated-noise state (dptrain.privacy.correlated), for both strategies: two buffers each
+@pytest.mark.parametrize("make,other", [(_banded(optimize_coefficients(6, 3)), _banded(optimize_coefficients(6, 2))),
+                                        (_blt((0.9, 0.5), (0.3, 0.2)), _blt((0.8,), (0.4,)))])
+def test_noise_state_resumes_exactly_and_refuses_steps_out_of_order(make, other):
+    straight = realised(make(NoiseSource(Streams(9))), 6, 10)
+    first = make(NoiseSource(Streams(9)))
     realised(first, 4, 10)
     state = first.state_dict()
-    assert first.buffer_bytes() == 2 * 10 * 4  # b-1 buffers of the noised tensors, float32
-    second = BandedNoise(NoiseSource(Streams(9)), c)
+    assert first.buffer_bytes() == 2 * 10 * 4  # two buffers of the noised tensors, float32
+    second = make(NoiseSource(Streams(9)))
     second.load_state_dict(state)
     rest = np.stack([torch.cat([d((5,)), d((5,))]).double().numpy() for d in (second.for_step(4), second.for_step(5))])
     np.testing.assert_array_equal(rest, straight[4:])
     with pytest.raises(RuntimeError, match="exactly once"):
         second.for_step(2)
     with pytest.raises(UserError, match="another strategy"):
-        BandedNoise(NoiseSource(Streams(9)), optimize_coefficients(6, 2)).load_state_dict(state)
+        other(NoiseSource(Streams(9))).load_state_dict(state)
 
 
 @pytest.mark.gpu
@@ -275,24 +287,30 @@ def bandmf_config(data_dir, out_dir, **sections):
     return tiny_run_config(data_dir, out_dir, BANDMF, **sections)
 
 
-def test_a_bandmf_run_resumes_bit_for_bit_and_accounts_its_rounds(data_dir, tmp_path):
+def straight_and_resumed(config):
+    """Six steps straight, and four, a checkpoint, a new process's resume and two more: the two
+    runs must end at the same weights (the correlated noise resumed from the private state)."""
     from dptrain.train.trainer import Trainer
 
-    straight = Trainer(bandmf_config(data_dir, tmp_path / "a"))
+    straight = Trainer(config("a"))
     for _ in range(6):
         straight.train_step()
-    cfg = bandmf_config(data_dir, tmp_path / "b")
-    interrupted = Trainer(cfg)
+    interrupted = Trainer(config("b"))
     for _ in range(4):
         interrupted.train_step()
     interrupted.save_checkpoint()
     interrupted.close()
-    resumed = Trainer(cfg)
+    resumed = Trainer(config("b"))
     assert resumed.step == 4 and resumed.noise.next_step == 4
     for _ in range(2):
         resumed.train_step()
     for name, w in straight.model.state_dict().items():
         assert torch.equal(w, resumed.model.state_dict()[name]), name
+    return straight, resumed
+
+
+def test_a_bandmf_run_resumes_bit_for_bit_and_accounts_its_rounds(data_dir, tmp_path):
+    straight, resumed = straight_and_resumed(lambda name: bandmf_config(data_dir, tmp_path / name))
     assert straight.ledger.steps == resumed.ledger.steps == 2  # rounds opened at steps 1 and 4
     report = resumed.report()
     assert report["mechanism"]["kind"] == "bandmf" and report["mechanism"]["bands"] == 3

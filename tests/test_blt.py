@@ -2,14 +2,14 @@
 
 The sensitivity against every participation pattern, the realised noise against dense C⁻¹z and its
 covariance, the rounds' charges against the exact Gaussian mechanism (closed form), and a run that
-resumes bit for bit and charges its data what its own ledger does. Two Gloo processes: test_bandmf.py.
+resumes bit for bit and charges its data what its own ledger does. Two Gloo processes, and the
+noise state's resume (shared with BandMF): test_bandmf.py.
 """
 import itertools
 import math
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 from scipy.stats import norm
 
@@ -21,6 +21,8 @@ from dptrain.privacy.mechanism import Mechanism, plan_mechanism
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.randomness import Streams
 from dptrain.train.config import PrivacyConfig
+from test_bandmf import BANDMF, realised, straight_and_resumed
+from test_bandmf import data_dir  # noqa: F401,F811 (the same demo data fixture)
 
 STRATEGY = BLT((0.9, 0.5), (0.3, 0.2))
 
@@ -89,14 +91,6 @@ def test_optimised_blt_is_valid_deterministic_and_beats_independent_noise():
 
 
 # ---- the noise --------------------------------------------------------------------------------
-def realised(noise, steps: int, size: int) -> np.ndarray:
-    rows = []
-    for t in range(steps):
-        draw = noise.for_step(t)
-        rows.append(torch.cat([draw((size // 2,)), draw((size - size // 2,))]).double().numpy())
-    return np.stack(rows)
-
-
 def test_noise_is_c_inverse_z_exactly_and_its_covariance_is_the_factorisation():
     steps, size = 8, 40_000
     w = realised(BLTNoise(NoiseSource(Streams(5)), STRATEGY), steps, size)
@@ -109,22 +103,6 @@ def test_noise_is_c_inverse_z_exactly_and_its_covariance_is_the_factorisation():
     assert np.abs(empirical - expected).max() < 6 / math.sqrt(size) * expected.diagonal().max()
     for t in (0, steps - 1):
         assert stats.kstest(w[t] / math.sqrt(expected[t, t]), "norm").pvalue > 1e-4
-
-
-def test_noise_state_resumes_exactly_and_refuses_another_strategy():
-    straight = realised(BLTNoise(NoiseSource(Streams(9)), STRATEGY), 6, 10)
-    first = BLTNoise(NoiseSource(Streams(9)), STRATEGY)
-    realised(first, 4, 10)
-    state = first.state_dict()
-    assert first.buffer_bytes() == 2 * 10 * 4  # d buffers of the noised tensors, float32
-    second = BLTNoise(NoiseSource(Streams(9)), STRATEGY)
-    second.load_state_dict(state)
-    rest = np.stack([torch.cat([d((5,)), d((5,))]).double().numpy() for d in (second.for_step(4), second.for_step(5))])
-    np.testing.assert_array_equal(rest, straight[4:])
-    with pytest.raises(RuntimeError, match="exactly once"):
-        second.for_step(2)
-    with pytest.raises(UserError, match="another strategy"):
-        BLTNoise(NoiseSource(Streams(9)), BLT((0.8,), (0.4,))).load_state_dict(state)
 
 
 # ---- the accounting ---------------------------------------------------------------------------
@@ -194,41 +172,17 @@ def test_plan_calibrates_sigma_to_the_sensitivity_and_names_the_parts():
 
 
 # ---- the trainer ------------------------------------------------------------------------------
-BLT_RUN = {"privacy": {"noise_multiplier": 1.0, "delta": 1e-5, "expected_batch_size": 16, "steps": 6,
-                       "mechanism": "blt", "buffers": 2},
-           "runtime": {"micro_batch_size": 8, "device": "cpu", "seed": 13},
-           "eval": {"every": 0, "max_sequences": 16},
-           "checkpoint": {"every": 0, "keep_last": 2}}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tiny_runs import demo_data
-
-    return demo_data(tmp_path_factory.mktemp("demo"))
+# the BandMF runs' tiny set-up, with the mechanism swapped
+BLT_RUN = {**BANDMF, "privacy": {**{k: v for k, v in BANDMF["privacy"].items() if k != "bands"},
+                                 "mechanism": "blt", "buffers": 2}}
 
 
 def test_a_blt_run_resumes_bit_for_bit_and_charges_its_data_as_its_ledger(data_dir, tmp_path):
     from tiny_runs import tiny_run_config
 
     from dptrain.train.report import summary
-    from dptrain.train.trainer import Trainer
 
-    straight = Trainer(tiny_run_config(data_dir, tmp_path / "a", BLT_RUN))
-    for _ in range(6):
-        straight.train_step()
-    cfg = tiny_run_config(data_dir, tmp_path / "b", BLT_RUN)
-    interrupted = Trainer(cfg)
-    for _ in range(4):
-        interrupted.train_step()
-    interrupted.save_checkpoint()
-    interrupted.close()
-    resumed = Trainer(cfg)
-    assert resumed.step == 4 and resumed.noise.next_step == 4
-    for _ in range(2):
-        resumed.train_step()
-    for name, w in straight.model.state_dict().items():
-        assert torch.equal(w, resumed.model.state_dict()[name]), name
+    straight, resumed = straight_and_resumed(lambda name: tiny_run_config(data_dir, tmp_path / name, BLT_RUN))
     m = resumed.mechanism
     assert m.kind == "blt" and m.bands == min(resumed.num_examples // 16, 6)
     report = resumed.report()
