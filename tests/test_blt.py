@@ -15,8 +15,9 @@ from scipy.stats import norm
 
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, epsilon_of_runs, make_run
-from dptrain.privacy.blt import (BLT, BLTNoise, loss, minsep_sensitivity, noise_error, optimize_blt,
+from dptrain.privacy.blt import (BLT, BLTNoise, loss, minsep_sensitivity, optimize_blt,
                                  round_charge)
+from dptrain.privacy.correlated import noise_error
 from dptrain.privacy.mechanism import Mechanism, plan_mechanism
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.randomness import Streams

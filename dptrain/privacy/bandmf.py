@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dptrain.errors import UserError
-from dptrain.privacy.correlated import CorrelatedNoise
+from dptrain.privacy.correlated import CorrelatedNoise, noise_error
 
 # Largest number of bands dptrain picks by itself: b-1 model-sized buffers is the memory cost.
 MAX_AUTO_BANDS = 64
@@ -65,9 +65,7 @@ def _inverse_series(c: np.ndarray, steps: int) -> np.ndarray:
 def prefix_error(coefficients, steps: int) -> float:
     """‖S C⁻¹‖²_F for the banded Toeplitz C with first column `coefficients`, over `steps` steps:
     the summed variance of the noise in every iterate of SGD, per unit of (σC)²."""
-    c = np.asarray(coefficients, dtype=np.float64)
-    cumulative = np.cumsum(_inverse_series(c, steps))
-    return float(np.sum((steps - np.arange(steps)) * cumulative ** 2))
+    return noise_error(_inverse_series(np.asarray(coefficients, dtype=np.float64), steps))
 
 
 def _error_and_gradient(v: np.ndarray, steps: int) -> tuple[float, np.ndarray]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dptrain.errors import UserError
-from dptrain.privacy.correlated import CorrelatedNoise
+from dptrain.privacy.correlated import CorrelatedNoise, noise_error
 
 MAX_AUTO_BUFFERS = 4  # more buffers rarely help (jax_privacy stops when one more gains < 1%)
 MAX_PARTS = 65535  # parts of the cyclic sampling (a uint16 per unit)
@@ -135,14 +135,6 @@ def minsep_sensitivity(c: np.ndarray, parts: int, participations: int | None = N
     for j in range(k):
         v[j * parts:] += c[:steps - j * parts]
     return float(np.sqrt(v @ v))
-
-
-def noise_error(h: np.ndarray) -> float:
-    """‖S H‖²_F for the lower-triangular Toeplitz H with first column h: the summed noise variance of
-    every SGD iterate per unit of (σC)², the workload BandMF's strategy is chosen for too."""
-    steps = len(h)
-    cumulative = np.cumsum(h)
-    return float(np.sum((steps - np.arange(steps)) * cumulative ** 2))
 
 
 def _unpack(x: np.ndarray, buffers: int) -> BLT:

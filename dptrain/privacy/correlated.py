@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 from dptrain.errors import UserError
+
+
+def noise_error(h: np.ndarray) -> float:
+    """‖S H‖²_F for the lower-triangular Toeplitz H with first column h: the summed noise variance of
+    every SGD iterate per unit of (σC)², the workload BandMF's and BLT's strategies are chosen for."""
+    steps = len(h)
+    cumulative = np.cumsum(h)
+    return float(np.sum((steps - np.arange(steps)) * cumulative ** 2))
 
 
 class CorrelatedNoise:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from dptrain.errors import UserError
+from dptrain.privacy.blt import from_state, second_release_charge
 
 JOURNAL_FILE = "privacy_journal.jsonl"
 
@@ -64,8 +65,6 @@ def record_entries(ledger, entries: list[dict]) -> None:
     part with the lost one, so it is not a fresh round of cyclic Poisson sampling: each is charged
     as an unsubsampled Gaussian release (q = 1), which bounds any query of sensitivity 1; a lost
     BLT step likewise, at the sensitivity of one row of its strategy (dptrain.privacy.blt)."""
-    from dptrain.privacy.blt import from_state, second_release_charge
-
     for e in entries:
         if "blt" in e:
             ledger.add(second_release_charge(from_state(e["blt"]), e["bands"], e["noise_multiplier"]))
