@@ -122,21 +122,6 @@ class BLT:
         return {"decays": list(self.decays), "scales": list(self.scales)}
 
 
-def minsep_sensitivity(c: np.ndarray, parts: int, participations: int | None = None) -> float:
-    """max ‖C u‖ over u ∈ {0,1}^T with any two ones at least `parts` apart (and at most
-    `participations` ones), for a lower-triangular Toeplitz C with first column `c` (length T),
-    which must be non-negative and non-increasing: attained at 0, P, 2P, ... (Kalinin & Lampert 2024)."""
-    c = np.asarray(c, dtype=np.float64)
-    if (c < 0).any() or (np.diff(c) > 1e-15).any():
-        raise UserError("the min-separation sensitivity bound needs non-negative, non-increasing coefficients")
-    steps = len(c)
-    k = -(-steps // parts) if participations is None else min(participations, -(-steps // parts))
-    v = np.zeros(steps)
-    for j in range(k):
-        v[j * parts:] += c[:steps - j * parts]
-    return float(np.sqrt(v @ v))
-
-
 def _unpack(x: np.ndarray, buffers: int) -> BLT:
     """(d decay logits, d share logits, one total logit) -> BLT: θ = sigmoid, ω = sigmoid(total) ·
     softmax(shares), so every point is a valid strategy."""
