@@ -7,8 +7,8 @@ per-step noise Adam normalises by; the other seeds reuse it. Each cell appends o
 --out (cells already there are skipped, so the script resumes), then a table is printed.
 
     python benchmarks/correlated_noise.py --out runs/bench-noise.jsonl --data runs/bench-noise-data \\
-        [--epsilons 8 2] [--seeds 0 1 2] [--lrs 3e-3 8e-3] [--mechanisms dpsgd bandmf blt] [--optimizer sgd]
-    python benchmarks/correlated_noise.py --out - --overhead [--steps 10]    # step time ratio only
+        [--epsilons 8 2] [--seeds 0 1 2] [--lrs 3e-3 8e-3] [--mechanisms dpsgd bandmf blt blt0] [--optimizer sgd]
+    python benchmarks/correlated_noise.py --out - --overhead --mechanisms bandmf blt blt0 [--steps 10]  # step times
 
 This is a benchmark, not a private run: it times steps, and seeds the randomness.
 """
@@ -40,6 +40,8 @@ def cell_config(base: dict, config_dir: Path, out_dir: Path, data: str | None, m
     raw["out_dir"] = str(out_dir)
     raw["data"]["path"] = str(Path(data or ROOT / raw["data"]["path"]).resolve())
     raw["privacy"].update(target_epsilon=epsilon, mechanism=mechanism)
+    if mechanism == "blt0":  # BLT with no buffer: its noise regenerated from the keyed streams
+        raw["privacy"].update(mechanism="blt", buffers=0)
     if steps:
         raw["privacy"]["steps"] = steps
     raw["optimizer"].update(lr=lr, name=optimizer)
@@ -69,8 +71,8 @@ def run_cell(cfg: TrainConfig, config_dir: Path) -> dict:
 
 
 def overhead(base: dict, config_dir: Path, data: str | None, epsilon: float, rounds: int, steps: int,
-             mechanisms=("dpsgd", "bandmf", "blt")) -> None:
-    """Step time of BandMF and BLT against DP-SGD in this process: every trainer built on the same
+             mechanisms=("dpsgd", "bandmf", "blt", "blt0")) -> None:
+    """Step time of the correlated mechanisms against DP-SGD in this process: every trainer built on the same
     config, timed in alternating blocks of `steps` steps (so load drifts hit them alike)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {}
@@ -103,7 +105,8 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 2.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 8e-3])
-    parser.add_argument("--mechanisms", nargs="+", default=["dpsgd", "bandmf"])
+    parser.add_argument("--mechanisms", nargs="+", default=["dpsgd", "bandmf"],
+                        help="dpsgd, bandmf, blt, or blt0 (BLT with buffers 0, the noise regenerated)")
     parser.add_argument("--steps", type=int, default=None, help="override privacy.steps")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"),
                         help="sgd: momentum betas[0] of the config (the workload the strategies are optimised for)")
@@ -116,7 +119,8 @@ def main() -> None:
     config_dir = Path(args.config).resolve().parent
     base = configio.read_yaml(args.config)
     if args.overhead:
-        overhead(base, config_dir, args.data, args.epsilons[0], rounds=3, steps=args.steps or 10)
+        overhead(base, config_dir, args.data, args.epsilons[0], rounds=3, steps=args.steps or 10,
+                 mechanisms=("dpsgd", *[m for m in args.mechanisms if m != "dpsgd"]))
         return
     out = Path(args.out)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []

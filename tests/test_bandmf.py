@@ -345,7 +345,7 @@ def test_secure_bandmf_keeps_its_parts_and_buffers_and_charges_lost_steps_unampl
 
 
 def _noise_worker(rank, world, mode, data_dir, out_dir, result_file, kind="bandmf"):
-    """Two ranks, BandMF (or BLT): (1) the noise of steps with no data, whole, as every rank sees it after the
+    """Two ranks, BandMF (or BLT, blt0 its regenerated form): (1) the noise of steps with no data, whole, as every rank sees it after the
     sum (ddp) or gathered from the shards (fsdp); (2) a run checkpointed at step 2, continued, and
     resumed from that checkpoint: the same weights."""
     import dataclasses
@@ -357,11 +357,11 @@ def _noise_worker(rank, world, mode, data_dir, out_dir, result_file, kind="bandm
 
     def config(folder):
         cfg = make_config(data_dir, out_dir / folder, mode)
-        cfg.privacy.mechanism, cfg.privacy.steps = kind, 6
+        cfg.privacy.mechanism, cfg.privacy.steps = "blt" if kind.startswith("blt") else kind, 6
         if kind == "bandmf":
             cfg.privacy.bands = 3
         else:
-            cfg.privacy.buffers = 2
+            cfg.privacy.buffers = 0 if kind == "blt0" else 2
         return cfg
 
     trainer = Trainer(config("noise"))
@@ -396,7 +396,8 @@ def _noise_worker(rank, world, mode, data_dir, out_dir, result_file, kind="bandm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,kind", [("ddp", "bandmf"), ("fsdp", "bandmf"), ("ddp", "blt"), ("fsdp", "blt")])
+# blt: two buffers; blt0: no buffer, each rank's previous draw made again from its stream
+@pytest.mark.parametrize("mode,kind", [("ddp", "bandmf"), ("fsdp", "bandmf"), ("ddp", "blt"), ("fsdp", "blt0")])
 def test_two_gloo_ranks_add_the_factorised_noise_once_and_resume_it(tmp_path, mode, kind):
     from dptrain.data.demo import prepare_demo
     from test_distributed import VOCAB, run_distributed

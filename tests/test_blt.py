@@ -15,7 +15,7 @@ from scipy.stats import norm
 
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, epsilon_of_runs, make_run
-from dptrain.privacy.blt import BLT, BLTNoise, loss, optimize_blt, round_charge
+from dptrain.privacy.blt import BLT, BLTNoise, RegeneratedNoise, loss, optimize_blt, round_charge
 from dptrain.privacy.correlated import noise_error
 from dptrain.privacy.mechanism import Mechanism, plan_mechanism
 from dptrain.privacy.noise import NoiseSource
@@ -99,7 +99,45 @@ def test_optimised_blt_is_valid_deterministic_and_beats_independent_noise():
     assert loss(blt, steps, parts) < 0.2 * independent
 
 
+def test_the_lag_strategy_minimises_the_loss_over_its_one_parameter():
+    steps, parts = 200, 20
+    lagged = optimize_blt(steps, parts, 0)
+    assert lagged.lag is not None and lagged == optimize_blt(steps, parts, 0)
+    assert STRATEGY.lag is None and BLT((0.5,), (0.4,)).lag is None
+    grid = min(loss(BLT((lam,), (lam,)), steps, parts) for lam in np.linspace(0.005, 0.995, 199))
+    assert loss(lagged, steps, parts) <= grid * (1 + 1e-9)
+    # one free buffer (θ, ω) can only do better; it is the same noise with a model-sized buffer
+    assert loss(optimize_blt(steps, parts, 1), steps, parts) <= loss(lagged, steps, parts) * (1 + 1e-6)
+    np.testing.assert_allclose(lagged.noise_coefficients(5), [1, -lagged.lag, 0, 0, 0], atol=1e-12)
+    base = dict(target_epsilon=4.0, delta=1e-5, expected_batch_size=100, steps=25)
+    assert PrivacyConfig(**base, mechanism="blt", buffers=0).buffers == 0
+    for wrong in (dict(mechanism="blt", buffers=-1), dict(mechanism="blt", buffers=9), dict(buffers=0)):
+        with pytest.raises(ValueError, match=r"buffers applies to mechanism blt only, and must lie in \[0, 8\]"):
+            PrivacyConfig(**base, **wrong)
+
+
 # ---- the noise --------------------------------------------------------------------------------
+def test_regenerated_noise_is_the_one_buffer_noise_without_the_buffer():
+    """buffers 0: w_t = z_t − λ z_{t−1}, z_{t−1} drawn again from its stream: C⁻¹z with nothing kept."""
+    lagged, steps, size = BLT((0.7,), (0.7,)), 8, 40_000
+    regenerated = RegeneratedNoise(NoiseSource(Streams(5)), lagged)
+    w = realised(regenerated, steps, size)
+    assert regenerated.buffer_bytes() == 0 and regenerated.next_step == steps
+    z = realised(NoiseSource(Streams(5)), steps, size)
+    np.testing.assert_array_equal(w[0], z[0])
+    np.testing.assert_allclose(toeplitz(lagged.strategy_coefficients(steps)) @ w, z, atol=1e-4)  # C w = z
+    np.testing.assert_allclose(w, realised(BLTNoise(NoiseSource(Streams(5)), lagged), steps, size), atol=1e-5)
+    # neighbouring steps' noise correlates at −λ / (1 + λ²), steps two apart not at all
+    corr = np.corrcoef(w[1:])
+    assert corr[0, 1] == pytest.approx(-0.7 / 1.49, abs=5 / math.sqrt(size)) and abs(corr[0, 2]) < 5 / math.sqrt(size)
+    # secure randomness cannot draw again: the mechanism keeps the one buffer there instead
+    m = Mechanism(1.0, 1.0, 100, 1000, bands=10, blt=lagged)
+    assert isinstance(m.noise_source(Streams(5), secure=False), RegeneratedNoise)
+    assert isinstance(m.noise_source(None, secure=True), BLTNoise)
+    with pytest.raises(ValueError, match="replayable"):
+        RegeneratedNoise(NoiseSource(secure=True), lagged)
+
+
 def test_noise_is_c_inverse_z_exactly_and_its_covariance_is_the_factorisation():
     steps, size = 8, 40_000
     w = realised(BLTNoise(NoiseSource(Streams(5)), STRATEGY), steps, size)
@@ -187,15 +225,19 @@ BLT_RUN = {**BANDMF, "privacy": {**{k: v for k, v in BANDMF["privacy"].items() i
 
 
 def test_a_blt_run_resumes_bit_for_bit_and_charges_its_data_as_its_ledger(data_dir, tmp_path):
+    """With buffers 0 (its noise regenerated; two buffers resume in test_noise_state_resumes_exactly,
+    the secure test below and the Gloo test of test_bandmf.py)."""
     from tiny_runs import tiny_run_config
 
     from dptrain.train.report import summary
 
-    straight, resumed = straight_and_resumed(lambda name: tiny_run_config(data_dir, tmp_path / name, BLT_RUN))
+    regenerated = {**BLT_RUN, "privacy": {**BLT_RUN["privacy"], "buffers": 0}}
+    straight, resumed = straight_and_resumed(lambda name: tiny_run_config(data_dir, tmp_path / name, regenerated))
     m = resumed.mechanism
-    assert m.kind == "blt" and m.bands == min(resumed.num_examples // 16, 6)
+    assert m.kind == "blt" and m.bands == min(resumed.num_examples // 16, 6) and m.blt.lag is not None
+    assert isinstance(resumed.noise, RegeneratedNoise) and resumed.noise.buffer_bytes() == 0
     report = resumed.report()
-    assert report["mechanism"]["kind"] == "blt" and "BLT with 2 buffers" in summary(report)
+    assert report["mechanism"]["kind"] == "blt" and f"no stored buffer (C⁻¹ = I − λS, λ {m.blt.lag:.4g}" in summary(report)
     want = gaussian_epsilon(m.sensitivity(6) / m.noise_multiplier, 1e-5)
     assert want <= report["epsilon"]["pld"] <= want * 1.01
     # the data's ledger (both runs' steps, from their journal lines) charges what the ledgers do

@@ -49,7 +49,8 @@ def _common(parser) -> None:
                         help="dpsgd: independent noise; bandmf: banded correlated noise, cyclic Poisson sampling; "
                              "blt: buffered correlated noise, 1/q parts in turn, no amplification")
     parser.add_argument("--bands", type=int, default=None, help="bandmf's bands b (b·q <= 1)")
-    parser.add_argument("--buffers", type=int, default=None, help="blt's buffers d (default: chosen, at most 4)")
+    parser.add_argument("--buffers", type=int, default=None, help="blt's buffers d (default: chosen, at most 4; 0: "
+                        "C⁻¹ = I − λS, the noise regenerated from its streams)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -68,7 +69,7 @@ def _events(args) -> tuple[float, int, float]:
         if args.bands is not None or args.max_batch_size is not None or args.dataset_size is not None:
             raise UserError("--mechanism blt takes neither --bands nor truncated Poisson sampling")
         parts = blt.parts_for(args.sampling_rate, args.steps)
-        strategy = (blt.optimize_blt(args.steps, parts, args.buffers) if args.buffers
+        strategy = (blt.optimize_blt(args.steps, parts, args.buffers) if args.buffers is not None
                     else blt.choose_buffers(args.steps, parts))
         return 1.0, 1, blt.sensitivity(strategy, parts, args.steps)
     if args.mechanism == "dpsgd":

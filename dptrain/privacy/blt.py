@@ -118,6 +118,12 @@ class BLT:
         so the latest possible participations weigh most). What a second release of a step is charged at."""
         return 1.0 + sum(w * t ** (parts - 1) / (1 - t ** parts) for t, w in zip(self.decays, self.scales))
 
+    @property
+    def lag(self) -> float | None:
+        """λ when θ = ω = λ (one buffer): then C⁻¹ = I − λS, each step's noise is z_t − λ z_{t−1}, and
+        replayable streams can draw z_{t−1} again instead of keeping it (`RegeneratedNoise`)."""
+        return self.decays[0] if self.decays == self.scales and len(self.decays) == 1 else None
+
     def state(self) -> dict:
         return {"decays": list(self.decays), "scales": list(self.scales)}
 
@@ -138,13 +144,26 @@ def loss(blt: BLT, steps: int, parts: int) -> float:
     return float(blt.round_shares(parts, rounds).sum()) * noise_error(blt.noise_coefficients(steps))
 
 
+def optimize_lag(steps: int, parts: int) -> BLT:
+    """The one-parameter BLT θ = ω = λ (no buffer where the noise is regenerated) minimising `loss`:
+    bounded golden-section search over λ, deterministic."""
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda lam: math.log(loss(BLT((lam,), (lam,)), steps, parts)),
+                          bounds=(1e-6, 1 - 1e-6), method="bounded", options={"xatol": 1e-9})
+    return BLT((float(res.x),), (float(res.x),))
+
+
 def optimize_blt(steps: int, parts: int, buffers: int) -> BLT:
-    """The d-buffer BLT minimising `loss` for `steps` steps at min-separation `parts`. Deterministic
-    (fixed starts, derivative-free Powell), so a resume plans the same C."""
+    """The d-buffer BLT minimising `loss` for `steps` steps at min-separation `parts` (d = 0: the
+    regenerated one, `optimize_lag`). Deterministic (fixed starts, derivative-free Powell), so a
+    resume plans the same C."""
     from scipy.optimize import minimize
 
-    if int(buffers) != buffers or not 1 <= buffers <= 8:
-        raise UserError(f"privacy.buffers must be an integer in [1, 8], got {buffers!r}")
+    if int(buffers) != buffers or not 0 <= buffers <= 8:
+        raise UserError(f"privacy.buffers must be an integer in [0, 8], got {buffers!r}")
+    if buffers == 0:
+        return optimize_lag(steps, parts)
 
     def objective(x):
         try:
@@ -196,6 +215,42 @@ class BLTNoise(CorrelatedNoise):
             w.sub_(s.to(w.device), alpha=omega)
         for j, (s, theta) in enumerate(zip(buffers, self.blt.decays)):
             buffers[j] = s.to(w.device).mul_(theta).add_(w)
+
+
+class RegeneratedNoise(CorrelatedNoise):
+    """The noise of a BLT with C⁻¹ = I − λS (`BLT.lag`) and no buffer: w_t = z_t − λ z_{t−1}, the
+    previous step's draw made again from its keyed stream (the regeneration of DP-λCGD). One more
+    draw per step instead of a model-sized buffer; secure randomness cannot replay a draw, so there
+    the same noise comes from `BLTNoise`'s one buffer."""
+
+    def __init__(self, source, blt: BLT) -> None:
+        if source.secure or blt.lag is None:
+            raise ValueError("regenerated noise needs replayable (keyed) streams and a strategy with C⁻¹ = I − λS")
+        super().__init__(source)
+        self.blt = blt
+
+    def strategy_state(self) -> dict:
+        return {"blt": self.blt.state()}
+
+    def _new_buffers(self, w) -> list:
+        return []
+
+    def _correlate(self, w, buffers: list) -> None:
+        pass  # the correlation needs the previous draw, which for_step makes again
+
+    def for_step(self, step: int, rank: int = 0):
+        import torch
+
+        draw = super().for_step(step, rank)
+        earlier = self.source.for_step(step - 1, rank) if step else None
+
+        def noise(shape, device="cpu", dtype=None):
+            w = draw(shape, device, torch.float32)
+            if earlier is not None:  # the same tensor of the previous step: the same shape, in the same order
+                w.sub_(earlier(shape, device, torch.float32), alpha=self.blt.lag)
+            return w if dtype is None else w.to(dtype)
+
+        return noise
 
 
 def round_charge(blt: BLT, parts: int, noise_multiplier: float, step: int):

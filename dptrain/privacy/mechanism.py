@@ -30,7 +30,8 @@ import torch
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import PrivacyLedger, StepRun, calibrate_noise, make_run
 from dptrain.privacy.bandmf import BandedNoise, accounted, choose_bands, opens_round, optimize_coefficients
-from dptrain.privacy.blt import BLT, BLTNoise, choose_buffers, optimize_blt, parts_for, round_charge, sensitivity
+from dptrain.privacy.blt import (BLT, BLTNoise, RegeneratedNoise, choose_buffers, optimize_blt, parts_for, round_charge,
+                                 sensitivity)
 from dptrain.privacy.noise import NoiseSource
 from dptrain.privacy.sampling import CyclicPoissonSampler, PoissonSampler, UnitSampler
 
@@ -152,8 +153,9 @@ class Mechanism:
     def noise_source(self, streams, secure: bool):
         """i.i.d. N(0, 1) per step (DP-SGD), or its correlation C⁻¹z (BandMF keeps b-1 buffers, BLT d)."""
         source = NoiseSource(streams, secure=secure)
-        if self.blt is not None:
-            return BLTNoise(source, self.blt)
+        if self.blt is not None:  # no buffer where C⁻¹ = I − λS and the streams can be replayed
+            regenerate = self.blt.lag is not None and not secure
+            return (RegeneratedNoise if regenerate else BLTNoise)(source, self.blt)
         return source if self.bands == 1 else BandedNoise(source, self.coefficients)
 
     @torch.no_grad()
@@ -220,7 +222,7 @@ def plan_mechanism(privacy, num_examples: int, micro_batch_size: int,
     blt = None
     if p.mechanism == "blt":
         bands = parts_for(p.expected_batch_size / num_examples, p.steps)
-        blt = optimize_blt(p.steps, bands, p.buffers) if p.buffers else choose_buffers(p.steps, bands)
+        blt = optimize_blt(p.steps, bands, p.buffers) if p.buffers is not None else choose_buffers(p.steps, bands)
         coefficients = (1.0,)
     elif p.mechanism == "bandmf" and p.bands is None:
         if p.target_epsilon is None or noise_free:

@@ -49,7 +49,8 @@ class PrivacyConfig:
     # dpsgd: independent noise every step. bandmf: noise correlated across `bands` steps, cyclic
     # Poisson sampling (dptrain.privacy.bandmf); bands None: chosen for the budget (at most 64).
     # blt: noise correlated through `buffers` decaying buffers, the data in N/B parts taken in turn,
-    # accounted without amplification (dptrain.privacy.blt); buffers None: chosen (at most 4).
+    # accounted without amplification (dptrain.privacy.blt); buffers None: chosen (at most 4);
+    # buffers 0: noise z_t − λ z_{t−1}, the previous draw made again from its stream (no buffer).
     mechanism: Literal["dpsgd", "bandmf", "blt"] = "dpsgd"
     bands: int | None = None
     buffers: int | None = None
@@ -75,8 +76,8 @@ class PrivacyConfig:
             raise ValueError("data_budget must be positive")
         if self.mechanism not in ("dpsgd", "bandmf", "blt"):
             raise ValueError(f"mechanism must be dpsgd, bandmf or blt, got {self.mechanism!r}")
-        if self.buffers is not None and (self.mechanism != "blt" or not 1 <= self.buffers <= 8):
-            raise ValueError("buffers applies to mechanism blt only, and must lie in [1, 8]")
+        if self.buffers is not None and (self.mechanism != "blt" or not 0 <= self.buffers <= 8):
+            raise ValueError("buffers applies to mechanism blt only, and must lie in [0, 8]")
         if self.bands is not None and (self.mechanism != "bandmf" or not 1 <= self.bands <= 255):
             raise ValueError("bands applies to mechanism bandmf only, and must lie in [1, 255]")
         if self.max_sequences_per_unit < 1:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dptrain.data import PackedDataset
+from dptrain.privacy import blt
 from dptrain.privacy.accounting import is_upper_bound
 from dptrain.privacy.group import group_guarantees, sequences_per_unit, unit_guarantees
 
@@ -182,7 +183,11 @@ def _context_lines(report: dict) -> list[str]:
     bands = report.get("mechanism", {}).get("bands", 1)
     if report.get("mechanism", {}).get("kind") == "blt":
         m = report["mechanism"]
-        lines.append(f"  mechanism: BLT with {len(m['decays'])} buffers, the data in {bands} parts taken in turn "
+        lag = blt.from_state(m).lag
+        noise = (f"no stored buffer (C⁻¹ = I − λS, λ {lag:.4g}: each step's noise less λ times the previous "
+                 "step's, drawn again; secure randomness keeps it as one buffer)" if lag is not None
+                 else f"{len(m['decays'])} buffers")
+        lines.append(f"  mechanism: BLT with {noise}, the data in {bands} parts taken in turn "
                      f"(each unit at most once every {bands} steps), sensitivity {m['sensitivity']:.4g}")
         lines.append("  accounted: the Gaussian mechanism at σ / sensitivity, without amplification by sampling")
     elif bands > 1:  # the ledger counts BandMF's rounds of b steps, each one subsampled Gaussian
