@@ -136,6 +136,13 @@ def test_regenerated_noise_is_the_one_buffer_noise_without_the_buffer():
     assert isinstance(m.noise_source(None, secure=True), BLTNoise)
     with pytest.raises(ValueError, match="replayable"):
         RegeneratedNoise(NoiseSource(secure=True), lagged)
+    # a run cannot resume one form's state in the other (keyed and secure randomness swapped)
+    stored = BLTNoise(NoiseSource(Streams(5)), lagged)
+    realised(stored, 2, 10)
+    with pytest.raises(UserError, match="another form"):
+        RegeneratedNoise(NoiseSource(Streams(5)), lagged).load_state_dict(stored.state_dict())
+    with pytest.raises(UserError, match="another form"):
+        BLTNoise(NoiseSource(Streams(5)), lagged).load_state_dict(regenerated.state_dict())
 
 
 def test_noise_is_c_inverse_z_exactly_and_its_covariance_is_the_factorisation():

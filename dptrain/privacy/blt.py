@@ -230,7 +230,7 @@ class RegeneratedNoise(CorrelatedNoise):
         self.blt = blt
 
     def strategy_state(self) -> dict:
-        return {"blt": self.blt.state()}
+        return {"blt": self.blt.state(), "regenerated": True}  # not BLTNoise's buffers: refused there
 
     def _new_buffers(self, w) -> list:
         return []

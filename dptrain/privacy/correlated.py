@@ -72,9 +72,11 @@ class CorrelatedNoise:
                 self.BUFFERS_KEY: [[t.detach().cpu() for t in b] for b in self._buffers]}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.strategy_state()
-        if {k: state.get(k) for k in mine} != mine:
-            # also what a checkpoint of a DP-SGD run (no state) gets: a mechanism cannot change mid-run
-            raise UserError("the checkpoint's correlated noise was drawn for another strategy matrix: use a new out_dir")
+        saved = {k: v for k, v in state.items() if k not in ("next_step", self.BUFFERS_KEY)}
+        if saved != self.strategy_state():
+            # also what a checkpoint of a DP-SGD run (no state) gets: a mechanism cannot change mid-run;
+            # nor can its form (buffers under secure randomness, regenerated from keyed streams)
+            raise UserError("the checkpoint's correlated noise was drawn for another strategy matrix, or kept in "
+                            "another form (secure randomness stores what keyed streams regenerate): use a new out_dir")
         self.next_step = int(state["next_step"])
         self._buffers = [list(b) for b in state[self.BUFFERS_KEY]]
