@@ -98,10 +98,28 @@ def overhead(base: dict, config_dir: Path, data: str | None, epsilon: float, rou
             trainer.close()
 
 
+def markdown(files: list[str]) -> None:
+    """The cells of result files (of one configuration) as the tables in docs/privacy.md: one row per
+    (ε, mechanism, lr)."""
+    cells: dict[tuple, list[dict]] = {}
+    order = {"dpsgd": 0, "bandmf": 1, "blt": 2, "blt0": 3}
+    for line in (line for f in files for line in Path(f).read_text().splitlines()):
+        row = json.loads(line)
+        key = (-row["target_epsilon"], order.get(row["mechanism"], 9), row["mechanism"], row["lr"], row["steps"])
+        cells.setdefault(key, []).append(row)
+    print("| ε | mechanism | bands | σ | lr | held-out loss, seed 0 / 1 / 2 | mean |\n|---|---|---|---|---|---|---|")
+    for (neg_eps, _, mechanism, lr, _), rows in sorted(cells.items()):
+        rows.sort(key=lambda r: r["seed"])
+        bands = f"{rows[0]['bands']} parts" if mechanism.startswith("blt") else rows[0]["bands"]
+        losses = [r["loss"] for r in rows]
+        print(f"| {-neg_eps:g} | {mechanism} | {bands} | {rows[0]['sigma']:.3f} | {lr:g} | "
+              f"{' / '.join(f'{x:.3f}' for x in losses)} | {statistics.mean(losses):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", default="-", help="result file (JSON lines; cells already there are skipped)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 2.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 8e-3])
@@ -112,9 +130,14 @@ def main() -> None:
                         help="sgd: momentum betas[0] of the config (the workload the strategies are optimised for)")
     parser.add_argument("--data", default=None, help="the prepared (or demo) data folder; its privacy ledger "
                         "records every cell (default: the config's data.path)")
+    parser.add_argument("--markdown", nargs="+", metavar="FILE",
+                        help="only print the cells of these result files as a markdown table")
     parser.add_argument("--overhead", action="store_true",
                         help="only time BandMF's and BLT's steps against DP-SGD's in this process (first --epsilons value)")
     args = parser.parse_args()
+    if args.markdown:
+        markdown(args.markdown)
+        return
     torch.set_num_threads(1)
     config_dir = Path(args.config).resolve().parent
     base = configio.read_yaml(args.config)
