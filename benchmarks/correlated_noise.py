@@ -73,15 +73,18 @@ def run_cell(cfg: TrainConfig, config_dir: Path) -> dict:
 def overhead(base: dict, config_dir: Path, data: str | None, epsilon: float, rounds: int, steps: int,
              mechanisms=("dpsgd", "bandmf", "blt", "blt0")) -> None:
     """Step time of the correlated mechanisms against DP-SGD in this process: every trainer built on the same
-    config, timed in alternating blocks of `steps` steps (so load drifts hit them alike)."""
+    config, timed in alternating blocks of `steps` steps, the order rotated every round (so load
+    drifts and the place in the round hit them alike)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {}
         for mechanism in mechanisms:
             cfg = cell_config(base, config_dir, Path(tmp) / mechanism, data, mechanism, epsilon, 3e-3, 0, None)
             trainers[mechanism] = Trainer(cfg, config_dir)
         times = {m: [] for m in trainers}
-        for _ in range(rounds):
-            for mechanism, trainer in trainers.items():
+        names = list(trainers)
+        for r in range(rounds):
+            for mechanism in names[r % len(names):] + names[:r % len(names)]:  # each takes each place in turn
+                trainer = trainers[mechanism]
                 for _ in range(steps):
                     start = time.perf_counter()
                     trainer.train_step()
@@ -142,8 +145,9 @@ def main() -> None:
     config_dir = Path(args.config).resolve().parent
     base = configio.read_yaml(args.config)
     if args.overhead:
-        overhead(base, config_dir, args.data, args.epsilons[0], rounds=3, steps=args.steps or 10,
-                 mechanisms=("dpsgd", *[m for m in args.mechanisms if m != "dpsgd"]))
+        mechanisms = ("dpsgd", *[m for m in args.mechanisms if m != "dpsgd"])
+        overhead(base, config_dir, args.data, args.epsilons[0], rounds=len(mechanisms), steps=args.steps or 10,
+                 mechanisms=mechanisms)
         return
     out = Path(args.out)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
