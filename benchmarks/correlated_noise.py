@@ -8,7 +8,7 @@ per-step noise Adam normalises by; the other seeds reuse it. Each cell appends o
 
     python benchmarks/correlated_noise.py --out runs/bench-noise.jsonl --data runs/bench-noise-data \\
         [--epsilons 8 2] [--seeds 0 1 2] [--lrs 3e-3 8e-3] [--mechanisms dpsgd bandmf blt blt0] [--optimizer sgd]
-    python benchmarks/correlated_noise.py --out - --overhead --mechanisms bandmf blt blt0 [--steps 10]  # step times
+    python benchmarks/correlated_noise.py --overhead --mechanisms bandmf blt blt0 [--steps 10]  # step times
 
 This is a benchmark, not a private run: it times steps, and seeds the randomness.
 """
@@ -97,8 +97,9 @@ def overhead(base: dict, config_dir: Path, data: str | None, epsilon: float, rou
         print(f"{torch.get_num_threads()} thread(s), {rounds} x {steps} steps each, ε {epsilon:g}")
         for mechanism, trainer in trainers.items():
             params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-            print(f"{mechanism:7} ({trainer.mechanism.bands} bands/parts): {1e3 * per[mechanism]:.1f} ms per sequence "
-                  f"({sequences[mechanism]} sequences), ratio to dpsgd {per[mechanism] / per['dpsgd']:.3f}; noise buffers "
+            print(f"{mechanism:7} ({trainer.mechanism.bands} bands/parts): {1e3 * per[mechanism]:.1f} ms per "
+                  f"sequence ({sequences[mechanism]} sequences), ratio to dpsgd {per[mechanism] / per['dpsgd']:.3f}; "
+                  "noise buffers "
                   f"{trainer.noise.buffer_bytes() / 2**20:.1f} MiB = {trainer.noise.buffer_bytes() / params:.1f} x "
                   f"the float32 weights ({params / 2**20:.1f} MiB)")
         for trainer in trainers.values():
@@ -126,7 +127,7 @@ def markdown(files: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    parser.add_argument("--out", default="-", help="result file (JSON lines; cells already there are skipped)")
+    parser.add_argument("--out", help="result file (JSON lines; cells already there are skipped)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 2.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 8e-3])
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--markdown", nargs="+", metavar="FILE",
                         help="only print the cells of these result files as a markdown table")
     parser.add_argument("--overhead", action="store_true",
-                        help="only time BandMF's and BLT's steps against DP-SGD's in this process (first --epsilons value)")
+                        help="only time the --mechanisms' steps against DP-SGD's in this process (first --epsilons value)")
     args = parser.parse_args()
     if args.markdown:
         markdown(args.markdown)
@@ -153,6 +154,8 @@ def main() -> None:
         overhead(base, config_dir, args.data, args.epsilons[0], rounds=len(mechanisms), steps=args.steps or 10,
                  mechanisms=mechanisms)
         return
+    if not args.out:
+        parser.error("--out is required to run cells")
     out = Path(args.out)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 

@@ -345,8 +345,8 @@ def test_secure_bandmf_keeps_its_parts_and_buffers_and_charges_lost_steps_unampl
 
 
 def _noise_worker(rank, world, mode, data_dir, out_dir, result_file, kind="bandmf"):
-    """Two ranks, BandMF (or BLT, blt0 its regenerated form): (1) the noise of steps with no data, whole, as every rank sees it after the
-    sum (ddp) or gathered from the shards (fsdp); (2) a run checkpointed at step 2, continued, and
+    """Two ranks, BandMF (or BLT, blt0 its regenerated form): (1) the noise of steps with no data,
+    whole, as every rank sees it after the sum (ddp) or gathered from the shards (fsdp); (2) a run checkpointed at step 2, continued, and
     resumed from that checkpoint: the same weights."""
     import dataclasses
 

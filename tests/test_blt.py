@@ -244,7 +244,8 @@ def test_a_blt_run_resumes_bit_for_bit_and_charges_its_data_as_its_ledger(data_d
     assert m.kind == "blt" and m.bands == min(resumed.num_examples // 16, 6) and m.blt.lag is not None
     assert isinstance(resumed.noise, RegeneratedNoise) and resumed.noise.buffer_bytes() == 0
     report = resumed.report()
-    assert report["mechanism"]["kind"] == "blt" and f"no stored buffer (C⁻¹ = I − λS, λ {m.blt.lag:.4g}" in summary(report)
+    assert report["mechanism"]["kind"] == "blt"
+    assert f"no stored buffer (C⁻¹ = I − λS, λ {m.blt.lag:.4g}" in summary(report)
     want = gaussian_epsilon(m.sensitivity(6) / m.noise_multiplier, 1e-5)
     assert want <= report["epsilon"]["pld"] <= want * 1.01
     # the data's ledger (both runs' steps, from their journal lines) charges what the ledgers do
